@@ -1,0 +1,92 @@
+"""The `hdpipe` command: a thin click layer over the stage functions.
+
+Every command follows one pattern: parse flags, merge them over its `params.yaml` section
+(`--config FILE`), build the stage's typed config, call the stage function. Commands live in
+`pipeline/commands/<name>.py`, one per stage; heavy imports (torch, timm) happen inside them so
+`hdpipe --help` stays fast.
+
+User errors (`HdpipeError`) print as one line and exit with status 2; `hdpipe --debug ...` shows
+the traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import HdpipeError
+
+# (module under pipeline.commands, command name) for every command; a module defines `command`.
+COMMANDS = (
+    ("shard", "shard"),
+    ("extract", "extract"),
+    ("inspect_store", "inspect"),
+    ("verify", "verify"),
+    ("distill", "distill"),
+    ("evaluate", "evaluate"),
+    ("analyze", "analyze"),
+)
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs or its help is shown."""
+
+    def list_commands(self, ctx):
+        return [name for _, name in COMMANDS if self._module(name) is not None]
+
+    def _module(self, name):
+        for module, cmd in COMMANDS:
+            if cmd == name:
+                try:
+                    return importlib.import_module(f"pipeline.commands.{module}")
+                except ModuleNotFoundError as e:
+                    if e.name == f"pipeline.commands.{module}":
+                        return None  # command not part of this build
+                    raise
+        return None
+
+    def get_command(self, ctx, name):
+        module = self._module(name)
+        return None if module is None else module.command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="hdpipe")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Cached-teacher Hybrid Distillation: shard images, extract teacher targets once, distill students.
+
+    Each command reads its section of a params file with --config (e.g. `params.yaml`);
+    flags given on the command line override it.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status (0 ok, 2 user error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="hdpipe", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("hdpipe: aborted", err=True)
+        return 1
+    except HdpipeError as e:
+        if debug:
+            raise
+        click.echo(f"hdpipe: error: {e}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `hdpipe` command; each defines `command`, a click command that only wires."""

@@ -1,0 +1,159 @@
+"""Typed stage configs: defaults, then a YAML section, then CLI flags.
+
+Each stage declares a frozen dataclass whose fields carry their unit and meaning in a comment.
+`resolve` builds one from the three layers and rejects unknown keys by name, so a typo in
+`params.yaml` is an error rather than a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def load_section(path: str | os.PathLike | None, section: str) -> dict[str, Any]:
+    """The `section` mapping of YAML file `path` ({} when no file is given).
+
+    A file given but missing, unparsable, or lacking the section is an error: silently running
+    with defaults after a typo in `--config` would hide the user's intent.
+    """
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(doc).__name__}")
+    if section not in doc:
+        raise ConfigError(f"config file {p} has no '{section}' section (sections: {sorted(doc)})")
+    body = doc[section]
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"section '{section}' of {p} must be a mapping")
+    return dict(body)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert YAML/CLI values to the field's declared type (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        if origin in (typing.Union, types.UnionType) and type(None) in args:
+            return None
+        raise ConfigError(f"config key '{name}' may not be null")
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{name}': {value!r} fits none of {non_none}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{name}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(name, v, args[0]) for v in value)
+        if origin is tuple and args:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{name}' needs {len(args)} values, got {list(value)}")
+            return tuple(_coerce(name, v, a) for v, a in zip(value, args))
+        return tuple(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{name}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"config key '{name}' must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config key '{name}' must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{name}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{name}' must be a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def check_keys(cls: type, layer: Mapping[str, Any] | None, source: str) -> None:
+    """Reject keys of `layer` that `cls` does not have, naming the key and where it came from."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in layer or {}:
+        if key.replace("-", "_") not in names:
+            raise ConfigError(f"unknown key '{key}' in {source} for {cls.__name__}; known keys: {sorted(names)}")
+
+
+def resolve(cls: type[C], *layers: Mapping[str, Any] | None, source: str = "config") -> C:
+    """Build `cls` from its defaults overlaid by each mapping in `layers`, in order.
+
+    Keys with value None in a layer are skipped (click passes None for flags not given).
+    Unknown keys are an error naming the key, the source and the known keys.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        check_keys(cls, layer, source)
+        for key, value in (layer or {}).items():
+            key = key.replace("-", "_")
+            if value is None:
+                continue
+            merged[key] = _coerce(key, value, hints[key])
+    try:
+        cfg = cls(**merged)
+    except TypeError as e:  # a required field left unset
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        check()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON/YAML-friendly dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def write_resolved(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config next to a stage's outputs, so a run records what it used."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+    return p

@@ -1,0 +1,30 @@
+"""Errors a user can act on.
+
+Anything raised as `HdpipeError` is printed by the CLI as one line (no traceback unless `--debug`):
+the message must name the file, key or parameter at fault and, where there is one, the command
+that fixes it. Everything else is a bug and keeps its traceback.
+"""
+
+
+class HdpipeError(Exception):
+    """A problem with the user's input, configuration or environment."""
+
+
+class ConfigError(HdpipeError):
+    """A configuration key is unknown, missing or out of range."""
+
+
+class ManifestError(HdpipeError):
+    """A dataset manifest is malformed or does not match the shards on disk."""
+
+
+class ShardError(HdpipeError):
+    """An input image or tar shard cannot be read or written."""
+
+
+class StoreError(HdpipeError):
+    """A target store is missing, incomplete or was built with other settings."""
+
+
+class NonFiniteError(HdpipeError):
+    """A model produced NaN or Inf; the run stops rather than store or train on it."""
