@@ -58,12 +58,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"config key '{name}' may not be null")
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        errors = []
         for a in non_none:
             try:
                 return _coerce(name, value, a)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key '{name}': {value!r} fits none of {non_none}")
     if origin is typing.Literal:
         if value not in args:
@@ -124,7 +123,6 @@ def resolve(cls: type[C], *layers: Mapping[str, Any] | None, source: str = "conf
     Keys with value None in a layer are skipped (click passes None for flags not given).
     Unknown keys are an error naming the key, the source and the known keys.
     """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     merged: dict[str, Any] = {}
     for layer in layers:

@@ -1,6 +1,7 @@
 """Options and helpers shared by the commands."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -10,15 +11,32 @@ from pipeline.config import check_keys, load_section, resolve
 config_option = click.option(
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False),
+    type=str,
     default=None,
-    help="YAML params file; the command reads its own section (as in params.yaml). Flags override it.",
+    metavar="FILE[:SECTION]",
+    help="YAML params file; the command reads its own section (as in params.yaml), or SECTION when "
+    "given (e.g. params.yaml:extract_clip). Flags given on the command line override it.",
 )
+
+
+def split_config_path(config_path: str, default_section: str) -> tuple[str, str]:
+    """'params.yaml:extract_mim' -> ('params.yaml', 'extract_mim'); a plain path keeps the command's section.
+
+    Only a suffix after the last ':' that is not itself an existing file counts as a section, so
+    paths that contain ':' still work.
+    """
+    head, sep, tail = config_path.rpartition(":")
+    if sep and head and tail and "/" not in tail and not Path(config_path).exists():
+        return head, tail
+    return config_path, default_section
 
 
 def build_config(cls: type, config_path: str | None, section: str, flags: dict[str, Any]):
     """Defaults < `section` of `config_path` < flags given on the command line (None = not given)."""
-    file_layer = load_section(config_path, section)
-    # Resolve the file layer alone first so an unknown key is reported against the file by name.
-    check_keys(cls, file_layer, source=f"{config_path} [{section}]")
+    if config_path is None:
+        return resolve(cls, flags, source="command line")
+    path, section = split_config_path(config_path, section)
+    file_layer = load_section(path, section)
+    # Check the file layer alone first so an unknown key is reported against the file by name.
+    check_keys(cls, file_layer, source=f"{path} [{section}]")
     return resolve(cls, file_layer, flags, source="command line")

@@ -1,0 +1,80 @@
+"""Config resolution: defaults < YAML section < command line, with errors that name the key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import yaml
+
+from pipeline.commands.common import build_config, split_config_path
+from pipeline.config import load_section, resolve, write_resolved
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Toy:
+    lr: float = 6e-4  # base learning rate at batch 1024
+    epochs: int = 300  # passes over the data
+    layers: tuple[int, ...] = (10, 11)  # 1-based blocks
+    mode: Literal["a", "b"] = "a"  # which mode
+    path: str | None = None  # optional path
+    extra: dict = field(default_factory=dict)  # passed through
+
+
+@pytest.fixture
+def params(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"toy": {"lr": 1e-3, "layers": [9, 10, 11]}, "other": {"epochs": 5}}))
+    return p
+
+
+def test_layers_override_in_order(params):
+    cfg = build_config(Toy, str(params), "toy", {"epochs": 7, "lr": None})
+    assert cfg == Toy(lr=1e-3, epochs=7, layers=(9, 10, 11))
+
+
+def test_section_suffix_selects_another_section(params):
+    assert split_config_path(f"{params}:other", "toy") == (str(params), "other")
+    assert split_config_path(str(params), "toy") == (str(params), "toy")
+    assert build_config(Toy, f"{params}:other", "toy", {}).epochs == 5
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ({"lrr": 1}, "unknown key 'lrr'"),
+        ({"epochs": "many"}, "'epochs' must be an integer"),
+        ({"mode": "c"}, "'mode' must be one of"),
+        ({"lr": True}, "'lr' must be a number"),
+        ({"layers": "x"}, "must be an integer"),
+    ],
+)
+def test_bad_values_name_the_key(layer, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(Toy, layer)
+
+
+def test_strings_from_the_command_line_are_coerced():
+    cfg = resolve(Toy, {"layers": "10,11", "epochs": "3", "lr": "1e-4", "path": "x"})
+    assert cfg.layers == (10, 11) and cfg.epochs == 3 and cfg.lr == 1e-4 and cfg.path == "x"
+
+
+def test_unknown_key_in_file_names_the_file(params, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"toy": {"alpha": 1}}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml \[toy\]"):
+        build_config(Toy, str(bad), "toy", {})
+
+
+def test_missing_file_and_section_are_errors(params, tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_section(tmp_path / "nope.yaml", "toy")
+    with pytest.raises(ConfigError, match="no 'nosuch' section"):
+        load_section(params, "nosuch")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = resolve(Toy, {"epochs": 2})
+    out = write_resolved(cfg, tmp_path / "run" / "config.yaml")
+    assert resolve(Toy, yaml.safe_load(out.read_text())) == cfg
