@@ -1,0 +1,140 @@
+"""Frozen-feature classifiers: weighted k-NN (as in DINO) and a linear probe, with top-k accuracy.
+
+Both take precomputed features [N, D] (CLS or mean-pooled tokens, see `pool_tokens`) and integer
+labels [N]; both run on the features' device (GPU when the caller put them there).
+
+- k-NN: cosine similarity between L2-normalized test and train features; the k most similar train
+  samples vote for their label with weight exp(sim / T) (DINO's `knn_classifier`, T = 0.07).
+- Linear probe: multinomial logistic regression on features standardized with the *train* mean and
+  std, fit full-batch with torch L-BFGS on mean cross-entropy + (weight_decay / 2)·‖W‖² (bias not
+  decayed). This is the objective of sklearn's `LogisticRegression(C=1 / (weight_decay · N_train))`,
+  written in torch so that it runs on the GPU for ImageNet-sized feature sets.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: Literal["cls", "mean"], num_prefix: int = 1) -> torch.Tensor:
+    """[B, N, D] final tokens -> [B, D]: the CLS token, or the mean of the patch tokens (prefix excluded)."""
+    if pooling == "cls":
+        if num_prefix < 1:
+            raise ValueError("pooling='cls' needs a CLS token; this model has none (use pooling='mean')")
+        return tokens[:, 0]
+    if pooling == "mean":
+        return tokens[:, num_prefix:].mean(dim=1)
+    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """Fraction of rows whose label is among the k highest scores, for each k ≤ number of classes.
+
+    scores: [N, C], labels: [N]. Ties are broken by torch.topk's order (lowest class index first).
+    """
+    out: dict[int, float] = {}
+    c = scores.shape[1]
+    top = scores.topk(min(max(ks), c), dim=1).indices  # [N, kmax]
+    hit = top == labels.view(-1, 1)
+    for k in ks:
+        if k <= c:
+            out[k] = hit[:, :k].any(dim=1).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class votes [N_test, C] of the temperature-weighted cosine k-NN (k capped at N_train).
+
+    Test rows are processed `chunk` at a time so the [chunk, N_train] similarity block bounds memory.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    train = torch.nn.functional.normalize(train_feats.float(), dim=1)
+    test = torch.nn.functional.normalize(test_feats.float(), dim=1)
+    kk = min(k, train.shape[0])
+    onehot = torch.nn.functional.one_hot(train_labels.long(), num_classes).float()  # [N_train, C]
+    out = []
+    for start in range(0, test.shape[0], chunk):
+        sim = test[start : start + chunk] @ train.T  # [b, N_train]
+        top_sim, top_idx = sim.topk(kk, dim=1)  # [b, k]
+        weights = (top_sim / temperature).exp()  # [b, k]
+        votes = (onehot[top_idx] * weights.unsqueeze(-1)).sum(dim=1)  # [b, C]
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=train.device)
+
+
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> dict[int, float]:
+    """Top-1 (and top-5 when ≥ 5 classes) accuracy of the weighted k-NN: {1: acc, 5: acc}."""
+    c = num_classes or int(max(train_labels.max(), test_labels.max()).item()) + 1
+    scores = knn_scores(train_feats, train_labels, test_feats, c, k=k, temperature=temperature)
+    return topk_accuracy(scores, test_labels.to(scores.device))
+
+
+def linear_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    weight_decay: float = 1e-4,
+    max_iter: int = 500,
+    num_classes: int | None = None,
+) -> dict[int, float]:
+    """Fit logistic regression on standardized train features, return test top-1 (top-5) accuracy.
+
+    weight_decay: L2 strength λ on the weights (loss = mean CE + λ/2·‖W‖²).
+    max_iter: L-BFGS iterations (strong-Wolfe line search), full batch.
+    """
+    scores = linear_probe_scores(train_feats, train_labels, test_feats, weight_decay, max_iter, num_classes)
+    return topk_accuracy(scores, test_labels.to(scores.device))
+
+
+def linear_probe_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    weight_decay: float = 1e-4,
+    max_iter: int = 500,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Logits [N_test, C] of the fitted linear probe (see module docstring for the objective)."""
+    x = train_feats.float()
+    y = train_labels.long().to(x.device)
+    c = num_classes or int(y.max().item()) + 1
+    mean = x.mean(dim=0, keepdim=True)
+    # A constant feature has std 0; dividing by 1 leaves it at 0 after centering, which is harmless.
+    std = x.std(dim=0, keepdim=True, unbiased=False)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    xs = (x - mean) / std
+    w = torch.zeros(xs.shape[1], c, device=x.device, requires_grad=True)
+    b = torch.zeros(c, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
+                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return ((test_feats.float().to(x.device) - mean) / std) @ w + b

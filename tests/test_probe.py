@@ -1,0 +1,92 @@
+"""k-NN and linear-probe checks (pipeline/probe.py) against closed cases and independent implementations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import probe
+
+
+def _clusters(n_per_class, num_classes, dim, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.eye(num_classes, dim) * 10.0
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    feats = centers[labels] + spread * torch.randn(len(labels), dim, generator=g)
+    return feats, labels
+
+
+@pytest.mark.parametrize("num_classes", [3, 6])
+def test_separable_features_give_full_accuracy(num_classes):
+    xtr, ytr = _clusters(20, num_classes, 16, 0.5, seed=0)
+    xte, yte = _clusters(10, num_classes, 16, 0.5, seed=1)
+    knn = probe.knn_accuracy(xtr, ytr, xte, yte, k=10)
+    lin = probe.linear_probe(xtr, ytr, xte, yte)
+    assert knn[1] == 1.0 and lin[1] == 1.0
+    # top-5 only exists with at least 5 classes
+    assert (5 in knn) == (num_classes >= 5) and (5 in lin) == (num_classes >= 5)
+    if num_classes >= 5:
+        assert knn[5] == 1.0 and lin[5] == 1.0
+
+
+def test_shuffled_labels_near_chance():
+    """Labels independent of features: accuracy is Binomial(n, 1/C)/n; allow 4 standard deviations."""
+    g = torch.Generator().manual_seed(3)
+    c, n_tr, n_te, d = 4, 800, 800, 32
+    xtr, xte = torch.randn(n_tr, d, generator=g), torch.randn(n_te, d, generator=g)
+    ytr = torch.randint(0, c, (n_tr,), generator=g)
+    yte = torch.randint(0, c, (n_te,), generator=g)
+    sd = math.sqrt((1 / c) * (1 - 1 / c) / n_te)
+    for acc in (probe.knn_accuracy(xtr, ytr, xte, yte, k=20)[1], probe.linear_probe(xtr, ytr, xte, yte)[1]):
+        assert abs(acc - 1 / c) < 4 * sd
+    # the same features with informative labels are far above chance: the test can tell the two apart
+    xs, ys = _clusters(100, c, d, 6.0, seed=4)
+    xq, yq = _clusters(100, c, d, 6.0, seed=5)
+    assert probe.knn_accuracy(xs, ys, xq, yq, k=20)[1] > 1 / c + 8 * sd
+
+
+def test_knn_votes_match_bruteforce():
+    g = torch.Generator().manual_seed(5)
+    xtr, xte = torch.randn(50, 8, generator=g), torch.randn(7, 8, generator=g)
+    ytr = torch.randint(0, 5, (50,), generator=g)
+    k, t = 6, 0.07
+    got = probe.knn_scores(xtr, ytr, xte, num_classes=5, k=k, temperature=t, chunk=3).numpy()
+    a, b = xtr.double().numpy(), xte.double().numpy()
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    want = np.zeros((7, 5))
+    for i in range(7):
+        sims = a @ b[i]
+        for j in np.argsort(-sims)[:k]:
+            want[i, ytr[j]] += math.exp(sims[j] / t)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_linear_probe_matches_sklearn():
+    """Same objective as sklearn LogisticRegression(C = 1 / (λ·N)) on standardized features."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(6)
+    n, d, c, lam = 120, 10, 3, 1e-2
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 5.0, d) + 3.0
+    w_true = torch.randn(d, c, generator=g)
+    y = (x @ w_true + torch.randn(n, c, generator=g)).argmax(1)
+    xq = torch.randn(40, d, generator=g) * torch.linspace(0.5, 5.0, d) + 3.0
+    logits = probe.linear_probe_scores(x, y, xq, weight_decay=lam, max_iter=1000)
+    ours = torch.softmax(logits, dim=1).numpy()
+    mean, std = x.mean(0).numpy(), x.std(0, unbiased=False).numpy()
+    clf = LogisticRegression(C=1.0 / (lam * n), max_iter=5000, tol=1e-10)
+    clf.fit((x.numpy() - mean) / std, y.numpy())
+    theirs = clf.predict_proba((xq.numpy() - mean) / std)
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)
+
+
+def test_pool_tokens():
+    t = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    torch.testing.assert_close(probe.pool_tokens(t, "cls"), t[:, 0])
+    torch.testing.assert_close(probe.pool_tokens(t, "mean"), t[:, 1:].mean(1))
+    torch.testing.assert_close(probe.pool_tokens(t, "mean", num_prefix=0), t.mean(1))
+    with pytest.raises(ValueError):
+        probe.pool_tokens(t, "cls", num_prefix=0)
