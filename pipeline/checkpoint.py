@@ -1,0 +1,82 @@
+"""Atomic training checkpoints and the student export.
+
+A checkpoint is one `torch.save` blob written with `pipeline.fsio.atomic_write_bytes`, so a run
+killed at any instant leaves either the previous checkpoint or the new one, never half of one.
+Contents (see `stages.distill`): model (student + heads), optimizer, scheduler, scaler (None: bf16
+autocast needs no loss scaling), loader position (epoch, batches done in that epoch), global step,
+RNG states (python, numpy, torch CPU, torch CUDA), the resolved config.
+
+The export is the timm encoder alone: `student/model.safetensors` with timm's key names and
+`student/config.json` = {"model": name, "model_kwargs": {...}} (ARCHITECTURE.md "Students").
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.fsio import atomic_write_bytes, exists, read_bytes
+
+CHECKPOINT_NAME = "last.pt"
+
+
+def rng_state() -> dict:
+    """Every RNG a training step can draw from."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(url: str, state: dict) -> None:
+    """Serialize `state` and write it atomically to `url`."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(str(url), buf.getvalue())
+
+
+def load_checkpoint(url: str) -> dict | None:
+    """The checkpoint at `url`, or None when there is none."""
+    if not exists(str(url)):
+        return None
+    # weights_only=False: the blob holds RNG states (numpy/python tuples) written by this program.
+    return torch.load(io.BytesIO(read_bytes(str(url))), map_location="cpu", weights_only=False)
+
+
+def export_student(state_dict: dict[str, torch.Tensor], model: str, model_kwargs: dict, out_dir: str | Path) -> Path:
+    """Write `out_dir/model.safetensors` (timm keys) and `out_dir/config.json`; returns out_dir."""
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    atomic_write_bytes(str(out / "model.safetensors"), save(tensors, metadata={"format": "pt", "model": model}))
+    cfg = {"model": model, "model_kwargs": dict(model_kwargs)}
+    atomic_write_bytes(str(out / "config.json"), (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    return out
+
+
+def load_exported(out_dir: str | Path) -> torch.nn.Module:
+    """timm model built from an export, strictly (no missing or unexpected keys), in eval mode."""
+    import timm
+
+    out = Path(out_dir)
+    cfg = json.loads((out / "config.json").read_text())
+    m = timm.create_model(cfg["model"], pretrained=False, checkpoint_path=str(out / "model.safetensors"),
+                          **cfg["model_kwargs"])
+    return m.eval()

@@ -1,0 +1,602 @@
+"""Stage two: train a Hybrid Distill student from cached teacher targets. No teacher runs here.
+
+    distill(cfg: DistillConfig) -> Path   (the run directory)
+
+Inputs are the dataset manifest, the MIM store (relations / attention / block features and the
+masks) and the discriminative store (final-layer features) written by `hdpipe extract`. Everything
+the loss needs comes out of them; the teachers' depth, head count and widths are read from the
+stores' attributes and array shapes, so this module never builds or loads a teacher model.
+
+Run directory `<runs_dir>/<name>/`:
+    config.yaml          resolved DistillConfig
+    env.json             git SHA, package versions, command line, world size, device
+    log.jsonl            one JSON line per optimizer step: step, epoch, lr, loss, loss_features,
+                         loss_relations, images_per_s (global), and one line per epoch end
+    plots/loss.csv       the same per step, for `dvc plots`
+    metrics.json         last epoch's averaged meters (DVC metrics)
+    checkpoints/last.pt  atomic checkpoint, every `checkpoint_every` optimizer steps and at each
+                         epoch end (model + heads, optimizer, scheduler, loader position, RNG states)
+    student/             model.safetensors (timm keys) + config.json: the exported encoder
+
+Resume (`resume: true`): the run restarts from `checkpoints/last.pt`. A checkpoint holds the loader
+position as (epoch, batches done in that epoch); checkpoints are only taken at optimizer-step
+boundaries, so a mid-epoch resume rebuilds that epoch's loader with `skip_batches = batches done`
+(the loader replays the same batch order), restores every RNG, and continues; on CPU the loss curve
+is identical to an uninterrupted run. Log rows written after the checkpoint are dropped and redone.
+
+DDP: under torchrun (`RANK`/`WORLD_SIZE` in the environment) the process group is initialized
+with NCCL on GPU and gloo on CPU; each rank reads its own shards with the same number of steps;
+rank 0 alone writes files. The logged losses are averaged over ranks.
+
+    torchrun --nproc_per_node=8 -m pipeline.cli distill --config params.yaml
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline.checkpoint import CHECKPOINT_NAME, export_student, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.config import to_dict, write_resolved
+from pipeline.device import autocast, pick_device
+from pipeline.errors import ConfigError, HdpipeError, NonFiniteError, StoreError
+from pipeline.losses import hybrid_loss
+from pipeline.optim import build_optimizer, clip_gradients, scaled_lr, WarmupCosine
+from pipeline.student import MaskedStudent
+
+EXTRACT_HINT = "hdpipe extract --teacher {teacher} --manifest {manifest}"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    manifest: str = "manifests/sample.json"  # dataset manifest JSON the stores were extracted from
+    mim_store: str | None = "targets/mae.zarr"  # MIM teacher store URL (relations, masks); None = disc_only
+    disc_store: str | None = "targets/clip.zarr"  # discriminative teacher store URL (features); None = mim_only
+    model: str = "vit_base_patch16_224"  # timm ViT name of the student (random init)
+    model_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs (img_size, patch_size, depth, ...)
+    relation_layers: tuple[int, ...] = ()  # teacher blocks (1-based) to distill, a subset of the store's; () = all stored
+    mim_target: Literal["relations", "attention", "block_features"] = "relations"  # which T_m target (paper: relations)
+    teachers: Literal["hybrid", "disc_only", "mim_only"] = "hybrid"  # which loss terms: both, features only, MIM only
+    masking: Literal["progressive", "direct", "random", "none"] = "progressive"  # student token mask (paper: progressive)
+    alpha: float = 1.0  # weight of the MIM (relation) term, paper's α
+    smoothl1_beta: float = 1.0  # SmoothL1 β in target units (the paper does not state it; PyTorch's default)
+    epochs: int = 2  # training epochs (paper: 300 main results, 100 ablations; small default for the sample)
+    batch_size: int = 16  # images per device per micro-batch
+    accum_steps: int = 1  # micro-batches per optimizer step (global batch = batch_size × accum_steps × world size)
+    base_lr: float = 6e-4  # lr at global batch 1024; actual lr = base_lr × global_batch / 1024
+    min_lr: float = 0.0  # lr at the end of the cosine decay
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, pos_embed, cls_token)
+    warmup_epochs: float = 1.0  # linear warmup length in epochs (converted to optimizer steps)
+    clip_grad: float | None = None  # max global grad norm; None = no clipping
+    compile: bool = False  # torch.compile the student (GPU runs; first steps are slow while compiling)
+    workers: int = 2  # DataLoader worker processes per rank (0 = load in the main process)
+    seed: int = 0  # seed for student init, view choice per epoch, shuffling, random masks
+    runs_dir: str = "runs"  # parent folder of run directories
+    name: str = "hybrid"  # run name: outputs go to <runs_dir>/<name>/
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (0 = only at epoch ends)
+    resume: bool = False  # continue from <run>/checkpoints/last.pt (none there: start fresh)
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
+    log_every: int = 1  # optimizer steps between log.jsonl/plots rows (losses averaged over ranks)
+
+    def validate(self) -> None:
+        if self.teachers in ("hybrid", "mim_only") and not self.mim_store:
+            raise ConfigError(f"teachers '{self.teachers}' needs mim_store (the MIM teacher's store URL)")
+        if self.teachers in ("hybrid", "disc_only") and not self.disc_store:
+            raise ConfigError(f"teachers '{self.teachers}' needs disc_store (the discriminative teacher's store URL)")
+        for key in ("epochs", "batch_size", "accum_steps", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0 or self.workers < 0:
+            raise ConfigError("checkpoint_every and workers must be >= 0")
+        if self.alpha < 0 or self.smoothl1_beta <= 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
+            raise ConfigError("alpha >= 0, smoothl1_beta > 0, base_lr > 0 and warmup_epochs >= 0 are required")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# Fields that may differ between a checkpoint's config and the resuming run's.
+RESUME_FREE = {"resume", "workers", "device", "log_every", "checkpoint_every", "compile", "runs_dir"}
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    """torchrun env vars present -> init the process group (NCCL on GPU, gloo on CPU)."""
+    import torch.distributed as dist
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = pick_device(device_pref, local_rank=local)
+        here = False
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            here = True
+        return Dist(rank, world, local, here), device
+    return Dist(), pick_device(device_pref)
+
+
+def all_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean of a small float tensor over ranks (identity without DDP)."""
+    if d.world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / d.world_size
+
+
+# ----------------------------------------------------------------------------- stores and checks
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the stores can serve, read from their attributes and array shapes (no teacher built)."""
+
+    relation_layers: tuple[int, ...]  # MIM store's layers (1-based teacher blocks), () without one
+    mim_depth: int | None
+    mim_heads: int | None
+    mim_dim: int | None
+    mim_targets: tuple[str, ...]  # which of relations/attention/block_features the MIM store holds
+    feature_dim: int | None
+    tokens: str  # store token set: kept | all
+    grid: tuple[int, int]  # teacher token grid (patches)
+
+
+def _open_store(url: str, role: str, cfg: DistillConfig):
+    from pipeline.store import TargetStore
+
+    hint = EXTRACT_HINT.format(teacher="mae" if role == "mim" else "clip", manifest=cfg.manifest)
+    try:
+        store = TargetStore.open(url)
+    except StoreError:
+        raise
+    except (FileNotFoundError, OSError) as e:
+        raise StoreError(f"{role} store {url} cannot be opened ({e}); build it with `{hint} ...`") from None
+    store.require_complete(f"{hint} ...")
+    return store
+
+
+def check_inputs(cfg: DistillConfig) -> TargetInfo:
+    """Every check before the first step: stores exist, are complete, agree with each other and the
+    manifest, hold what the options read, and the student fits them. Raises a `HdpipeError` subclass
+    naming the field and the command that rebuilds the store."""
+    from pipeline.manifest import read_manifest
+
+    manifest = read_manifest(cfg.manifest)
+    digest = manifest.digest()
+    mim = _open_store(cfg.mim_store, "mim", cfg) if cfg.teachers != "disc_only" else None
+    disc = _open_store(cfg.disc_store, "disc", cfg) if cfg.teachers != "mim_only" else None
+    stores = [(n, s) for n, s in (("mim_store", mim), ("disc_store", disc)) if s is not None]
+    for key, s in stores:
+        a = _attrs(s)
+        if a.get("manifest_digest") != digest:
+            raise StoreError(
+                f"{key} {getattr(cfg, key)} was extracted from another dataset: manifest_digest "
+                f"{a.get('manifest_digest')} != {digest} of {cfg.manifest}; re-run `hdpipe extract` with --manifest {cfg.manifest}"
+            )
+    if mim is not None and disc is not None:
+        am, ad = _attrs(mim), _attrs(disc)
+        for f in ("view_plan_digest", "tokens", "manifest_digest", "views"):
+            if f in am and f in ad and am[f] != ad[f]:
+                raise StoreError(
+                    f"stores disagree on '{f}': {cfg.mim_store} has {am[f]!r}, {cfg.disc_store} has {ad[f]!r}; "
+                    f"rebuild the disc store against the MIM store: `hdpipe extract --teacher clip --mim-store {cfg.mim_store} --overwrite`"
+                )
+    return _target_info(cfg, mim, disc)
+
+
+def _attrs(store) -> dict:
+    return dict(store.attrs)
+
+
+def _target_info(cfg: DistillConfig, mim, disc) -> TargetInfo:
+    rel_layers: tuple[int, ...] = ()
+    depth = heads = mdim = fdim = None
+    targets: tuple[str, ...] = ()
+    tokens = "kept"
+    grid = None
+    if mim is not None:
+        a = _attrs(mim)
+        rel_layers = tuple(int(x) for x in a["relation_layers"])
+        depth = int(a["depth"])
+        heads = int(a["num_heads"])
+        mdim = int(a["embed_dim"])
+        targets = tuple(t for t in ("relations", "attention", "block_features") if t in mim.array_names())
+        tokens = a["tokens"]
+        grid = tuple(a["grid"])
+        missing = [l for l in cfg.relation_layers if l not in rel_layers]
+        if missing:
+            raise StoreError(
+                f"relation_layers {missing} are not in {cfg.mim_store} (it holds {list(rel_layers)}); extract them with "
+                f"`hdpipe extract --teacher mae --relation-layers {','.join(map(str, sorted(set(rel_layers) | set(cfg.relation_layers))))} --overwrite`"
+            )
+        if cfg.mim_target not in targets:
+            flag = {"relations": "", "attention": " --attention", "block_features": " --block-features"}[cfg.mim_target]
+            raise StoreError(
+                f"mim_target '{cfg.mim_target}' is not stored in {cfg.mim_store} (it holds {list(targets)}); "
+                f"extract it with `hdpipe extract --teacher mae{flag} --overwrite`"
+            )
+        if cfg.masking != "progressive" and tokens != "all":
+            raise StoreError(
+                f"masking '{cfg.masking}' needs a store over all tokens, but {cfg.mim_store} has tokens '{tokens}' "
+                f"([CLS] + progressive-kept only); re-extract with `hdpipe extract --teacher mae --tokens all --overwrite`"
+            )
+    if disc is not None:
+        a = _attrs(disc)
+        fdim = int(a["embed_dim"])
+        grid = grid or tuple(a["grid"])
+        if mim is None:
+            tokens = a["tokens"]
+    return TargetInfo(rel_layers, depth, heads, mdim, targets, fdim, tokens, tuple(grid))
+
+
+def build_student(cfg: DistillConfig, info: TargetInfo) -> MaskedStudent:
+    """The student for these stores; a student that cannot serve them is a ConfigError."""
+    layers = cfg.relation_layers or info.relation_layers
+    use_mim = cfg.teachers != "disc_only"
+    student = MaskedStudent(
+        cfg.model,
+        cfg.model_kwargs,
+        feature_dim=info.feature_dim if cfg.teachers != "mim_only" else None,
+        relation_layers=layers if use_mim else (),
+        teacher_depth=info.mim_depth,
+        teacher_heads=info.mim_heads,
+        mim_target=cfg.mim_target,
+        mim_dim=info.mim_dim,
+    )
+    if tuple(student.grid) != tuple(info.grid):
+        raise ConfigError(
+            f"student '{cfg.model}' with model_kwargs {cfg.model_kwargs} has a {student.grid} patch grid but the "
+            f"stores were extracted on a {info.grid} grid; set model_kwargs img_size/patch_size to match the teachers"
+        )
+    return student
+
+
+# ----------------------------------------------------------------------------- run directory
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run directory or fail with a clear error when it cannot be written."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise HdpipeError(
+            f"run directory {run_dir} is not writable ({e.strerror or e}); choose another --runs-dir or --name"
+        ) from None
+
+
+def environment() -> dict:
+    """What produced this run: git SHA, versions, command, host."""
+    import timm
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    from pipeline import __version__
+
+    return {
+        "git_sha": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "hdpipe": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "command": sys.argv,
+        "host": platform.node(),
+    }
+
+
+class RunLog:
+    """log.jsonl + plots/loss.csv, appended per step by rank 0; truncated to a step on resume."""
+
+    CSV_FIELDS = ("step", "epoch", "lr", "loss", "loss_features", "loss_relations", "images_per_s")
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.jsonl = run_dir / "log.jsonl"
+        self.csv = run_dir / "plots" / "loss.csv"
+        self.enabled = enabled
+
+    def truncate(self, step: int) -> None:
+        """Keep rows of steps <= `step` (those after the checkpoint are redone on resume)."""
+        if not self.enabled:
+            return
+        rows = [json.loads(l) for l in self.jsonl.read_text().splitlines() if l.strip()] if self.jsonl.exists() else []
+        rows = [r for r in rows if r.get("step", 0) <= step and not (r.get("event") == "epoch_end" and r["step"] > step)]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.csv.write_text(",".join(self.CSV_FIELDS) + "\n" + "".join(
+            ",".join(str(r[k]) for k in self.CSV_FIELDS) + "\n" for r in rows if "event" not in r))
+
+    def start(self) -> None:
+        if self.enabled:
+            self.jsonl.write_text("")
+            self.csv.write_text(",".join(self.CSV_FIELDS) + "\n")
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if "event" not in row:
+            with self.csv.open("a") as f:
+                f.write(",".join(str(row[k]) for k in self.CSV_FIELDS) + "\n")
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class TrainState:
+    """Counters a checkpoint restores: global optimizer step and the loader position."""
+
+    step: int = 0  # optimizer steps done in the whole run
+    epoch: int = 0  # current epoch (0-based)
+    batches_done: int = 0  # micro-batches of `epoch` already consumed
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    student: MaskedStudent,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: WarmupCosine,
+    device: torch.device,
+    state: TrainState,
+    cfg: DistillConfig,
+    dist_info: Dist,
+    steps_in_epoch: int,
+    log: RunLog,
+    save: callable,
+    loss_fn=hybrid_loss,
+) -> dict:
+    """One epoch (or its remainder after a resume) of optimizer steps; returns averaged meters.
+
+    `model` is what runs the forward (the student, possibly DDP-wrapped or compiled); `student` the
+    bare module. An optimizer step takes `accum_steps` micro-batches; gradients are synchronized only
+    on the last one. Non-finite losses (averaged over ranks, so every rank stops together) raise
+    `NonFiniteError` naming the step before the optimizer applies anything.
+    """
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64)
+    n_steps = 0
+    micro = 0
+    acc = torch.zeros(3, device=device)
+    t0 = time.perf_counter()
+    images = 0
+    for batch in loader:
+        if state.batches_done // cfg.accum_steps >= steps_in_epoch:
+            break
+        batch = _to_device(batch, device)
+        last_micro = micro == cfg.accum_steps - 1
+        sync = last_micro or not hasattr(model, "no_sync")
+        with (nullcontext() if sync else model.no_sync()):
+            with autocast(device):
+                out = model(batch["image"], batch["keep_index"])
+            losses = loss_fn(
+                out, batch, blocks=student.capture_blocks, head_rule=student.head_rule, alpha=cfg.alpha,
+                beta=cfg.smoothl1_beta, target=cfg.mim_target, teachers=cfg.teachers,
+            )
+            (losses["loss"] / cfg.accum_steps).backward()
+        acc += torch.stack([losses["loss"].detach(), losses["loss_features"], losses["loss_relations"]]).float()
+        images += batch["image"].shape[0]
+        micro += 1
+        state.batches_done += 1
+        if not last_micro:
+            continue
+        meters = all_mean(acc / cfg.accum_steps, dist_info).cpu()
+        if not torch.isfinite(meters).all():
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"non-finite loss at step {state.step + 1} (epoch {state.epoch}): loss={meters[0].item()}, "
+                f"features={meters[1].item()}, relations={meters[2].item()}; the run stopped, "
+                f"checkpoints/last.pt holds the last good state (step {_last_saved(cfg)})"
+            )
+        clip_gradients(student, cfg.clip_grad)
+        lr = scheduler.get_lr()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        n_steps += 1
+        sums += meters.double()
+        acc.zero_()
+        micro = 0
+        dt = time.perf_counter() - t0
+        if state.step % cfg.log_every == 0:
+            log.write({
+                "step": state.step, "epoch": state.epoch, "lr": lr,
+                "loss": meters[0].item(), "loss_features": meters[1].item(), "loss_relations": meters[2].item(),
+                "images_per_s": round(images * dist_info.world_size / max(dt, 1e-9), 2),
+            })
+        t0 = time.perf_counter()
+        images = 0
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            save()
+    n = max(n_steps, 1)
+    return {"loss": sums[0].item() / n, "loss_features": sums[1].item() / n,
+            "loss_relations": sums[2].item() / n, "steps": n_steps}
+
+
+def _last_saved(cfg: DistillConfig) -> int | str:
+    ck = load_checkpoint(str(cfg.run_dir / "checkpoints" / CHECKPOINT_NAME))
+    return ck["state"]["step"] if ck else "none: no checkpoint was written yet"
+
+
+def _loader_config(cfg: DistillConfig, student: MaskedStudent, info: TargetInfo, device: torch.device):
+    """The loader's config for this run (student's input size and normalization)."""
+    from timm.data import resolve_data_config
+
+    from pipeline.loader import LoaderConfig
+
+    data_cfg = resolve_data_config({}, model=student.vit)
+    return LoaderConfig(
+        manifest=cfg.manifest,
+        mim_store=cfg.mim_store if cfg.teachers != "disc_only" else None,
+        disc_store=cfg.disc_store if cfg.teachers != "mim_only" else None,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        seed=cfg.seed,
+        img_size=int(data_cfg["input_size"][-1]),
+        mean=tuple(data_cfg["mean"]),
+        std=tuple(data_cfg["std"]),
+        interpolation=data_cfg.get("interpolation", "bicubic"),
+        masking=cfg.masking,
+        relation_layers=tuple(cfg.relation_layers or info.relation_layers),
+        mim_target=cfg.mim_target,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Train the student for `cfg.epochs` from the stores, export it, return the run directory."""
+    from pipeline.loader import build_loader, steps_per_epoch
+
+    d, device = init_distributed(cfg.device)
+    try:
+        return _distill(cfg, d, device, build_loader, steps_per_epoch)
+    finally:
+        if d.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
+    run_dir = cfg.run_dir
+    ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
+    if d.main:
+        prepare_run_dir(run_dir)
+    info = check_inputs(cfg)
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg, info).to(device)
+    lcfg = _loader_config(cfg, student, info, device)
+    batches = steps_per_epoch(lcfg, d.world_size)
+    steps_per = batches // cfg.accum_steps  # optimizer steps per epoch; trailing micro-batches are dropped
+    if steps_per < 1:
+        raise ConfigError(
+            f"an epoch has {batches} batches of {cfg.batch_size} per rank on {d.world_size} rank(s), fewer than "
+            f"accum_steps={cfg.accum_steps}: lower batch_size/accum_steps or use more data"
+        )
+    global_batch = cfg.batch_size * cfg.accum_steps * d.world_size
+    lr = scaled_lr(cfg.base_lr, global_batch)
+    optimizer = build_optimizer(student, lr, cfg.weight_decay)
+    scheduler = WarmupCosine(optimizer, lr, total_steps=steps_per * cfg.epochs,
+                             warmup_steps=round(cfg.warmup_epochs * steps_per), min_lr=cfg.min_lr)
+    state = TrainState()
+    log = RunLog(run_dir, d.main)
+
+    ckpt = load_checkpoint(str(ckpt_path)) if cfg.resume else None
+    if ckpt is None and not cfg.resume and ckpt_path.exists():
+        raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --name")
+    if ckpt is not None:
+        _check_resume_config(cfg, ckpt["config"], ckpt_path)
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = TrainState(**ckpt["state"])
+        set_rng_state(ckpt["rng"][d.rank] if d.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log.truncate(state.step)
+    else:
+        log.start()
+    if d.main:
+        write_resolved(cfg, run_dir / "config.yaml")
+        env = environment() | {"world_size": d.world_size, "device": str(device), "global_batch": global_batch,
+                               "lr": lr, "steps_per_epoch": steps_per, "resumed_from_step": state.step if ckpt else None}
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+
+    model: torch.nn.Module = student
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Without both teachers some parameters get no gradient (feature head / last blocks).
+        model = DDP(student, device_ids=[device] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg.teachers != "hybrid")
+    if cfg.compile:
+        model = torch.compile(model)
+
+    def save() -> None:
+        rngs = _gather_rng(d)
+        if d.main:
+            save_checkpoint(str(ckpt_path), {
+                "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": None,  # bf16 autocast: no loss scaling
+                "state": dataclasses.asdict(state), "rng": rngs, "config": to_dict(cfg),
+            })
+        _barrier(d)
+
+    meters: dict = {}
+    while state.epoch < cfg.epochs:
+        loader = build_loader(lcfg, state.epoch, d.rank, d.world_size, skip_batches=state.batches_done)
+        meters = train_one_epoch(model, student, loader, optimizer, scheduler, device, state, cfg, d,
+                                 steps_per, log, save)
+        log.write({"event": "epoch_end", "epoch": state.epoch, "step": state.step} | meters)
+        state.epoch += 1
+        state.batches_done = 0
+        save()
+    if d.main:
+        summary = {"epoch": cfg.epochs, "step": state.step} | {k: v for k, v in meters.items() if k != "steps"}
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        export_student(student.encoder_state_dict(), cfg.model, cfg.model_kwargs, run_dir / "student")
+    _barrier(d)
+    return run_dir
+
+
+def _gather_rng(d: Dist) -> list:
+    """Every rank's RNG states (rank order), so each rank resumes its own streams."""
+    mine = rng_state()
+    if d.world_size == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    out = [None] * d.world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _check_resume_config(cfg: DistillConfig, saved: dict, path: Path) -> None:
+    now = to_dict(cfg)
+    diff = [k for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
+        raise ConfigError(f"--resume with settings that differ from {path}: {detail}; use the run's config.yaml or another --name")
