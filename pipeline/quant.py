@@ -1,0 +1,228 @@
+"""Storage precisions for teacher targets: how a float32 array becomes the bytes a store keeps.
+
+A precision turns one float32 array into named *parts* (`encode`) and back (`decode`); the store
+keeps each part as its own Zarr array (`<name>` for part "q", `<name>_<part>` for the others).
+The first `view_axes` axes index independent views ([sample, view] in a store); error bounds hold
+per view. Relative error is `relative_error(x, x_hat) = ||x_hat - x||_2 / ||x||_2` over the whole
+array given (per view when the caller slices one view).
+
+Precisions (the store's `precision` attribute names one):
+
+- `fp16`: float16 copy. Error is float16 rounding, relative error <= 2**-11 (about 0.05%) for
+  values in the float16 normal range; values beyond +-65504 are refused, not turned into inf.
+- `int8`: per-row absmax int8, the row being the last axis. `scale = absmax / 127` is stored as
+  float16, rounded *up* so |x / scale| <= 127 and nothing is clipped; `q = rint(x / scale)`.
+  Per element |x_hat - x| <= scale / 2, so the relative error of a row is at most
+  sqrt(n) * absmax / (254 * ||row||) (typically 0.5-0.8% for 68-768 wide rows). A zero row has
+  scale 0 and decodes to exact zeros.
+- `q1pct`: error-bounded residual quantization, the compact mode. Per view:
+  1. subtract the per-row mean (last axis) and then the per-column mean (second-to-last axis),
+     both stored as float16; the residual is taken against the *rounded* means, so their rounding
+     costs nothing. Pre-softmax relations q_i.k_j carry much of their energy in the row term
+     q_i.mean(k) (softmax ignores it, the SmoothL1 loss does not), features in per-channel offsets;
+  2. quantize the residual on one uniform grid per view, step = 2*sqrt(3)*0.009*rms(x): uniform
+     rounding noise has rms step/sqrt(12), i.e. 0.9% of the view's rms. One step for the whole
+     view is the MSE-optimal allocation (equal distortion everywhere) and means an equal absolute
+     error on every element, which is what the SmoothL1 loss weighs;
+  3. measure each view's relative error and, for any view above 1%, shrink its step and redo it,
+     so every stored view is within 1% relative error of the float32 input (a hard bound);
+  4. store the integer codes zigzag-mapped to uint16 (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), so
+     small codes have a zero high byte; the store byte-shuffles and zstd-compresses them, which is
+     where the size goes down (an entropy coder over small integers).
+  The step is float32 [*views]; it is never below max|residual| / 32767, so codes always fit.
+
+Non-finite inputs are refused (`NonFiniteError`): a NaN must never be stored as a number.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.errors import NonFiniteError, StoreError
+
+PRECISIONS = ("fp16", "int8", "q1pct")  # lossy float precisions a store may use for float targets
+LOSSLESS = "exact"  # stored as given (ints, bools, crop boxes); not a quantization
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504: the largest value fp16 holds
+Q1PCT_BOUND = 0.01  # hard per-view bound on relative error of `q1pct`
+Q1PCT_DESIGN = 0.009  # expected per-view relative error the first step is sized for
+_BLOCK = 64  # rows of axis 0 encoded at once: bounds float64 temporaries on big shards
+
+
+def relative_error(x: np.ndarray, x_hat: np.ndarray) -> float:
+    """||x_hat - x||_2 / ||x||_2 over all elements (0.0 when both are zero, inf when only x is)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    d = np.asarray(x_hat, dtype=np.float64) - x64
+    num = float(np.sqrt(np.sum(d * d)))
+    den = float(np.sqrt(np.sum(x64 * x64)))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def per_view_relative_error(x: np.ndarray, x_hat: np.ndarray, view_axes: int) -> np.ndarray:
+    """relative_error for each view: float64 array of shape x.shape[:view_axes]."""
+    axes = tuple(range(view_axes, x.ndim))
+    x64 = np.asarray(x, dtype=np.float64)
+    d = np.asarray(x_hat, dtype=np.float64) - x64
+    num = np.sqrt(np.sum(d * d, axis=axes))
+    den = np.sqrt(np.sum(x64 * x64, axis=axes))
+    out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
+    return np.asarray(out, dtype=np.float64)
+
+
+def part_specs(shape_tail: tuple[int, ...], precision: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{part: (shape after the view axes, numpy dtype name)} that `encode` produces.
+
+    `shape_tail` is the logical array's shape after its view axes; the store prefixes [N, V].
+    """
+    shape_tail = tuple(int(s) for s in shape_tail)
+    if precision == "fp16":
+        return {"q": (shape_tail, "float16")}
+    if precision == "int8":
+        _need_rows(shape_tail, precision)
+        return {"q": (shape_tail, "int8"), "scale": (shape_tail[:-1], "float16")}
+    if precision == "q1pct":
+        _need_rows(shape_tail, precision)
+        parts = {"q": (shape_tail, "uint16"), "step": ((), "float32"), "rowmean": (shape_tail[:-1], "float16")}
+        if len(shape_tail) >= 2:
+            parts["colmean"] = (shape_tail[:-2] + shape_tail[-1:], "float16")
+        return parts
+    raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+
+
+def _need_rows(shape_tail: tuple[int, ...], precision: str) -> None:
+    if len(shape_tail) < 1:
+        raise StoreError(f"precision {precision!r} quantizes rows (the last axis); a scalar per view has none")
+
+
+def _check_finite(x: np.ndarray) -> None:
+    if not np.isfinite(x).all():
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise NonFiniteError(f"refusing to quantize {bad} non-finite value(s) (NaN/Inf) of {np.size(x)}")
+
+
+def _check_fp16_range(x: np.ndarray, what: str) -> None:
+    m = float(np.max(np.abs(x))) if x.size else 0.0
+    if m > FP16_MAX:
+        raise StoreError(
+            f"{what} reaches |{m:.4g}|, beyond float16's range (65504); this target cannot be stored "
+            "in precision fp16/int8/q1pct (check the teacher's outputs)"
+        )
+
+
+def encode(x: np.ndarray, precision: str, view_axes: int = 2) -> dict[str, np.ndarray]:
+    """Parts for float array `x` in `precision` (see the module docstring for each precision).
+
+    x: float32 [*views, *body] with `view_axes` view axes (2 in a store: [sample, view]).
+    Returns {part: array}; shapes and dtypes are `part_specs(body, precision)` prefixed by *views.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim < view_axes:
+        raise StoreError(f"array of shape {x.shape} has fewer than {view_axes} view axes")
+    _check_finite(x)
+    if precision == "fp16":
+        _check_fp16_range(x, "array")
+        return {"q": x.astype(np.float16)}
+    if precision == "int8":
+        return _encode_int8(x, view_axes)
+    if precision == "q1pct":
+        if x.ndim > view_axes and x.shape[0] > _BLOCK and view_axes >= 1:
+            blocks = [_encode_q1pct(x[i : i + _BLOCK], view_axes) for i in range(0, x.shape[0], _BLOCK)]
+            return {k: np.concatenate([b[k] for b in blocks], axis=0) for k in blocks[0]}
+        return _encode_q1pct(x, view_axes)
+    raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+
+
+def decode(parts: dict[str, np.ndarray], precision: str) -> np.ndarray:
+    """float32 array from the parts `encode` made (the same shapes, any leading selection)."""
+    if precision == "fp16":
+        return np.asarray(parts["q"]).astype(np.float32)
+    if precision == "int8":
+        q = np.asarray(parts["q"]).astype(np.float32)
+        return q * np.asarray(parts["scale"]).astype(np.float32)[..., None]
+    if precision == "q1pct":
+        return _decode_q1pct(parts)
+    raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+
+
+# --- int8 ----------------------------------------------------------------------------------------
+
+
+def _encode_int8(x: np.ndarray, view_axes: int) -> dict[str, np.ndarray]:
+    _need_rows(x.shape[view_axes:], "int8")
+    absmax = np.max(np.abs(x), axis=-1)  # [..., rows]
+    _check_fp16_range(absmax / 127.0, "int8 row scale")
+    scale = (absmax / np.float32(127.0)).astype(np.float16)
+    # Round the float16 scale up where it rounded down, so |x / scale| <= 127 and nothing clips.
+    low = scale.astype(np.float32) * np.float32(127.0) < absmax
+    scale = np.where(low, np.nextafter(scale, np.float16(np.inf)), scale).astype(np.float16)
+    s32 = scale.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s32 > 0, np.rint(x / np.where(s32 > 0, s32, 1.0)), 0.0)
+    return {"q": np.clip(q, -127, 127).astype(np.int8), "scale": scale}
+
+
+# --- q1pct ---------------------------------------------------------------------------------------
+
+
+def _zigzag(q: np.ndarray) -> np.ndarray:
+    """int -> uint16: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ... (|q| <= 32767)."""
+    q = q.astype(np.int32)
+    return ((q << 1) ^ (q >> 31)).astype(np.uint16)
+
+
+def _unzigzag(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.int32)
+    return (z >> 1) ^ -(z & 1)
+
+
+def _view_shape(step: np.ndarray, ndim: int) -> np.ndarray:
+    """Step [*views] broadcast against [*views, *body]."""
+    return step.reshape(step.shape + (1,) * (ndim - step.ndim))
+
+
+def _encode_q1pct(x: np.ndarray, view_axes: int) -> dict[str, np.ndarray]:
+    body = x.shape[view_axes:]
+    _need_rows(body, "q1pct")
+    _check_fp16_range(x, "array")
+    x64 = x.astype(np.float64)
+    body_axes = tuple(range(view_axes, x.ndim))
+    rowmean = x64.mean(axis=-1).astype(np.float16)  # [*views, *body[:-1]]
+    resid = x64 - rowmean.astype(np.float64)[..., None]
+    parts: dict[str, np.ndarray] = {"rowmean": rowmean}
+    if len(body) >= 2:
+        colmean = resid.mean(axis=-2).astype(np.float16)  # [*views, *body[:-2], body[-1]]
+        resid -= colmean.astype(np.float64)[..., None, :]
+        parts["colmean"] = colmean
+    rms = np.sqrt(np.mean(x64 * x64, axis=body_axes))  # [*views]
+    rmax = np.max(np.abs(resid), axis=body_axes) if resid.size else np.zeros(x.shape[:view_axes])
+    step = 2.0 * math.sqrt(3.0) * Q1PCT_DESIGN * rms
+    step = np.maximum(step, rmax / 32767.0)
+    step = np.where(step > 0, step, 1.0).astype(np.float32)  # an all-zero view: any step, codes 0
+    for _ in range(60):
+        q = np.rint(resid / _view_shape(step.astype(np.float64), x.ndim))
+        if np.max(np.abs(q), initial=0) > 32767:
+            raise StoreError("q1pct codes overflow uint16 at the step its 1% bound needs; use precision fp16")
+        parts["q"] = _zigzag(q)
+        parts["step"] = step
+        # Measure on what decode will really return (float32 arithmetic included).
+        err = per_view_relative_error(x, _decode_q1pct(parts), view_axes)
+        over = err > Q1PCT_BOUND
+        if not over.any():
+            return parts
+        # Rounding noise scales with the step: shrink the offending views' steps proportionally.
+        shrink = np.where(over, 0.95 * Q1PCT_BOUND / np.where(over, err, 1.0), 1.0)
+        step = (step * shrink).astype(np.float32)
+    raise StoreError("q1pct could not meet its 1% error bound within 60 step reductions; use precision fp16")
+
+
+def _decode_q1pct(parts: dict[str, np.ndarray]) -> np.ndarray:
+    q = _unzigzag(np.asarray(parts["q"])).astype(np.float32)
+    step = np.asarray(parts["step"]).astype(np.float32)
+    out = q * _view_shape(step, q.ndim)
+    if "colmean" in parts:
+        out += np.asarray(parts["colmean"]).astype(np.float32)[..., None, :]
+    out += np.asarray(parts["rowmean"]).astype(np.float32)[..., None]
+    return out

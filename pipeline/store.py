@@ -1,0 +1,555 @@
+"""TargetStore: teacher targets in a Zarr v3 group at any fsspec URL, one Zarr shard per tar shard.
+
+Layout of a store at URL (N samples, V views per sample, S = manifest shard size):
+
+    URL/zarr.json               group; attribute `hdpipe` describes the store (see below)
+    URL/<name>/                 one Zarr array per stored part of each logical array
+    URL/done/<k:06d>.json       done marker of shard k, written last (readers trust nothing else)
+
+Logical arrays (`ArraySpec`) are indexed [sample, view, *shape_tail] ([sample, *shape_tail] when
+`per_view=False`, e.g. `valid` [N]). Every Zarr array is chunked one sample per chunk
+(1, V, *tail) and sharded (S, V, *tail), so Zarr shard k holds rows [k*S, k*S + count_k) exactly
+like tar shard k; the last tar shard may be shorter and ends the array, so writing it is still a
+whole-shard write. A shard is written by one writer in one assignment per array (zarr has no
+locking: two writers on one Zarr shard, or a partial shard write, lose data).
+
+Precision (per array; `pipeline.quant` has the formulas and bounds):
+- `exact`: stored as its dtype (ints, bools, float32 crop boxes);
+- `fp16` / `int8` / `q1pct`: float targets, stored as parts: `<name>` holds part "q" and
+  `<name>_<part>` the others (`relations_scale` float16 [N, V, ..., rows] for int8;
+  `relations_step` float32 [N, V] + `relations_rowmean` / `relations_colmean` float16 for q1pct).
+  `read_shard` / `read_rows` return them decoded to float32.
+Codecs: Blosc byte shuffle (element size = itemsize) then zstd level 5, per chunk (Zarr v3 core codecs).
+
+The `hdpipe` group attribute holds the caller's settings (teacher, weights digest, preprocessing,
+layers, scale convention, mask rule, token set, precision, view-plan digest, code version, ...;
+`REQUIRED_ATTRS` must be present) plus what the store adds itself: `schema_version`,
+`manifest_digest`, `total`, `shard_size`, `num_shards`, `views`, `arrays` (each array's spec),
+`codec`, `package_version`. `create` on an existing store with the same attribute dict resumes
+it; with a different one it refuses unless `overwrite=True`. `open(url, expect)` compares fields.
+
+Done marker (JSON): the caller's summary (e.g. `seconds`, `images`) plus `shard`, `first_index`,
+`rows`, `views`, `stored_bytes` {array: bytes on disk for this shard}, and, for lossy arrays,
+`error` {array: {"relative": ||x_hat-x||/||x|| over the shard, "max_view": worst view,
+"err_l2", "ref_l2"}} measured against the float32 input at write time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline import __version__, quant
+from pipeline.errors import NonFiniteError, StoreError
+from pipeline.fsio import atomic_write_bytes, fs_and_path
+
+SCHEMA_VERSION = 1  # bump when the layout or attribute meaning changes; open() refuses others
+ZSTD_LEVEL = 5  # zstd level of every chunk: the size barely moves above it, the time does
+# Settings the caller must give: without them a store cannot be checked against its consumers.
+REQUIRED_ATTRS = ("teacher", "weights_digest", "preprocessing", "precision", "tokens", "view_plan_digest")
+# Added by the store itself; a caller may pass them only with the same value.
+STORE_ATTRS = ("schema_version", "manifest_digest", "total", "shard_size", "num_shards", "views",
+               "arrays", "codec", "package_version")
+_DONE_RE = re.compile(r"^(\d{6})\.json$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """One logical array of a store."""
+
+    shape_tail: tuple[int, ...]  # shape after [sample, view] (after [sample] if not per_view)
+    dtype: str = "float32"  # dtype written and read: float32 for lossy precisions, else as stored
+    precision: str = quant.LOSSLESS  # "exact" or one of quant.PRECISIONS (float32 arrays only)
+    per_view: bool = True  # False: indexed [sample, *shape_tail] (e.g. `valid` [N])
+
+    def to_json(self) -> dict:
+        return {"shape_tail": [int(s) for s in self.shape_tail], "dtype": str(np.dtype(self.dtype)),
+                "precision": self.precision, "per_view": bool(self.per_view)}
+
+    @staticmethod
+    def from_json(d: Mapping) -> "ArraySpec":
+        return ArraySpec(tuple(int(s) for s in d["shape_tail"]), d["dtype"], d["precision"], bool(d["per_view"]))
+
+
+def _jsonable(v: Any) -> Any:
+    """Tuples to lists, numpy scalars to Python: the form the value has after a JSON round trip."""
+    return json.loads(json.dumps(v, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _diff(stored: Any, expected: Any, prefix: str) -> list[str]:
+    """Human-readable differences, nested dicts reported by dotted key."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        out = []
+        for key in sorted(set(stored) | set(expected), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in stored:
+                out.append(f"{name}: missing in store, expected {expected[key]!r}")
+            elif key not in expected:
+                out.append(f"{name}: stored {stored[key]!r}, expected it absent")
+            else:
+                out.extend(_diff(stored[key], expected[key], name))
+        return out
+    return [] if stored == expected else [f"{prefix}: stored {stored!r}, expected {expected!r}"]
+
+
+def _shard_table(manifest: Any) -> tuple[int, int, list[int], str]:
+    """(total, shard_size, count per shard, digest) from a Manifest, checked for Zarr alignment."""
+    try:
+        total, size, shards = int(manifest.total), int(manifest.shard_size), list(manifest.shards)
+        digest = manifest.digest()
+    except AttributeError as e:
+        raise StoreError(f"TargetStore.create needs a pipeline.manifest.Manifest, got {type(manifest).__name__}: {e}") from None
+
+    def field(s, key):
+        return s[key] if isinstance(s, Mapping) else getattr(s, key)
+
+    counts = []
+    for k, s in enumerate(shards):
+        first, count = int(field(s, "first_index")), int(field(s, "count"))
+        if first != k * size or count != min(size, total - k * size) or count <= 0:
+            raise StoreError(
+                f"manifest shard {k} covers [{first}, {first + count}) but a store needs [{k * size}, "
+                f"{min((k + 1) * size, total)}): every shard but the last must hold shard_size={size} "
+                "samples; re-make the manifest with `hdpipe shard`"
+            )
+        counts.append(count)
+    if sum(counts) != total:
+        raise StoreError(f"manifest shards hold {sum(counts)} samples but total is {total}; re-make it with `hdpipe shard`")
+    return total, size, counts, str(digest)
+
+
+def _codecs(dtype: np.dtype) -> list:
+    """Blosc: byte shuffle (multi-byte types) then zstd, both in the Zarr v3 core spec.
+
+    Shuffling puts the mostly-zero high bytes of small codes together; zstd's entropy stage then
+    codes the low bytes near their entropy. Same size as numcodecs Shuffle + plain zstd (measured).
+    """
+    shuffle = "shuffle" if dtype.itemsize > 1 else "noshuffle"
+    return [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle, typesize=dtype.itemsize)]
+
+
+def _zarr_store(url: str, mode: str):
+    """A zarr store object: LocalStore for local paths and file:// URLs, FsspecStore otherwise."""
+    fs, path = fs_and_path(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return zarr.storage.LocalStore(path, read_only=(mode == "r"))
+    return zarr.storage.FsspecStore.from_url(url, read_only=(mode == "r"))
+
+
+class TargetStore:
+    """Handle on an existing store; make one with `TargetStore.create`, reopen with `TargetStore.open`."""
+
+    def __init__(self, url: str, group: zarr.Group, mode: str):
+        self.url = str(url).rstrip("/")
+        self._group = group
+        self._mode = mode
+        self.fs, self.path = fs_and_path(self.url)
+        self.attrs: dict = dict(group.attrs["hdpipe"])
+        self.total: int = int(self.attrs["total"])
+        self.shard_size: int = int(self.attrs["shard_size"])
+        self.num_shards: int = int(self.attrs["num_shards"])
+        self.views: int = int(self.attrs["views"])
+        self.precision: str = str(self.attrs["precision"])
+        self.arrays: dict[str, ArraySpec] = {n: ArraySpec.from_json(d) for n, d in self.attrs["arrays"].items()}
+        self._zarr: dict[str, zarr.Array] = {}
+
+    # --- making and opening ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, url: str, attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manifest: Any,
+               views: int, overwrite: bool = False) -> "TargetStore":
+        """Make the store (driver side, before any task), or reopen it to resume.
+
+        An existing store built with the same attributes is reopened as is (its done shards stay
+        done); one built with other settings is refused, or deleted and rebuilt when `overwrite`.
+        """
+        url = str(url).rstrip("/")
+        full = cls._full_attrs(attrs, arrays, manifest, views)
+        fs, path = fs_and_path(url)
+        if fs.exists(path):
+            existing = cls._read_attrs(url)
+            if existing is not None and not overwrite:
+                old = {k: v for k, v in existing.items() if k != "created"}
+                diffs = _diff(old, {k: v for k, v in full.items() if k != "created"}, "")
+                if not diffs:
+                    return cls.open(url)
+                raise StoreError(
+                    f"target store {url} exists with other settings ({'; '.join(diffs)}); pass --overwrite "
+                    "to delete and rebuild it, or choose another output"
+                )
+            if existing is None and not overwrite and fs.isdir(path) and fs.ls(path, detail=False):
+                raise StoreError(f"{url} exists and is not an hdpipe target store; pass --overwrite to replace it, or choose another output")
+            if overwrite:
+                fs.rm(path, recursive=True)
+        try:
+            group = zarr.open_group(store=_zarr_store(url, "w"), mode="w")
+            for name, spec in arrays.items():
+                cls._create_arrays(group, name, spec, full)
+            group.attrs["hdpipe"] = full
+        except (OSError, PermissionError) as e:
+            raise StoreError(f"cannot create target store at {url}: {e}; choose a writable output location") from None
+        return cls(url, group, "w")
+
+    @staticmethod
+    def _full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manifest: Any, views: int) -> dict:
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise StoreError(f"store attributes lack required key(s) {missing} (required: {list(REQUIRED_ATTRS)})")
+        if not arrays:
+            raise StoreError("a target store needs at least one array")
+        if int(views) < 1:
+            raise StoreError(f"views must be >= 1, got {views}")
+        precision = attrs["precision"]
+        if precision not in quant.PRECISIONS:
+            raise StoreError(f"unknown precision {precision!r}; choose one of {list(quant.PRECISIONS)}")
+        for name, spec in arrays.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*", name) or name == "done":
+                raise StoreError(f"array name {name!r} is not a valid store array name")
+            if spec.precision != quant.LOSSLESS:
+                if spec.precision != precision:
+                    raise StoreError(f"array {name!r} has precision {spec.precision!r} but the store's precision is {precision!r}")
+                if np.dtype(spec.dtype) != np.float32:
+                    raise StoreError(f"array {name!r}: lossy precision {spec.precision!r} needs dtype float32, got {spec.dtype}")
+                quant.part_specs(spec.shape_tail, spec.precision)  # checks rows exist
+        stored = [_part_name(n, p) for n, s in arrays.items() for p in _parts(s)]
+        clash = sorted({x for x in stored if stored.count(x) > 1})
+        if clash:
+            raise StoreError(f"array names collide with the stored parts of other arrays: {clash}")
+        total, size, counts, digest = _shard_table(manifest)
+        own = {
+            "schema_version": SCHEMA_VERSION,
+            "manifest_digest": digest,
+            "total": total,
+            "shard_size": size,
+            "num_shards": len(counts),
+            "views": int(views),
+            "arrays": {n: s.to_json() for n, s in arrays.items()},
+            "codec": f"chunks (1, V, ...), shards (S, V, ...); blosc byte shuffle + zstd level {ZSTD_LEVEL}",
+            "package_version": __version__,
+        }
+        given = _jsonable(dict(attrs))
+        for key in STORE_ATTRS:
+            if key in given and given[key] != _jsonable(own[key]):
+                raise StoreError(f"store attribute {key!r} is set by the store ({own[key]!r}); the caller passed {given[key]!r}")
+        full = _jsonable({**given, **own})
+        full["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return full
+
+    @staticmethod
+    def _create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> None:
+        total, size, views = full["total"], full["shard_size"], full["views"]
+        lead = (total, views) if spec.per_view else (total,)
+        chunk_lead = (1, views) if spec.per_view else (1,)
+        shard_lead = (size, views) if spec.per_view else (size,)
+        for part, (tail, dtype) in _parts(spec).items():
+            dt = np.dtype(dtype)
+            arr = group.create_array(
+                _part_name(name, part), shape=lead + tuple(tail), chunks=chunk_lead + tuple(tail),
+                shards=shard_lead + tuple(tail), dtype=dt, compressors=_codecs(dt),
+                fill_value=False if dt == np.bool_ else 0,
+            )
+            arr.attrs["hdpipe"] = {"array": name, "part": part, "precision": spec.precision}
+
+    @staticmethod
+    def _read_attrs(url: str) -> dict | None:
+        try:
+            group = zarr.open_group(store=_zarr_store(url, "r"), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return None
+        attrs = group.attrs.get("hdpipe")
+        return dict(attrs) if attrs is not None else None
+
+    @classmethod
+    def open(cls, url: str, expect: Mapping[str, Any] | None = None, mode: str = "r") -> "TargetStore":
+        """Open an existing store; `expect` {key: value} must equal the stored `hdpipe` attributes.
+
+        mode "r" opens read-only; `write_shard` reopens for writing on first use, so a task may call
+        `open(url)` then `write_shard`.
+        """
+        url = str(url).rstrip("/")
+        try:
+            group = zarr.open_group(store=_zarr_store(url, mode), mode=mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            raise StoreError(f"no target store at {url}; make it with `hdpipe extract`") from None
+        attrs = group.attrs.get("hdpipe")
+        if attrs is None:
+            raise StoreError(f"{url} is a Zarr group but not an hdpipe target store (no 'hdpipe' attribute)")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"target store {url} has schema_version {attrs.get('schema_version')!r}; this hdpipe "
+                f"({__version__}) reads {SCHEMA_VERSION}: re-extract it with `hdpipe extract --overwrite`"
+            )
+        store = cls(url, group, mode)
+        if expect:
+            diffs = []
+            stored = _jsonable(store.attrs)
+            for key, value in _jsonable(dict(expect)).items():
+                if key not in stored:
+                    diffs.append(f"{key}: missing in store, expected {value!r}")
+                else:
+                    diffs.extend(_diff(stored[key], value, key))
+            if diffs:
+                raise StoreError(f"target store {url} was built with other settings: {'; '.join(diffs)}")
+        return store
+
+    # --- shards ------------------------------------------------------------------------------------
+
+    def shard_rows(self, k: int) -> tuple[int, int]:
+        """(first_index, count) of shard k."""
+        if not 0 <= int(k) < self.num_shards:
+            raise StoreError(f"shard {k} out of range: store {self.url} has shards 0..{self.num_shards - 1}")
+        first = int(k) * self.shard_size
+        return first, min(self.shard_size, self.total - first)
+
+    def _done_url(self, k: int) -> str:
+        return f"{self.url}/done/{int(k):06d}.json"
+
+    def done_shards(self) -> set[int]:
+        done_dir = f"{self.path}/done"
+        if not self.fs.exists(done_dir):
+            return set()
+        names = (os.path.basename(p.rstrip("/")) for p in self.fs.ls(done_dir, detail=False))
+        return {int(m.group(1)) for m in map(_DONE_RE.match, names) if m and int(m.group(1)) < self.num_shards}
+
+    def missing_shards(self) -> list[int]:
+        done = self.done_shards()
+        return [k for k in range(self.num_shards) if k not in done]
+
+    def require_complete(self, command_hint: str) -> None:
+        missing = self.missing_shards()
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+            raise StoreError(
+                f"target store {self.url} is incomplete: {len(missing)} of {self.num_shards} shards not "
+                f"finished ({shown}); run `{command_hint}` to finish them"
+            )
+
+    def done_marker(self, k: int) -> dict:
+        """The done marker of shard k (StoreError when the shard is not finished)."""
+        self._require_done(k)
+        with self.fs.open(f"{self.path}/done/{int(k):06d}.json", "rb") as f:
+            return json.loads(f.read())
+
+    def _require_done(self, k: int) -> None:
+        self.shard_rows(k)
+        if not self.fs.exists(f"{self.path}/done/{int(k):06d}.json"):
+            raise StoreError(
+                f"shard {k} of target store {self.url} is not finished (no done marker); readers never "
+                "trust an unfinished shard: run `hdpipe extract` again to finish it"
+            )
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._zarr:
+            self._zarr[name] = self._group[name]
+        return self._zarr[name]
+
+    def _check(self, k: int, name: str, a: np.ndarray, count: int) -> np.ndarray:
+        spec = self.arrays[name]
+        want = ((count, self.views) if spec.per_view else (count,)) + spec.shape_tail
+        a = np.asarray(a)
+        if a.shape != want:
+            raise StoreError(f"shard {k}: array {name!r} has shape {a.shape}, the store expects {want}")
+        if spec.precision != quant.LOSSLESS:
+            if not np.issubdtype(a.dtype, np.floating):
+                raise StoreError(f"shard {k}: array {name!r} must be floating point, got {a.dtype}")
+            a = a.astype(np.float32, copy=False)
+        elif a.dtype != np.dtype(spec.dtype):
+            cast = a.astype(spec.dtype)
+            if not np.array_equal(cast, a):
+                raise StoreError(f"shard {k}: array {name!r} has dtype {a.dtype}; its values do not fit the store's {spec.dtype}")
+            a = cast
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise NonFiniteError(f"shard {k}: array {name!r} holds {bad} non-finite value(s); nothing of this shard was stored")
+        return a
+
+    def write_shard(self, k: int, arrays: Mapping[str, np.ndarray], summary: Mapping[str, Any] | None = None) -> dict:
+        """Write shard k of every array (one whole-shard assignment each), then its done marker.
+
+        arrays: {name: [count_k, V, *shape_tail]} for every array of the store (float targets as
+        float32, quantized here). Returns the done marker written. Rewriting a done shard first
+        removes its marker, so a crash half-way never leaves a marker over mixed data.
+        """
+        t0 = time.perf_counter()
+        first, count = self.shard_rows(k)
+        names, want = set(arrays), set(self.arrays)
+        if names != want:
+            raise StoreError(f"shard {k}: arrays missing {sorted(want - names)}, unknown {sorted(names - want)}")
+        checked = {n: self._check(k, n, arrays[n], count) for n in sorted(self.arrays)}
+        encoded: dict[str, dict[str, np.ndarray]] = {}
+        errors: dict[str, dict] = {}
+        for name, a in checked.items():
+            spec = self.arrays[name]
+            if spec.precision == quant.LOSSLESS:
+                encoded[name] = {"q": a}
+                continue
+            view_axes = 2 if spec.per_view else 1
+            parts = quant.encode(a, spec.precision, view_axes=view_axes)
+            back = quant.decode(parts, spec.precision)
+            err_l2 = float(np.sqrt(np.sum((back.astype(np.float64) - a) ** 2)))
+            ref_l2 = float(np.sqrt(np.sum(a.astype(np.float64) ** 2)))
+            per_view = quant.per_view_relative_error(a, back, view_axes)
+            errors[name] = {
+                "relative": quant.relative_error(a, back),
+                "max_view": float(per_view.max()) if per_view.size else 0.0,
+                "err_l2": err_l2,
+                "ref_l2": ref_l2,
+            }
+            encoded[name] = parts
+        if self._mode == "r":
+            self._group = zarr.open_group(store=_zarr_store(self.url, "r+"), mode="r+")
+            self._zarr, self._mode = {}, "r+"
+        marker_path = f"{self.path}/done/{int(k):06d}.json"
+        if self.fs.exists(marker_path):
+            self.fs.rm(marker_path)
+        stored_bytes = {}
+        for name, parts in encoded.items():
+            for part, value in parts.items():
+                self._array(_part_name(name, part))[first : first + count] = value
+            stored_bytes[name] = self._shard_bytes(name, k)
+        marker = {
+            **_jsonable(dict(summary or {})),
+            "shard": int(k),
+            "first_index": first,
+            "rows": count,
+            "views": self.views,
+            "stored_bytes": stored_bytes,
+            "error": errors,
+            "seconds_store": round(time.perf_counter() - t0, 4),
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_bytes(self._done_url(k), json.dumps(marker, indent=1, sort_keys=True).encode())
+        return marker
+
+    def _shard_bytes(self, name: str, k: int) -> int:
+        """Bytes on disk of Zarr shard k of every part of array `name`."""
+        total = 0
+        for part in _parts(self.arrays[name]):
+            shard_dir = f"{self.path}/{_part_name(name, part)}/c/{int(k)}"
+            if self.fs.exists(shard_dir):
+                total += int(self.fs.du(shard_dir))
+        return total
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def _decode(self, name: str, parts: dict[str, np.ndarray]) -> np.ndarray:
+        spec = self.arrays[name]
+        if spec.precision == quant.LOSSLESS:
+            return parts["q"]
+        return quant.decode(parts, spec.precision)
+
+    def _names(self, names: Iterable[str] | None) -> list[str]:
+        if names is None:
+            return sorted(self.arrays)
+        names = list(names)
+        unknown = [n for n in names if n not in self.arrays]
+        if unknown:
+            raise StoreError(f"target store {self.url} has no array(s) {unknown}; it holds {sorted(self.arrays)}")
+        return names
+
+    def read_shard(self, k: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """{name: [count_k, V, *tail]} of a finished shard; lossy arrays decoded to float32."""
+        self._require_done(k)
+        first, count = self.shard_rows(k)
+        out = {}
+        for name in self._names(names):
+            parts = {p: self._array(_part_name(name, p))[first : first + count] for p in _parts(self.arrays[name])}
+            out[name] = self._decode(name, parts)
+        return out
+
+    def read_rows(self, indices: Iterable[int], names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """{name: [len(indices), V, *tail]} for global sample indices (any order) in finished shards."""
+        idx = np.asarray(list(indices), dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.total):
+            raise StoreError(f"sample index out of range [0, {self.total}) for store {self.url}")
+        for k in sorted({int(i) // self.shard_size for i in idx}):
+            self._require_done(k)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        out = {}
+        for name in self._names(names):
+            parts = {}
+            for p in _parts(self.arrays[name]):
+                arr = self._array(_part_name(name, p))
+                parts[p] = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))[inverse]
+            out[name] = self._decode(name, parts)
+        return out
+
+    # --- reporting ---------------------------------------------------------------------------------
+
+    def bytes_per_view(self) -> dict[str, float]:
+        """{array: bytes on disk per view, "total": sum} over the finished shards (0 when none)."""
+        done = sorted(self.done_shards())
+        views = sum(self.shard_rows(k)[1] for k in done) * self.views
+        out = {}
+        for name in sorted(self.arrays):
+            b = sum(self._shard_bytes(name, k) for k in done)
+            out[name] = b / views if views else 0.0
+        out["total"] = float(sum(out.values()))
+        return out
+
+    def info(self) -> dict:
+        """Everything `hdpipe inspect` shows: settings, counts, bytes per view, errors, provenance."""
+        done = sorted(self.done_shards())
+        markers = [self.done_marker(k) for k in done]
+        rows_done = sum(m["rows"] for m in markers)
+        bpv = self.bytes_per_view()
+        arrays = {}
+        for name, spec in sorted(self.arrays.items()):
+            entry = {
+                "shape": list(((self.total, self.views) if spec.per_view else (self.total,)) + spec.shape_tail),
+                "dtype": spec.dtype,
+                "precision": spec.precision,
+                "stored_parts": {p: d for p, (_, d) in _parts(spec).items()},
+                "bytes_per_view": bpv[name],
+            }
+            errs = [m["error"][name] for m in markers if name in m.get("error", {})]
+            if errs:
+                err2 = sum(e["err_l2"] ** 2 for e in errs)
+                ref2 = sum(e["ref_l2"] ** 2 for e in errs)
+                entry["relative_error"] = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
+                entry["max_view_relative_error"] = max(e["max_view"] for e in errs)
+            arrays[name] = entry
+        a = self.attrs
+        return {
+            "url": self.url,
+            "schema_version": a["schema_version"],
+            "teacher": a.get("teacher"),
+            "precision": self.precision,
+            "codec": a.get("codec"),
+            "samples": self.total,
+            "views": self.views,
+            "shard_size": self.shard_size,
+            "shards": {"total": self.num_shards, "done": len(done), "missing": self.missing_shards()},
+            "rows_done": rows_done,
+            "bytes_per_view": bpv["total"],
+            "arrays": arrays,
+            "provenance": {
+                "manifest_digest": a.get("manifest_digest"),
+                "view_plan_digest": a.get("view_plan_digest"),
+                "weights_digest": a.get("weights_digest"),
+                "package_version": a.get("package_version"),
+                "code_version": a.get("code_version"),
+                "created": a.get("created"),
+            },
+            "attrs": a,
+        }
+
+
+def _parts(spec: ArraySpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    if spec.precision == quant.LOSSLESS:
+        return {"q": (tuple(spec.shape_tail), str(np.dtype(spec.dtype)))}
+    return quant.part_specs(spec.shape_tail, spec.precision)
+
+
+def _part_name(name: str, part: str) -> str:
+    return name if part == "q" else f"{name}_{part}"
