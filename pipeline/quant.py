@@ -20,8 +20,8 @@ Precisions (the store's `precision` attribute names one):
      both stored as float16; the residual is taken against the *rounded* means, so their rounding
      costs nothing. Pre-softmax relations q_i.k_j carry much of their energy in the row term
      q_i.mean(k) (softmax ignores it, the SmoothL1 loss does not), features in per-channel offsets;
-  2. quantize the residual on one uniform grid per view, step = 2*sqrt(3)*0.009*rms(x): uniform
-     rounding noise has rms step/sqrt(12), i.e. 0.9% of the view's rms. One step for the whole
+  2. quantize the residual on one uniform grid per view, step = 2*sqrt(3)*0.0096*rms(x): uniform
+     rounding noise has rms step/sqrt(12), i.e. 0.96% of the view's rms. One step for the whole
      view is the MSE-optimal allocation (equal distortion everywhere) and means an equal absolute
      error on every element, which is what the SmoothL1 loss weighs;
   3. measure each view's relative error and, for any view above 1%, shrink its step and redo it,
@@ -46,7 +46,7 @@ LOSSLESS = "exact"  # stored as given (ints, bools, crop boxes); not a quantizat
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504: the largest value fp16 holds
 Q1PCT_BOUND = 0.01  # hard per-view bound on relative error of `q1pct`
-Q1PCT_DESIGN = 0.009  # expected per-view relative error the first step is sized for
+Q1PCT_DESIGN = 0.0096  # expected per-view relative error the first step is sized for
 _BLOCK = 64  # rows of axis 0 encoded at once: bounds float64 temporaries on big shards
 
 

@@ -1,0 +1,18 @@
+"""`hdpipe inspect STORE`: wiring only; the work is `stages.inspect_store.inspect_store`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("inspect")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of a table.")
+def command(store: str, as_json: bool) -> None:
+    """Show a target store's schema, teacher, counts, shards done/missing, bytes per view, error vs
+    fp32 and provenance. STORE is a local path or any fsspec URL."""
+    from stages.inspect_store import format_info, inspect_store
+
+    info = inspect_store(store)
+    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else format_info(info))

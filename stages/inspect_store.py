@@ -1,0 +1,71 @@
+"""`hdpipe inspect STORE`: what a target store holds, how big it is, and how exact.
+
+`inspect_store(url) -> dict` is `TargetStore.info()` (schema, teacher, counts, shards done/missing,
+bytes per view per array measured on disk, precision and the relative error against the float32
+teacher output recorded in the done markers, provenance); `format_info(info) -> str` renders it
+as the table the command prints.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.store import TargetStore
+
+# Attributes shown in their own rows; every other `hdpipe` attribute is listed under "settings".
+_SHOWN = {"schema_version", "teacher", "precision", "codec", "total", "views", "shard_size", "num_shards",
+          "arrays", "manifest_digest", "view_plan_digest", "weights_digest", "package_version",
+          "code_version", "created"}
+
+
+def inspect_store(url: str) -> dict:
+    """Everything known about the store at `url` (StoreError if there is none)."""
+    return TargetStore.open(url).info()
+
+
+def _kb(b: float) -> str:
+    return f"{b / 1000:.1f} KB" if b >= 1000 else f"{b:.0f} B"
+
+
+def _err(entry: dict) -> str:
+    if "relative_error" not in entry:
+        return "exact" if entry["precision"] == "exact" else "-"
+    return f"{100 * entry['relative_error']:.3f}% (worst view {100 * entry['max_view_relative_error']:.3f}%)"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def format_info(info: dict) -> str:
+    """The human-readable report of `inspect_store`."""
+    sh = info["shards"]
+    missing = sh["missing"]
+    shown_missing = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "") if missing else "none"
+    attrs: dict[str, Any] = info["attrs"]
+    out = [
+        f"store          {info['url']}",
+        f"schema         {info['schema_version']}",
+        f"teacher        {info['teacher']}" + (f" (role {attrs['role']})" if "role" in attrs else ""),
+        f"samples        {info['samples']} x {info['views']} view(s); {info['rows_done']} samples in finished shards",
+        f"shards         {sh['done']} of {sh['total']} done (shard size {info['shard_size']}); missing: {shown_missing}",
+        f"precision      {info['precision']}",
+        f"codec          {info['codec']}",
+        "",
+        "arrays",
+    ]
+    rows = []
+    for name, e in info["arrays"].items():
+        stored = ", ".join(f"{p}:{d}" for p, d in e["stored_parts"].items())
+        rows.append([name, "x".join(map(str, e["shape"])), e["dtype"], e["precision"], stored,
+                     _kb(e["bytes_per_view"]), _err(e)])
+    out += _table(["name", "shape", "dtype", "precision", "stored parts", "bytes/view", "rel. error vs fp32"], rows)
+    out += ["", f"bytes per view {_kb(info['bytes_per_view'])} (on disk, finished shards)", "", "provenance"]
+    out += [f"  {k:<17}{v}" for k, v in info["provenance"].items()]
+    settings = {k: v for k, v in attrs.items() if k not in _SHOWN}
+    if settings:
+        out += ["", "settings"]
+        out += [f"  {k:<17}{json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}" for k, v in sorted(settings.items())]
+    return "\n".join(out)
