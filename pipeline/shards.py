@@ -1,0 +1,295 @@
+"""Deterministic webdataset tar writing, and the checks every image passes before it is written.
+
+We write tars with `tarfile` ourselves rather than webdataset's ShardWriter so that we control
+every byte: fixed mtime/uid/gid/owner names/mode, USTAR headers (no PAX timestamps), members in
+key order and, within a sample, in sorted extension order. The same samples therefore give
+byte-identical tars (and the same sha256 in the manifest) on every run.
+
+A tar is written to `<name>.tmp` and renamed when complete, so a crash never leaves a file that
+looks like a finished shard. Object stores (no rename) get the whole tar in one PUT.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+from PIL import Image
+
+from pipeline.errors import ShardError
+from pipeline.fsio import atomic_write_bytes, fs_and_path
+
+# Header fields fixed so tars are reproducible (2000-01-01T00:00:00Z: some tools warn on mtime 0).
+TAR_MTIME = 946684800
+TAR_MODE = 0o444
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Pillow's default decompression-bomb threshold (~179 Mpx); any real photo is far below it.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+def key_of(index: int) -> str:
+    """The webdataset `__key__` of global sample `index`: 9 zero-padded digits, no dots."""
+    return f"{index:09d}"
+
+
+def shard_filename(name: str, k: int) -> str:
+    return f"{name}-{k:06d}.tar"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'jpeg', 'png' or 'webp' from the magic bytes; None for anything else."""
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def check_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `data` fully and return the loaded image; `ShardError` naming `name` if it is not a
+    readable image, is truncated or corrupt, or has more than `max_pixels` pixels.
+
+    The size is checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing; Pillow's own bomb error (2x its global limit) is turned into the same message.
+    """
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ShardError(f"{name}: image too large (decompression-bomb guard): {e}") from None
+    except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, ValueError... by format
+        raise ShardError(f"{name}: not an image Pillow can read ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ShardError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels} "
+                         "(decompression-bomb guard; raise --max-image-pixels if the image is genuine)")
+    try:
+        im.load()
+    except Exception as e:  # truncated JPEGs raise OSError, broken PNGs SyntaxError/zlib.error, ...
+        raise ShardError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+    if w < 1 or h < 1:
+        raise ShardError(f"{name}: image has no pixels ({w}x{h})")
+    return im
+
+
+def encode_for_shard(data: bytes, name: str, reencode: str = "png", jpeg_quality: int = 95,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """The bytes and tar extension to store for one input image (after checking it decodes).
+
+    JPEG inputs are stored untouched (`.jpg`). Other inputs: with `reencode="png"`, PNG and WebP
+    are stored untouched and any other format (BMP, TIFF, GIF, ...) is re-encoded losslessly as PNG
+    (first frame); with `reencode="jpeg"`, every non-JPEG input becomes an RGB JPEG at
+    `jpeg_quality` (lossy, smaller).
+    """
+    im = check_image(data, name, max_pixels)
+    fmt = sniff_format(data)
+    if fmt == "jpeg":
+        return data, "jpg"
+    if reencode == "png":
+        if fmt in ("png", "webp"):
+            return data, "png" if fmt == "png" else "webp"
+        if im.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=False)
+        return buf.getvalue(), "png"
+    if reencode == "jpeg":
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality, optimize=False)
+        return buf.getvalue(), "jpg"
+    raise ShardError(f"reencode must be 'png' or 'jpeg', got {reencode!r}")
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One sample to write; its index and key are given by the writer."""
+
+    name: str  # original relative path (or a synthetic name for generated samples)
+    data: bytes  # encoded image bytes, stored as-is
+    ext: str  # "jpg", "png" or "webp"
+    label: int | None  # class label, None when unlabeled
+    source: str  # where the sample came from (input folder, photo + crop box, ...)
+
+
+def sample_members(index: int, rec: SampleRecord) -> dict[str, bytes]:
+    """Tar members of one sample, per docs/ARCHITECTURE.md: image, optional .cls, .json."""
+    meta = {"index": index, "label": rec.label, "name": rec.name, "source": rec.source}
+    members = {rec.ext: rec.data, "json": json.dumps(meta, sort_keys=True).encode()}
+    if rec.label is not None:
+        members["cls"] = str(rec.label).encode("ascii")
+    return members
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = TAR_MTIME
+    ti.mode = TAR_MODE
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+class TarShardWriter:
+    """Writes one tar shard deterministically: `with TarShardWriter(url) as w: w.add(key, members)`.
+
+    On a clean exit the tar is complete under its final name and `w.sha256`/`w.count` are set; on
+    an exception the temporary file is removed and nothing is left behind.
+    """
+
+    def __init__(self, url: str, overwrite: bool = False):
+        self.url = str(url)
+        self.fs, self.path = fs_and_path(self.url)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if not overwrite and self.fs.exists(self.path):
+            raise ShardError(f"output shard {self.url} already exists; pass --overwrite to replace it "
+                             "or choose another --out-dir/--name")
+        self.count = 0
+        self.sha256: str | None = None
+        self._hash = hashlib.sha256()
+        self._last_key: str | None = None
+        if self.local:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._tmp = self.path + ".tmp"
+            self._file = open(self._tmp, "wb")
+        else:
+            self._tmp = None
+            self._file = io.BytesIO()
+        self._sink = _HashingSink(self._file, self._hash)
+        self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample; keys must be strictly increasing (members go in key order)."""
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} may not contain '.' or '/'")
+        if self._last_key is not None and key <= self._last_key:
+            raise ValueError(f"sample keys must increase: {key!r} after {self._last_key!r}")
+        self._last_key = key
+        for ext in sorted(members):
+            data = members[ext]
+            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self.sha256 = self._hash.hexdigest()
+        if self.local:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        else:
+            atomic_write_bytes(self.url, self._file.getvalue())
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            self._file.close()
+            if self._tmp is not None and os.path.exists(self._tmp):
+                os.remove(self._tmp)
+
+    def __enter__(self) -> "TarShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class _HashingSink(io.RawIOBase):
+    """A write-only file that hashes what passes through (so the sha256 costs no second read)."""
+
+    def __init__(self, f, h):
+        self._f, self._h, self._pos = f, h, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, b) -> int:
+        self._h.update(b)
+        self._f.write(b)
+        self._pos += len(b)
+        return len(b)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input left out (with --on-error skip), recorded in the manifest."""
+
+    name: str  # original relative path
+    reason: str  # the error message
+
+
+def write_dataset(records, *, name: str, out_dir: str, shard_size: int, total_inputs: int | None = None,
+                  overwrite: bool = False, on_error: str = "fail", progress: bool = True):
+    """Write `records` (a SampleRecord per good input, a Skipped per bad one) as tar shards.
+
+    Samples get contiguous global indices 0, 1, ... in the order given; shard k receives indices
+    [k*shard_size, (k+1)*shard_size) and is called `<out_dir>/<name>-{k:06d}.tar`. A `Skipped` item
+    stops the run with its reason (`on_error="fail"`) or is collected (`"skip"`).
+
+    Returns (shards, skipped, nbytes): a list of (url, count, first_index, sha256) per shard, the
+    skipped inputs, and the total tar bytes written.
+    """
+    from tqdm import tqdm
+
+    shards: list[tuple[str, int, int, str]] = []
+    skipped: list[Skipped] = []
+    nbytes = 0
+    writer: TarShardWriter | None = None
+    index = 0
+    bar = tqdm(total=total_inputs, unit="img", desc=f"shard {name}", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
+    try:
+        for item in records:
+            bar.update(1)
+            if isinstance(item, Skipped):
+                if on_error == "fail":
+                    raise ShardError(f"{item.reason} (pass --on-error skip to leave such inputs out and list "
+                                     "them in the manifest)")
+                skipped.append(item)
+                bar.set_postfix(skipped=len(skipped), refresh=False)
+                continue
+            if writer is None:
+                k = index // shard_size
+                writer = TarShardWriter(join_url(out_dir, shard_filename(name, k)), overwrite=overwrite)
+                first = index
+            writer.add(key_of(index), sample_members(index, item))
+            index += 1
+            if writer.count == shard_size:
+                writer.close()
+                shards.append((writer.url, writer.count, first, writer.sha256))
+                nbytes += writer.fs.size(writer.path)
+                writer = None
+        if writer is not None:
+            writer.close()
+            shards.append((writer.url, writer.count, first, writer.sha256))
+            nbytes += writer.fs.size(writer.path)
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+        bar.close()
+    return shards, skipped, nbytes
+
+
+def join_url(folder: str, filename: str) -> str:
+    """`folder/filename` for local paths and fsspec URLs alike."""
+    folder = str(folder)
+    if "://" in folder:
+        return folder.rstrip("/") + "/" + filename
+    return os.path.join(folder, filename)

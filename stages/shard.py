@@ -1,0 +1,443 @@
+"""Stage one: images -> deterministic webdataset tar shards + a dataset manifest.
+
+    hdpipe shard --sample                                   # bundled sample: 3 manifests, no download
+    hdpipe shard --input /data/imagenet/train --name imagenet-train --workers 2
+    hdpipe shard --input photos/ --name photos --on-error skip
+    hdpipe shard --urls 'data/x-{000000..000003}.tar' --name x   # index existing tars
+
+Inputs (exactly one of `input`, `urls`, `sample`):
+- a folder with sub-folders -> labeled ImageNet-style tree `<input>/<class>/**/*`; labels are the
+  sorted class-folder names (0..C-1), saved as the manifest's `class_map`. Give the split folder
+  (`.../train`), not the dataset root.
+- a folder of files only -> unlabeled (label -1 when read).
+- `urls`: existing webdataset tars (a text file with one URL/path per line, or a brace pattern).
+  They are only indexed (count, sha256, first_index), never rewritten. Their global indices are
+  defined by position: the tars in the given order, samples in tar order, numbered from 0. All tars
+  but the last must hold the same number of samples (that number becomes shard_size) so that target
+  store shards line up with tar shards.
+- `sample`: the bundled sample (pipeline/sample.py) -> `<manifest>`, `<manifest stem>-probe-train`
+  and `-probe-test` manifests.
+
+Every input file is read, its format sniffed from magic bytes and fully decoded with Pillow (with a
+decompression-bomb pixel limit) before it is written; JPEGs are stored byte-for-byte.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from pipeline.errors import ConfigError, HdpipeError, ManifestError, ShardError
+from pipeline.fsio import fs_and_path
+from pipeline.manifest import Manifest, ShardInfo, read_manifest, verify_shards, write_manifest
+from pipeline.shards import (DEFAULT_MAX_PIXELS, SampleRecord, Skipped, encode_for_shard, join_url,
+                             shard_filename, write_dataset)
+
+DEFAULT_SHARD_SIZE = 1024  # images per tar for folders: ~110 MB of ImageNet JPEGs
+SAMPLE_SHARD_SIZE = 128  # the bundled sample uses small shards so stages see several (resume, splits)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Configuration of `hdpipe shard` (section `shard` of params.yaml)."""
+
+    input: str | None = None  # image folder: class-folder tree (labeled) or flat folder (unlabeled)
+    urls: str | None = None  # existing tars to index: a file with one URL per line, or a brace pattern
+    sample: bool = False  # build the bundled sample (3 manifests) instead of reading `input`/`urls`
+    name: str | None = None  # dataset name, tars are <name>-{k:06d}.tar; default: input folder name / "sample"
+    out_dir: str = "data/shards"  # tars go to <out_dir>/<name>/ (local path or fsspec URL)
+    manifest: str | None = None  # manifest path; default manifests/<name>.json
+    shard_size: int | None = None  # images per tar; None = 1024 (folders), 128 (sample), as found (urls)
+    shuffle: bool = False  # seeded shuffle of the input order instead of sorted paths
+    seed: int = 0  # seed of `shuffle` and of the sample's crops
+    on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop, or leave it out and list it in the manifest
+    reencode: Literal["png", "jpeg"] = "png"  # non-JPEG inputs: lossless (PNG/WebP kept, others -> PNG) or JPEG
+    jpeg_quality: int = 95  # JPEG quality (1-95) used only when reencode=jpeg
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images are bad inputs (pixels)
+    overwrite: bool = False  # replace existing tars/manifests instead of refusing
+    workers: int = 1  # processes that read and check images (1 = in this process)
+    sample_train: int = 512  # bundled sample: unlabeled training crops
+    sample_probe_train: int = 20  # bundled sample: labeled probe-train crops per class (10 classes)
+    sample_probe_test: int = 10  # bundled sample: labeled held-out probe-test crops per class
+    progress: bool = True  # progress bar (images/s, ETA) on stderr
+
+    def validate(self) -> None:
+        given = [k for k in ("input", "urls") if getattr(self, k)] + (["sample"] if self.sample else [])
+        if len(given) != 1:
+            raise ConfigError("hdpipe shard needs exactly one of --input FOLDER, --urls LIST_OR_PATTERN, --sample"
+                              + (f" (got {', '.join(given)})" if given else ""))
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ConfigError(f"jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        for k in ("sample_train", "sample_probe_train", "sample_probe_test"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(f"name {self.name!r} must be letters, digits, '_', '.', '-' (it names files)")
+
+
+def shard(cfg: ShardConfig) -> Path:
+    """Write the shards and manifest(s) described by `cfg`; returns the (training) manifest path."""
+    cfg.validate()
+    if cfg.sample:
+        return _shard_sample(cfg)
+    if cfg.urls:
+        return _index_urls(cfg)
+    return _shard_folder(cfg)
+
+
+# ---- helpers shared by the three inputs ------------------------------------------------------
+
+
+def _command(cfg: ShardConfig) -> str:
+    """The command line equivalent to `cfg` (non-default fields only), recorded in the manifest."""
+    parts = ["hdpipe shard"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "progress" or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        else:
+            parts.append(f"{flag} {_quote(str(value))}")
+    return " ".join(parts)
+
+
+def _quote(s: str) -> str:
+    return s if re.fullmatch(r"[A-Za-z0-9_./:=+-]+", s) else "'" + s.replace("'", "'\\''") + "'"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _manifest_url(tar_url: str, manifest_path: str) -> str:
+    """The URL to record: relative to the manifest's folder when both are local, else absolute."""
+    if _is_local(tar_url) and _is_local(manifest_path):
+        tar = tar_url[7:] if tar_url.startswith("file://") else tar_url
+        rel = os.path.relpath(os.path.abspath(tar), os.path.dirname(os.path.abspath(manifest_path)))
+        return rel.replace(os.sep, "/")
+    return tar_url
+
+
+def _default_manifest(name: str) -> str:
+    return os.path.join("manifests", f"{name}.json")
+
+
+def _refuse_existing(out_dir: str, name: str, manifest_path: str, overwrite: bool) -> None:
+    """Fail before any work if this dataset's tars or manifest already exist (unless overwrite)."""
+    if overwrite:
+        return
+    fs, path = fs_and_path(join_url(out_dir, shard_filename(name, 0)))
+    existing = [path] if fs.exists(path) else []
+    if not existing and _is_local(out_dir) and os.path.isdir(out_dir):
+        existing = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")))
+    if existing:
+        raise ShardError(f"output shard {existing[0]} already exists; pass --overwrite to replace the dataset "
+                         f"'{name}' or choose another --name/--out-dir")
+    mfs, mpath = fs_and_path(manifest_path)
+    if mfs.exists(mpath):
+        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it or choose --manifest")
+
+
+def _remove_stale(out_dir: str, name: str, n_shards: int) -> None:
+    """After an --overwrite run, delete this dataset's tars beyond the new shard count (local only)."""
+    if not _is_local(out_dir) or not os.path.isdir(out_dir):
+        return
+    for p in glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
+        k = int(p[-10:-4])
+        if k >= n_shards:
+            os.remove(p)
+
+
+def _write(records: Iterator, *, total_inputs: int, name: str, out_dir: str, manifest_path: str,
+           shard_size: int, class_map: dict[str, int] | None, source: str, cfg: ShardConfig) -> Manifest:
+    t0 = time.perf_counter()
+    shards, skipped, nbytes = write_dataset(records, name=name, out_dir=out_dir, shard_size=shard_size,
+                                            total_inputs=total_inputs, overwrite=cfg.overwrite,
+                                            on_error=cfg.on_error, progress=cfg.progress)
+    if not shards:
+        raise ShardError(f"no image of {source} could be written ({len(skipped)} skipped: "
+                         f"{skipped[0].reason if skipped else 'no inputs'})")
+    written = sum(s[1] for s in shards)
+    if written + len(skipped) != total_inputs:  # every input is either a sample or a skipped entry
+        raise RuntimeError(f"count mismatch: {written} written + {len(skipped)} skipped != {total_inputs} inputs")
+    manifest = Manifest(
+        name=name, shard_size=shard_size, total=written,
+        shards=tuple(ShardInfo(url=_manifest_url(u, manifest_path), count=c, first_index=f, sha256=h)
+                     for u, c, f, h in shards),
+        class_map=class_map,
+        skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
+        source=source, command=_command(cfg), created=_now(),
+    )
+    manifest = write_manifest(manifest, manifest_path)
+    if cfg.overwrite:
+        _remove_stale(out_dir, name, len(shards))
+    dt = time.perf_counter() - t0
+    print(f"hdpipe shard: {name}: {written} images in {len(shards)} shards ({nbytes / 1e6:.1f} MB) in {dt:.1f} s "
+          f"({written / max(dt, 1e-9):.0f} img/s), {len(skipped)} skipped -> {manifest_path}", file=sys.stderr)
+    return manifest
+
+
+# ---- folders ---------------------------------------------------------------------------------
+
+
+def _visible(entries: list[os.DirEntry]) -> list[os.DirEntry]:
+    return [e for e in entries if not e.name.startswith(".")]  # .DS_Store, editor droppings
+
+
+def scan_folder(root: str) -> tuple[list[tuple[str, str, int | None]], dict[str, int] | None]:
+    """The input files of `root` as (absolute path, name relative to root, label) in sorted order,
+    and the class map ({folder: label}) for a class-folder tree or None for a flat folder."""
+    if not os.path.exists(root):
+        raise ShardError(f"input folder {root} does not exist")
+    if not os.path.isdir(root):
+        raise ShardError(f"input {root} is not a folder (give a folder of images, or --urls for tars)")
+    try:
+        entries = _visible(list(os.scandir(root)))
+    except PermissionError:
+        raise ShardError(f"input folder {root} is not readable (permission denied)") from None
+    dirs = sorted(e.name for e in entries if e.is_dir())
+    files = sorted(e.name for e in entries if not e.is_dir())
+    if dirs and files:
+        raise ShardError(f"input folder {root} mixes files ({files[0]}, ...) with class folders ({dirs[0]}, ...): "
+                         "use a flat folder of images or a folder of class folders")
+    if dirs and set(dirs) <= {"train", "val", "validation", "test"}:
+        raise ShardError(f"input folder {root} holds split folders {dirs}: give one split, e.g. "
+                         f"--input {os.path.join(root, dirs[0])}")
+    if not dirs:
+        if not files:
+            raise ShardError(f"input folder {root} is empty: no image files found")
+        return [(os.path.join(root, f), f, None) for f in files], None
+    class_map = {d: i for i, d in enumerate(dirs)}
+    out = []
+    for d in dirs:
+        for dirpath, subdirs, names in os.walk(os.path.join(root, d)):
+            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+            for n in sorted(names):
+                if n.startswith("."):
+                    continue
+                full = os.path.join(dirpath, n)
+                out.append((full, os.path.relpath(full, root).replace(os.sep, "/"), class_map[d]))
+    if not out:
+        raise ShardError(f"input folder {root} is empty: its class folders {dirs[:3]}... hold no image files")
+    return out, class_map
+
+
+def prepare_file(job: tuple) -> SampleRecord | Skipped:
+    """Read, check and encode one input file (runs in worker processes: plain tuple in, record out)."""
+    path, name, label, source, reencode, quality, max_pixels = job
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        return Skipped(name, f"{path}: cannot read the file (permission denied)")
+    except OSError as e:
+        return Skipped(name, f"{path}: cannot read the file ({e.strerror or e})")
+    if not data:
+        return Skipped(name, f"{path}: empty file, not an image")
+    try:
+        out, ext = encode_for_shard(data, path, reencode=reencode, jpeg_quality=quality, max_pixels=max_pixels)
+    except ShardError as e:
+        return Skipped(name, str(e))
+    return SampleRecord(name=name, data=out, ext=ext, label=label, source=source)
+
+
+def _prepared(jobs: list[tuple], workers: int) -> Iterator[SampleRecord | Skipped]:
+    if workers == 1:
+        for job in jobs:
+            yield prepare_file(job)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: forking a process that runs tqdm's monitor thread can deadlock.
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(prepare_file, jobs, chunksize=16)  # imap keeps the input order
+
+
+def _shard_folder(cfg: ShardConfig) -> Path:
+    root = os.path.normpath(cfg.input)
+    files, class_map = scan_folder(root)
+    name = cfg.name or os.path.basename(os.path.abspath(root))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"dataset name {name!r} (from the input folder) is not a valid file name; pass --name")
+    out_dir = join_url(cfg.out_dir, name)
+    manifest_path = cfg.manifest or _default_manifest(name)
+    _refuse_existing(out_dir, name, manifest_path, cfg.overwrite)
+    if cfg.shuffle:
+        order = np.random.default_rng(cfg.seed).permutation(len(files))
+        files = [files[i] for i in order]
+    # The per-sample source is the folder's name, not its absolute path, so tars do not depend on
+    # where the input happens to be mounted.
+    tag = os.path.basename(os.path.abspath(root))
+    jobs = [(p, n, label, tag, cfg.reencode, cfg.jpeg_quality, cfg.max_image_pixels) for p, n, label in files]
+    source = (f"folder {os.path.abspath(root)} ({'class folders' if class_map else 'flat'}, "
+              f"{'shuffled seed ' + str(cfg.seed) if cfg.shuffle else 'sorted paths'})")
+    _write(_prepared(jobs, cfg.workers), total_inputs=len(jobs), name=name, out_dir=out_dir,
+           manifest_path=manifest_path, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
+           class_map=class_map, source=source, cfg=cfg)
+    return Path(manifest_path)
+
+
+# ---- the bundled sample ----------------------------------------------------------------------
+
+
+def sample_manifest_paths(manifest: str) -> dict[str, str]:
+    """{split: manifest path}: the training manifest and its two probe siblings."""
+    stem = manifest[:-5] if manifest.endswith(".json") else manifest
+    return {"train": manifest, "probe-train": f"{stem}-probe-train.json", "probe-test": f"{stem}-probe-test.json"}
+
+
+def _up_to_date(path: str, source: str, shard_size: int) -> bool:
+    """Whether `path` is a valid manifest of exactly this sample whose tars are intact."""
+    fs, p = fs_and_path(path)
+    if not fs.exists(p):
+        return False
+    try:
+        m = read_manifest(path)
+        if m.source != source or m.shard_size != shard_size:
+            return False
+        verify_shards(m, check_hashes=True)
+    except HdpipeError:
+        return False
+    return True
+
+
+def _shard_sample(cfg: ShardConfig) -> Path:
+    from pipeline.sample import SampleSpec, iter_split, probe_class_map, split_sizes
+
+    spec = SampleSpec(train_count=cfg.sample_train, probe_train_per_class=cfg.sample_probe_train,
+                      probe_test_per_class=cfg.sample_probe_test, seed=cfg.seed)
+    base = cfg.name or "sample"
+    paths = sample_manifest_paths(cfg.manifest or _default_manifest(base))
+    names = {"train": base, "probe-train": f"{base}-probe-train", "probe-test": f"{base}-probe-test"}
+    shard_size = cfg.shard_size or SAMPLE_SHARD_SIZE
+    sizes = split_sizes(spec)
+    for split in ("train", "probe-train", "probe-test"):
+        source = spec.describe(split)
+        if not cfg.overwrite and _up_to_date(paths[split], source, shard_size):
+            # `dvc repro` or a second `hdpipe shard --sample` lands here: same spec, intact tars.
+            print(f"hdpipe shard: {paths[split]} is up to date (same sample spec, tars verified); "
+                  "nothing to do (pass --overwrite to rebuild)", file=sys.stderr)
+            continue
+        out_dir = join_url(cfg.out_dir, names[split])
+        _refuse_existing(out_dir, names[split], paths[split], cfg.overwrite)
+        _write(iter_split(spec, split), total_inputs=sizes[split], name=names[split], out_dir=out_dir,
+               manifest_path=paths[split], shard_size=shard_size,
+               class_map=None if split == "train" else probe_class_map(), source=source, cfg=cfg)
+    return Path(paths["train"])
+
+
+# ---- indexing existing tars ------------------------------------------------------------------
+
+
+def expand_urls(spec: str) -> list[str]:
+    """URLs from a list file (one per line, '#' comments) or a brace pattern like x-{000000..000003}.tar."""
+    import braceexpand
+
+    if not ("{" in spec or "://" in spec) and os.path.isfile(spec) and not spec.endswith(".tar"):
+        with open(spec) as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+        if not lines:
+            raise ShardError(f"URL list {spec} is empty")
+        urls = [u for ln in lines for u in braceexpand.braceexpand(ln)]
+    else:
+        urls = list(braceexpand.braceexpand(spec))
+    return [u if "://" in u else os.path.abspath(u) for u in urls]
+
+
+def _count_and_hash(url: str) -> tuple[int, str]:
+    """Samples in a tar (webdataset key grouping) and its sha256, in one streamed read."""
+    from pipeline.data import tar_samples
+
+    fs, path = fs_and_path(url)
+    if not fs.exists(path):
+        raise ShardError(f"tar {url} does not exist")
+    h = hashlib.sha256()
+
+    class _Tee:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            b = self.f.read(n)
+            h.update(b)
+            return b
+
+    try:
+        with fs.open(path, "rb") as f:
+            tee = _Tee(f)
+            n = 0
+            for sample in tar_samples(tee, url):
+                if not any(ext in sample for ext in ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")):
+                    raise ShardError(f"tar {url}: sample {sample['__key__']} has no image member")
+                n += 1
+            while tee.read(1 << 20):  # hash the end-of-archive padding the tar reader did not consume
+                pass
+    except PermissionError:
+        raise ShardError(f"tar {url} is not readable (permission denied)") from None
+    return n, h.hexdigest()
+
+
+def _index_urls(cfg: ShardConfig) -> Path:
+    from tqdm import tqdm
+
+    urls = expand_urls(cfg.urls)
+    first = os.path.basename(urls[0].split("://")[-1])
+    name = cfg.name or re.sub(r"-?\d*\.tar$", "", first) or "dataset"
+    manifest_path = cfg.manifest or _default_manifest(name)
+    mfs, mpath = fs_and_path(manifest_path)
+    if not cfg.overwrite and mfs.exists(mpath):
+        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it or choose --manifest")
+    t0 = time.perf_counter()
+    counts, hashes = [], []
+    for url in tqdm(urls, unit="tar", desc=f"index {name}", disable=not cfg.progress):
+        n, sha = _count_and_hash(url)
+        if n == 0:
+            raise ShardError(f"tar {url} holds no samples")
+        counts.append(n)
+        hashes.append(sha)
+    size = cfg.shard_size or counts[0]
+    for k, (url, n) in enumerate(zip(urls, counts)):
+        last = k == len(urls) - 1
+        if n > size or (not last and n != size):
+            raise ShardError(f"tar {url} holds {n} samples but shard_size is {size}: every tar except the last "
+                             "must hold exactly shard_size samples so target-store shards line up with tars "
+                             "(re-write the tars with `hdpipe shard --input FOLDER`)")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    manifest = Manifest(
+        name=name, shard_size=size, total=int(sum(counts)),
+        shards=tuple(ShardInfo(url=_manifest_url(u, manifest_path), count=n, first_index=int(f), sha256=h)
+                     for u, n, f, h in zip(urls, counts, starts, hashes)),
+        class_map=None, skipped=(),
+        source=f"indexed existing tars {cfg.urls} (indices by position: tars in list order, samples in tar order)",
+        command=_command(cfg), created=_now(),
+    )
+    try:
+        write_manifest(manifest, manifest_path)
+    except ManifestError as e:
+        raise ShardError(f"cannot index {cfg.urls}: {e}") from None
+    dt = time.perf_counter() - t0
+    print(f"hdpipe shard: {name}: indexed {manifest.total} samples in {len(urls)} tars in {dt:.1f} s "
+          f"-> {manifest_path}", file=sys.stderr)
+    return Path(manifest_path)
