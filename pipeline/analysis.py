@@ -132,9 +132,10 @@ def singular_spectrum(
 
     tokens: [B, N, D] one layer's output for B images, the `num_prefix` leading tokens being CLS/registers.
     - level="token": per image, the SVD of its P = N − num_prefix patch tokens [P, D] (CLS excluded,
-      it is not a spatial token); the relative log spectra are averaged over images -> [min(P, D)].
+      it is not a spatial token); the relative log spectra are averaged over images -> [r],
+      r = min(P - 1, D) when centered (centering removes one dimension), min(P, D) otherwise.
     - level="image": one SVD over the B image embeddings [B, D], each the mean of its patch tokens
-      (pooling="mean") or its CLS token (pooling="cls") -> [min(B, D)]. Needs B ≥ 2.
+      (pooling="mean") or its CLS token (pooling="cls") -> [min(B - 1, D)] centered. Needs B ≥ 2.
     center: subtract the mean row first (tokens of the image / embeddings of the set), so the
     spectrum measures the spread ("volume") of the representation rather than its offset.
     Values are floored at LOG_SV_FLOOR so rank-deficient inputs stay finite.
@@ -158,9 +159,13 @@ def singular_spectrum(
         m = m.unsqueeze(0)  # [1, B, D]
     else:
         raise ValueError(f"level must be 'token' or 'image', got {level!r}")
+    rank = min(m.shape[1], m.shape[2])
     if center:
         m = m - m.mean(dim=1, keepdim=True)
-    s = torch.linalg.svdvals(m)  # [batch, r] descending
+        # Centering n rows leaves rank <= n - 1: the last singular value is exactly 0 in theory and
+        # float rounding noise in practice, so it is dropped rather than reported.
+        rank = min(m.shape[1] - 1, m.shape[2])
+    s = torch.linalg.svdvals(m)[:, :rank]  # [batch, r] descending
     logs = torch.log(s.clamp_min(torch.finfo(s.dtype).tiny))
     rel = (logs - logs[:, :1]).clamp_min(LOG_SV_FLOOR)
     return rel.mean(dim=0)

@@ -1,0 +1,222 @@
+"""Frozen-feature evaluation: weighted k-NN and a linear probe on a labeled train/test split.
+
+    hdpipe shard --sample
+    hdpipe evaluate --model student:runs/sample/student
+    hdpipe evaluate --model timm:vit_tiny_patch16_224 --random-init \
+        --model-kwargs '{"img_size": 64, "patch_size": 8, "depth": 6}' --out reports/evaluate/random.json
+
+Every image of both manifests is rendered as one *center view* at the model's own input size: the
+shorter side is resized (PIL, bicubic by default, antialiased) to floor(img_size / crop_pct), then the
+central img_size × img_size square is cropped (crop_pct 0.875 = the usual 256 → 224 evaluation crop;
+1.0 keeps the whole shorter side). The model normalizes with its own mean/std and its final-layer
+tokens (after the final norm) are pooled to one embedding per image: the CLS token or the mean of the
+patch tokens. The embeddings feed `pipeline.probe` (k-NN: cosine, weights exp(sim/T); linear probe:
+L-BFGS logistic regression on standardized features). The metrics JSON (a DVC metrics file) is
+written atomically with the resolved config beside it (`<out>.config.yaml`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import write_resolved
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.fsio import atomic_write_bytes
+
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                "lanczos": Image.LANCZOS}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str = ""  # subject: student:DIR (a distill export, e.g. student:runs/sample/student) or any teacher name (mae, clip, timm:NAME, open_clip:NAME[:TAG])
+    checkpoint: str | None = None  # teacher only: local weights file instead of the hub's pretrained tag
+    random_init: bool = False  # teacher only: random weights (a baseline; also what tests use)
+    model_kwargs: dict = field(default_factory=dict)  # teacher only: model constructor overrides, e.g. {img_size: 64, patch_size: 8}
+    train_manifest: str = "manifests/sample-probe-train.json"  # labeled manifest the probes are fit on
+    test_manifest: str = "manifests/sample-probe-test.json"  # labeled manifest accuracy is measured on
+    pooling: Literal["cls", "mean"] = "cls"  # image embedding: the CLS token, or the mean of the patch tokens
+    k: int = 20  # k-NN neighbours (capped at the train size)
+    temperature: float = 0.07  # k-NN vote weight exp(cosine / T), DINO's T
+    linear_weight_decay: float = 1e-4  # linear probe L2 strength λ (mean CE + λ/2·‖W‖²)
+    linear_max_iter: int = 500  # linear probe L-BFGS iterations (full batch)
+    crop_pct: float = 0.875  # center view: resize shorter side to img_size / crop_pct, crop img_size²
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"  # resize filter
+    batch_size: int = 64  # images per model forward
+    device: str = "auto"  # auto (CUDA when present, bf16 autocast), cpu, cuda, cuda:1, ...
+    out: str | None = None  # metrics JSON path; default reports/evaluate/<model label>.json
+    progress: bool = True  # progress bars on stderr
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("evaluate needs a model: --model student:runs/<name>/student or a teacher "
+                              "name such as timm:vit_base_patch16_224 (key 'model' of the evaluate section)")
+        if self.model.startswith("student:") and (self.checkpoint or self.random_init or self.model_kwargs):
+            raise ConfigError("checkpoint / random_init / model_kwargs apply to teachers only; a student "
+                              f"({self.model}) is loaded from its own config.json and model.safetensors")
+        if self.k < 1:
+            raise ConfigError(f"evaluate: k must be >= 1, got {self.k}")
+        if self.temperature <= 0:
+            raise ConfigError(f"evaluate: temperature must be > 0, got {self.temperature}")
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"evaluate: crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.batch_size < 1:
+            raise ConfigError(f"evaluate: batch_size must be >= 1, got {self.batch_size}")
+
+
+def model_label(spec: str, random_init: bool = False) -> str:
+    """A short file- and legend-friendly name: student:runs/x/student -> student-x, timm:NAME -> NAME."""
+    if spec.startswith("student:"):
+        p = Path(spec[len("student:"):].rstrip("/"))
+        label = f"student-{p.parent.name}" if p.name == "student" and p.parent.name else f"student-{p.name}"
+    elif spec.startswith("timm:"):
+        label = spec[len("timm:"):]
+    else:
+        label = spec.replace(":", "-")
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+    return label + ("-random" if random_init else "")
+
+
+def center_view(image: Image.Image, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize the shorter side to floor(size / crop_pct), crop the central size²: float32 [3, size, size] in [0, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    short = math.floor(size / crop_pct)
+    scale = short / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), _PIL_FILTERS[interpolation])
+    left, top = (nw - size) // 2, (nh - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # [size, size, 3]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def img_side(teacher) -> int:
+    """The model's square input side in pixels (timm may report img_size as an int or an (h, w) pair)."""
+    s = teacher.img_size
+    if isinstance(s, (tuple, list)):
+        if s[0] != s[1]:
+            raise ConfigError(f"only square inputs are supported, model has img_size {tuple(s)}")
+        return int(s[0])
+    return int(s)
+
+
+def iter_images(manifest_path: str, limit: int | None = None, progress: bool = True, desc: str = "images"):
+    """Yield (image PIL, label int|None, index) in index order over the manifest's shards, at most `limit`."""
+    from tqdm import tqdm
+
+    from pipeline.data import iter_shard
+    from pipeline.manifest import read_manifest
+
+    manifest = read_manifest(manifest_path)
+    total = manifest.total if limit is None else min(limit, manifest.total)
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False)
+    seen = 0
+    try:
+        for k in range(manifest.num_shards):
+            for rec in iter_shard(manifest, k):
+                if seen >= total:
+                    return
+                yield rec["image"], rec["label"], rec["index"]
+                seen += 1
+                bar.update(1)
+    finally:
+        bar.close()
+
+
+def load_subject(spec: str, checkpoint=None, random_init=False, model_kwargs=None, device=None):
+    """load_teacher for a student or a teacher; teacher-only options are left out for students."""
+    from pipeline.teachers import load_teacher
+
+    if spec.startswith("student:"):
+        return load_teacher(spec, device=device)
+    return load_teacher(spec, checkpoint=checkpoint, random_init=random_init,
+                        model_kwargs=dict(model_kwargs or {}) or None, device=device)
+
+
+@torch.no_grad()
+def embed_manifest(teacher, manifest_path: str, cfg: EvaluateConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled final-layer embeddings [N, D] (float32, on `device`) and labels [N] of every image."""
+    from pipeline.probe import pool_tokens
+
+    side = img_side(teacher)
+    num_prefix = None
+    feats, labels, batch, batch_labels = [], [], [], []
+
+    def flush():
+        nonlocal num_prefix
+        x = teacher.normalize(torch.stack(batch))  # [B, 3, S, S] on the model's device
+        # Final tokens after the final norm; forward_targets runs bf16 autocast on CUDA and raises
+        # NonFiniteError on NaN/Inf.
+        tokens = teacher.forward_targets(x, features=True)["features"].float()  # [B, N, D]
+        num_prefix = tokens.shape[1] - teacher.grid[0] * teacher.grid[1]
+        feats.append(pool_tokens(tokens, cfg.pooling, num_prefix))
+        labels.extend(batch_labels)
+        batch.clear()
+        batch_labels.clear()
+
+    for image, label, index in iter_images(manifest_path, progress=cfg.progress, desc=f"embed {Path(manifest_path).name}"):
+        if label is None:
+            raise ManifestError(f"sample {index} of {manifest_path} has no label; evaluate needs labeled "
+                                "manifests (hdpipe shard --sample writes manifests/sample-probe-*.json)")
+        batch.append(center_view(image, side, cfg.crop_pct, cfg.interpolation))
+        batch_labels.append(int(label))
+        if len(batch) == cfg.batch_size:
+            flush()
+    if batch:
+        flush()
+    if not feats:
+        raise ManifestError(f"manifest {manifest_path} holds no images")
+    return torch.cat(feats), torch.tensor(labels, device=device)
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Embed both splits with the frozen model, run k-NN and the linear probe, write the metrics JSON.
+
+    Returns the metrics dict: {"model", "pooling", "num_classes", "n_train", "n_test",
+    "knn": {"k", "temperature", "top1", ["top5"]}, "linear": {"weight_decay", "top1", ["top5"]}, "out"}
+    with accuracies as fractions in [0, 1].
+    """
+    from pipeline.device import pick_device
+    from pipeline.manifest import read_manifest
+    from pipeline.probe import knn_accuracy, linear_probe
+
+    device = pick_device(cfg.device)
+    for path in (cfg.train_manifest, cfg.test_manifest):
+        m = read_manifest(path)
+        if not m.labeled:
+            raise ManifestError(f"{path} is unlabeled (class_map null); evaluate needs a labeled split such as "
+                                "manifests/sample-probe-train.json (written by hdpipe shard --sample)")
+    num_classes = read_manifest(cfg.train_manifest).num_classes
+    teacher = load_subject(cfg.model, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device)
+    xtr, ytr = embed_manifest(teacher, cfg.train_manifest, cfg, device)
+    xte, yte = embed_manifest(teacher, cfg.test_manifest, cfg, device)
+    num_classes = max(num_classes, int(ytr.max()) + 1, int(yte.max()) + 1)
+    knn = knn_accuracy(xtr, ytr, xte, yte, k=cfg.k, temperature=cfg.temperature, num_classes=num_classes)
+    lin = linear_probe(xtr, ytr, xte, yte, weight_decay=cfg.linear_weight_decay,
+                       max_iter=cfg.linear_max_iter, num_classes=num_classes)
+    out = Path(cfg.out) if cfg.out else Path("reports/evaluate") / f"{model_label(cfg.model, cfg.random_init)}.json"
+    metrics = {
+        "model": cfg.model,
+        "random_init": cfg.random_init,
+        "pooling": cfg.pooling,
+        "num_classes": num_classes,
+        "n_train": int(len(ytr)),
+        "n_test": int(len(yte)),
+        "knn": {"k": cfg.k, "temperature": cfg.temperature, **{f"top{k}": v for k, v in knn.items()}},
+        "linear": {"weight_decay": cfg.linear_weight_decay, **{f"top{k}": v for k, v in lin.items()}},
+    }
+    atomic_write_bytes(str(out), (json.dumps(metrics, indent=2) + "\n").encode())
+    write_resolved(cfg, out.with_name(out.stem + ".config.yaml"))
+    metrics["out"] = str(out)
+    return metrics
+
