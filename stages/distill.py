@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import subprocess
@@ -54,8 +53,6 @@ from pipeline.errors import ConfigError, HdpipeError, NonFiniteError, StoreError
 from pipeline.losses import hybrid_loss
 from pipeline.optim import build_optimizer, clip_gradients, scaled_lr, WarmupCosine
 from pipeline.student import MaskedStudent
-
-EXTRACT_HINT = "hdpipe extract --teacher {teacher} --manifest {manifest}"
 
 
 @dataclass(frozen=True)
@@ -168,91 +165,65 @@ class TargetInfo:
     grid: tuple[int, int]  # teacher token grid (patches)
 
 
-def _open_store(url: str, role: str, cfg: DistillConfig):
+def _open_store(url: str, key: str, cfg: DistillConfig):
+    """Open a store and require every shard done (the error names missing shards and the command)."""
     from pipeline.store import TargetStore
 
-    hint = EXTRACT_HINT.format(teacher="mae" if role == "mim" else "clip", manifest=cfg.manifest)
-    try:
-        store = TargetStore.open(url)
-    except StoreError:
-        raise
-    except (FileNotFoundError, OSError) as e:
-        raise StoreError(f"{role} store {url} cannot be opened ({e}); build it with `{hint} ...`") from None
-    store.require_complete(f"{hint} ...")
+    store = TargetStore.open(url)
+    teacher = store.attrs.get("teacher", "mae" if key == "mim_store" else "clip")
+    hint = f"hdpipe extract --manifest {cfg.manifest} --teacher {teacher} --out {url}"
+    if key == "disc_store" and cfg.mim_store:
+        hint += f" --mim-store {cfg.mim_store}"
+    store.require_complete(hint)
     return store
 
 
 def check_inputs(cfg: DistillConfig) -> TargetInfo:
-    """Every check before the first step: stores exist, are complete, agree with each other and the
-    manifest, hold what the options read, and the student fits them. Raises a `HdpipeError` subclass
-    naming the field and the command that rebuilds the store."""
-    from pipeline.manifest import read_manifest
+    """Checks that need only the stores' attributes, before the student is built: the stores open,
+    are complete, hold the relation layers and MIM target asked for; returns what they serve.
 
-    manifest = read_manifest(cfg.manifest)
-    digest = manifest.digest()
-    mim = _open_store(cfg.mim_store, "mim", cfg) if cfg.teachers != "disc_only" else None
-    disc = _open_store(cfg.disc_store, "disc", cfg) if cfg.teachers != "mim_only" else None
-    stores = [(n, s) for n, s in (("mim_store", mim), ("disc_store", disc)) if s is not None]
-    for key, s in stores:
-        a = _attrs(s)
-        if a.get("manifest_digest") != digest:
-            raise StoreError(
-                f"{key} {getattr(cfg, key)} was extracted from another dataset: manifest_digest "
-                f"{a.get('manifest_digest')} != {digest} of {cfg.manifest}; re-run `hdpipe extract` with --manifest {cfg.manifest}"
-            )
-    if mim is not None and disc is not None:
-        am, ad = _attrs(mim), _attrs(disc)
-        for f in ("view_plan_digest", "tokens", "manifest_digest", "views"):
-            if f in am and f in ad and am[f] != ad[f]:
-                raise StoreError(
-                    f"stores disagree on '{f}': {cfg.mim_store} has {am[f]!r}, {cfg.disc_store} has {ad[f]!r}; "
-                    f"rebuild the disc store against the MIM store: `hdpipe extract --teacher clip --mim-store {cfg.mim_store} --overwrite`"
-                )
-    return _target_info(cfg, mim, disc)
-
-
-def _attrs(store) -> dict:
-    return dict(store.attrs)
-
-
-def _target_info(cfg: DistillConfig, mim, disc) -> TargetInfo:
+    The stores' agreement with each other and the manifest (manifest digest, view plan, token set,
+    grid, roles) is checked by the loader (`pipeline.loader`), which `distill` asks for the epoch
+    length before the first step; each error is a `StoreError` naming the field and the command.
+    """
+    mim = _open_store(cfg.mim_store, "mim_store", cfg) if cfg.teachers != "disc_only" else None
+    disc = _open_store(cfg.disc_store, "disc_store", cfg) if cfg.teachers != "mim_only" else None
     rel_layers: tuple[int, ...] = ()
     depth = heads = mdim = fdim = None
     targets: tuple[str, ...] = ()
-    tokens = "kept"
     grid = None
+    tokens = "kept"
     if mim is not None:
-        a = _attrs(mim)
+        a = mim.attrs
+        if a.get("role", "mim") != "mim":
+            raise StoreError(f"mim_store {cfg.mim_store} holds {a.get('role')!r} targets of {a.get('teacher')}, not MIM relations")
         rel_layers = tuple(int(x) for x in a["relation_layers"])
-        depth = int(a["depth"])
-        heads = int(a["num_heads"])
-        mdim = int(a["embed_dim"])
-        targets = tuple(t for t in ("relations", "attention", "block_features") if t in mim.array_names())
-        tokens = a["tokens"]
-        grid = tuple(a["grid"])
+        depth, heads, grid, tokens = int(a["depth"]), int(a["num_heads"]), tuple(a["grid"]), a["tokens"]
+        targets = tuple(t for t in ("relations", "attention", "block_features") if t in mim.arrays)
+        if "block_features" in mim.arrays:
+            mdim = int(mim.arrays["block_features"].shape_tail[-1])
         missing = [l for l in cfg.relation_layers if l not in rel_layers]
         if missing:
+            want = ",".join(map(str, sorted(set(rel_layers) | set(cfg.relation_layers))))
             raise StoreError(
-                f"relation_layers {missing} are not in {cfg.mim_store} (it holds {list(rel_layers)}); extract them with "
-                f"`hdpipe extract --teacher mae --relation-layers {','.join(map(str, sorted(set(rel_layers) | set(cfg.relation_layers))))} --overwrite`"
+                f"relation_layers {missing} are not in mim_store {cfg.mim_store} (it holds {list(rel_layers)}); "
+                f"re-extract with `hdpipe extract --manifest {cfg.manifest} --teacher {a.get('teacher')} "
+                f"--out {cfg.mim_store} --relation-layers {want} --overwrite`"
             )
         if cfg.mim_target not in targets:
-            flag = {"relations": "", "attention": " --attention", "block_features": " --block-features"}[cfg.mim_target]
+            extras = ",".join(sorted((set(targets) - {"relations"}) | {cfg.mim_target}))
             raise StoreError(
                 f"mim_target '{cfg.mim_target}' is not stored in {cfg.mim_store} (it holds {list(targets)}); "
-                f"extract it with `hdpipe extract --teacher mae{flag} --overwrite`"
-            )
-        if cfg.masking != "progressive" and tokens != "all":
-            raise StoreError(
-                f"masking '{cfg.masking}' needs a store over all tokens, but {cfg.mim_store} has tokens '{tokens}' "
-                f"([CLS] + progressive-kept only); re-extract with `hdpipe extract --teacher mae --tokens all --overwrite`"
+                f"re-extract with `hdpipe extract --manifest {cfg.manifest} --teacher {a.get('teacher')} "
+                f"--out {cfg.mim_store} --extra-targets {extras} --overwrite`"
             )
     if disc is not None:
-        a = _attrs(disc)
-        fdim = int(a["embed_dim"])
+        a = disc.attrs
+        if a.get("role", "disc") != "disc":
+            raise StoreError(f"disc_store {cfg.disc_store} holds {a.get('role')!r} targets of {a.get('teacher')}, not features")
+        fdim = int(disc.arrays["features"].shape_tail[-1])
         grid = grid or tuple(a["grid"])
-        if mim is None:
-            tokens = a["tokens"]
+        tokens = tokens if mim is not None else a["tokens"]
     return TargetInfo(rel_layers, depth, heads, mdim, targets, fdim, tokens, tuple(grid))
 
 
@@ -381,15 +352,17 @@ def train_one_epoch(
     steps_in_epoch: int,
     log: RunLog,
     save: callable,
-    loss_fn=hybrid_loss,
+    loss_fn=None,
 ) -> dict:
     """One epoch (or its remainder after a resume) of optimizer steps; returns averaged meters.
 
     `model` is what runs the forward (the student, possibly DDP-wrapped or compiled); `student` the
     bare module. An optimizer step takes `accum_steps` micro-batches; gradients are synchronized only
     on the last one. Non-finite losses (averaged over ranks, so every rank stops together) raise
-    `NonFiniteError` naming the step before the optimizer applies anything.
+    `NonFiniteError` naming the step before the optimizer applies anything. `loss_fn` defaults to
+    `pipeline.losses.hybrid_loss`.
     """
+    loss_fn = loss_fn or hybrid_loss
     model.train()
     sums = torch.zeros(3, dtype=torch.float64)
     n_steps = 0
@@ -456,26 +429,34 @@ def _last_saved(cfg: DistillConfig) -> int | str:
     return ck["state"]["step"] if ck else "none: no checkpoint was written yet"
 
 
-def _loader_config(cfg: DistillConfig, student: MaskedStudent, info: TargetInfo, device: torch.device):
-    """The loader's config for this run (student's input size and normalization)."""
+def _loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.device):
+    """The loader's config for this run: the student's input size and normalization, and which
+    targets the teachers mode reads (disc_only still replays the MIM store's views and masks)."""
     from timm.data import resolve_data_config
 
     from pipeline.loader import LoaderConfig
 
-    data_cfg = resolve_data_config({}, model=student.vit)
+    data_cfg = resolve_data_config({}, model=student.vit)  # mean/std/interpolation of the model family
+    h, w = student.vit.patch_embed.img_size  # the built size (model_kwargs img_size), not the family's default
+    if h != w:
+        raise ConfigError(f"student img_size {(h, w)} is not square; the stored views are square crops")
+    if cfg.teachers == "disc_only":
+        layers: tuple[int, ...] | None = ()  # views and masks only
+    else:
+        layers = tuple(cfg.relation_layers) or None  # None: every stored layer
     return LoaderConfig(
         manifest=cfg.manifest,
-        mim_store=cfg.mim_store if cfg.teachers != "disc_only" else None,
+        mim_store=cfg.mim_store,
         disc_store=cfg.disc_store if cfg.teachers != "mim_only" else None,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         seed=cfg.seed,
-        img_size=int(data_cfg["input_size"][-1]),
-        mean=tuple(data_cfg["mean"]),
-        std=tuple(data_cfg["std"]),
-        interpolation=data_cfg.get("interpolation", "bicubic"),
+        img_size=int(h),
+        mean=tuple(float(v) for v in data_cfg["mean"]),
+        std=tuple(float(v) for v in data_cfg["std"]),
+        interpolation=str(data_cfg.get("interpolation", "bicubic")),
         masking=cfg.masking,
-        relation_layers=tuple(cfg.relation_layers or info.relation_layers),
+        relation_layers=layers,
         mim_target=cfg.mim_target,
         pin_memory=device.type == "cuda",
     )
@@ -503,7 +484,7 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
     info = check_inputs(cfg)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, info).to(device)
-    lcfg = _loader_config(cfg, student, info, device)
+    lcfg = _loader_config(cfg, student, device)
     batches = steps_per_epoch(lcfg, d.world_size)
     steps_per = batches // cfg.accum_steps  # optimizer steps per epoch; trailing micro-batches are dropped
     if steps_per < 1:
