@@ -14,7 +14,9 @@ Precisions (the store's `precision` attribute names one):
   float16, rounded *up* so |x / scale| <= 127 and nothing is clipped; `q = rint(x / scale)`.
   Per element |x_hat - x| <= scale / 2, so the relative error of a row is at most
   sqrt(n) * absmax / (254 * ||row||) (typically 0.5-0.8% for 68-768 wide rows). A zero row has
-  scale 0 and decodes to exact zeros.
+  scale 0 and decodes to exact zeros. Rows with absmax below 127 * 2**-14 (~0.0078) get subnormal
+  float16 scales: the bound per element still holds, but below absmax ~1e-4 the step is coarser
+  than absmax/127 (targets of real teachers are orders of magnitude larger).
 - `q1pct`: error-bounded residual quantization, the compact mode. Per view:
   1. subtract the per-row mean (last axis) and then the per-column mean (second-to-last axis),
      both stored as float16; the residual is taken against the *rounded* means, so their rounding
