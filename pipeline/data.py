@@ -191,6 +191,16 @@ def _decode_record(rec: dict[str, Any]) -> dict[str, Any]:
     return {**rec, "image": image}
 
 
+class _ShardItems:
+    """Source stage: the shard items {"url", "first_index", "count"} (SimpleShardList carries only URLs)."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __call__(self) -> Iterator[dict]:
+        return (dict(item) for item in self.items)
+
+
 class ShardDataset(wds.DataPipeline, wds.FluidInterface):
     """A webdataset pipeline (an `IterableDataset`) with webdataset's fluid methods (.map, .batched...)."""
 
@@ -218,8 +228,7 @@ def shard_dataset(manifest: Manifest, shard_ids: Sequence[int] | None = None, sh
         ids = [ids[i] for i in np.random.default_rng([seed, 1]).permutation(len(ids))]
     items = [{"url": manifest.shard_url(k), "first_index": manifest.shards[k].first_index,
               "count": manifest.shards[k].count} for k in ids]
-    # A plain list is a valid webdataset source stage; items carry first_index/count, not just URLs.
-    stages: list[Any] = [items]
+    stages: list[Any] = [_ShardItems(items)]
     if split:
         stages += [split_by_node_checked, split_by_worker_checked]
     stages.append(_IndexedTarSamples())
