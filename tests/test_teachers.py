@@ -319,12 +319,35 @@ def test_layer_and_input_validation(timm_teacher):
         timm_teacher.forward_targets(torch.zeros(1, 3, 32, 32))
 
 
-def test_offline_pretrained_error_says_what_to_pass(monkeypatch):
+@pytest.mark.parametrize("spec,kwargs", [(TIMM, TINY), ("open_clip:ViT-B-16-quickgelu:openai", OPEN_CLIP_TINY)])
+def test_offline_pretrained_error_says_what_to_pass(monkeypatch, spec, kwargs):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub answers "not cached"
     with pytest.raises(HdpipeError, match="--checkpoint PATH.*--random-init"):
-        load_teacher(TIMM, model_kwargs=TINY, device="cpu")
+        load_teacher(spec, model_kwargs=kwargs, device="cpu")
+
+
+def test_timm_clip_from_open_clip_checkpoint_matches_open_clip_teacher(tmp_path):
+    """`clip` (timm) fed an open_clip checkpoint gives the same targets as `open_clip:...` fed it."""
+    import open_clip
+
+    torch.manual_seed(3)
+    clip = _randomize(open_clip.create_model("ViT-B-16-quickgelu", pretrained=None, **OPEN_CLIP_TINY), 3)
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    a = load_teacher(OPEN_CLIP, checkpoint=path, model_kwargs=OPEN_CLIP_TINY, device="cpu")
+    b = load_teacher("clip", checkpoint=path, device="cpu", model_kwargs={
+        "img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "num_classes": 32})
+    assert b.mean == a.mean and b.std == a.std
+    x = a.normalize(_batch(8))
+    oa = a.forward_targets(x, relation_layers=(2, 3), hidden_layers=(0, 3))
+    ob = b.forward_targets(x, relation_layers=(2, 3), hidden_layers=(0, 3))
+    for layer in (2, 3):
+        torch.testing.assert_close(ob["relations"][layer], oa["relations"][layer], atol=1e-4, rtol=1e-5)
+    for layer in (0, 3):
+        torch.testing.assert_close(ob["hidden"][layer], oa["hidden"][layer], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ob["features"], oa["features"], atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,model,role,mean", [
