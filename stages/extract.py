@@ -580,7 +580,7 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
     skipped = [{"index": row.index, "name": row.name, "reason": row.error or "invalid in the MIM store"}
                for row, ok in zip(rows, valid) if not ok]
     summary = {"shard": k, "rows": S, "views": len(items), "skipped": skipped,
-               "seconds": round(time.perf_counter() - t0, 3), "device": str(device),
+               "seconds": round(time.perf_counter() - t0, 3), "device": str(device), "pid": os.getpid(),
                "autocast": "bf16" if device.type == "cuda" else "none"}
     store.write_shard(k, out, summary)
     return summary

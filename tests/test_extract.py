@@ -1,0 +1,342 @@
+"""The extract stage on real tars, a real tiny timm teacher (random init) and real Zarr stores.
+
+Each store value is checked against an independent computation (Q·Kᵀ from the model's own qkv
+weights, features from timm's own forward_features) on views rebuilt from the plan; resume after
+SIGKILL and bad inputs run the real `hdpipe extract` / `extract()`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import ConfigError, NonFiniteError, ShardError, StoreError
+from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+from pipeline.store import TargetStore
+from stages.extract import ExtractConfig, extract
+
+TINY = "timm:vit_tiny_patch16_224"
+TINY_KW = {"img_size": 64, "patch_size": 8, "depth": 6}  # 8x8 = 64 patches, 3 heads, 192-d, L = 6
+DISC = "timm:deit_tiny_patch16_224"
+DISC_KW = {"img_size": 64, "patch_size": 8, "depth": 2}
+SHARD = 8  # samples per tar shard
+
+
+def _image(rng: np.random.Generator) -> bytes:
+    """A JPEG with structure (gradients + blobs + noise), 72-120 px per side."""
+    w, h = (int(v) for v in rng.integers(72, 121, size=2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx / w, yy / h, (np.sin(xx / rng.uniform(3, 9)) + 1) / 2], -1) * 200
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 25)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_dataset(folder: Path, n: int = 24, seed: int = 0, corrupt: tuple[int, ...] = ()) -> str:
+    """Tars of SHARD samples (`<key>.jpg`, `<key>.json`) and their manifest; returns the manifest path.
+
+    Indices in `corrupt` get bytes that are not an image (as a damaged file would be)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards = []
+    for k in range(0, (n + SHARD - 1) // SHARD):
+        url = f"toy-{k:06d}.tar"
+        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
+            first = k * SHARD
+            for index in range(first, min(n, first + SHARD)):
+                key = f"{index:09d}"
+                data = _image(rng)
+                if index in corrupt:
+                    data = b"\xff\xd8\xff\xe0 truncated" + bytes(40)
+                meta = json.dumps({"index": index, "label": None, "name": f"img{index}.jpg", "source": "test"}).encode()
+                for ext, body in (("jpg", data), ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime = len(body), 0
+                    tar.addfile(info, io.BytesIO(body))
+        shards.append(ShardInfo(url, min(n, first + SHARD) - first, first, sha256_of(str(folder / url))))
+    manifest = Manifest(name="toy", shard_size=SHARD, total=n, shards=tuple(shards), class_map=None)
+    path = folder / "toy.json"
+    write_manifest(manifest, path)
+    return str(path)
+
+
+def mim_cfg(manifest: str, targets: Path, **kw) -> ExtractConfig:
+    base = dict(manifest=manifest, teacher=TINY, role="mim", random_init=True, model_kwargs=TINY_KW,
+                targets=str(targets), name="mim", batch_size=16, device="cpu", progress=False)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def disc_cfg(manifest: str, targets: Path, **kw) -> ExtractConfig:
+    base = dict(manifest=manifest, teacher=DISC, random_init=True, model_kwargs=DISC_KW, targets=str(targets),
+                name="disc", mim_store=str(targets / "mim.zarr"), batch_size=16, device="cpu", progress=False)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent reference: timm model from the saved checkpoint, views cropped with PIL directly
+
+
+def save_checkpoint(path: Path, arch: str, kwargs: dict, seed: int) -> Path:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def load_model(path: Path, arch: str, kwargs: dict):
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model.eval()
+
+
+def crop(data: bytes, box, flip: bool, model, size: int = 64) -> torch.Tensor:
+    """[3, size, size] normalized with the model's own pretrained_cfg mean/std: pixel box from the
+    normalized box, PIL bicubic, then the flip."""
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = im.size
+    x0, y0, x1, y1 = (int(round(v)) for v in (box[0] * w, box[1] * h, box[2] * w, box[3] * h))
+    im = im.crop((x0, y0, x1, y1)).resize((size, size), Image.BICUBIC)
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def tar_images(manifest_path: str) -> dict[int, bytes]:
+    folder = Path(manifest_path).parent
+    out = {}
+    for tar_path in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".jpg"):
+                    out[int(m.name.split(".")[0])] = tar.extractfile(m).read()
+    return out
+
+
+@torch.no_grad()
+def reference(model, x: torch.Tensor) -> dict:
+    """Q·Kᵀ per block from the qkv weights, tokens entering each block, final-norm features."""
+    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    hidden, rel = {0: t}, {}
+    for i, blk in enumerate(model.blocks, start=1):
+        y = blk.norm1(t)
+        qkv = y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias  # [B, N, 3D]
+        b, n, _ = qkv.shape
+        q, k, _ = qkv.reshape(b, n, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        rel[i] = q @ k.transpose(-1, -2)  # [B, H, N, N], raw (no 1/sqrt(d))
+        t = blk(t)
+        hidden[i] = t
+    return {"relations": rel, "hidden": hidden, "features": model.norm(t), "head_dim": q.shape[-1]}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def read_all(url: str) -> dict[str, np.ndarray]:
+    store = TargetStore.open(url)
+    parts = [store.read_shard(k) for k in range(store.num_shards)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def assert_same_store(a: str, b: str) -> None:
+    ra, rb = read_all(a), read_all(b)
+    assert sorted(ra) == sorted(rb)
+    for name in ra:
+        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one dataset, one MIM store and one disc store for the module
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    manifest = make_dataset(root / "data", n=24)
+    mim_ckpt = save_checkpoint(root / "mim.pth", "vit_tiny_patch16_224", TINY_KW, seed=1)
+    disc_ckpt = save_checkpoint(root / "disc.pth", "deit_tiny_patch16_224", DISC_KW, seed=2)
+    targets = root / "targets"
+    mim = extract(mim_cfg(manifest, targets, random_init=False, checkpoint=str(mim_ckpt)))
+    disc = extract(disc_cfg(manifest, targets, random_init=False, checkpoint=str(disc_ckpt)))
+    return {"root": root, "manifest": manifest, "targets": targets, "mim": mim, "disc": disc,
+            "mim_ckpt": mim_ckpt, "disc_ckpt": disc_ckpt, "images": tar_images(manifest)}
+
+
+def test_mim_store_matches_independent_qk_and_masks(world):
+    from pipeline.masking import direct_keep, progressive_keep
+    from pipeline.views import ViewPlan
+
+    store = TargetStore.open(world["mim"])
+    a = store.attrs
+    assert a["relation_layers"] == [4, 5]  # default (L-2, L-1) for L = 6
+    assert a["mask"]["layers"] == [0, 2, 4] and a["mask"]["n_keep"] == 22  # 64 -> 45 -> 31 -> 22 at K = 0.3
+    got = read_all(world["mim"])
+    assert got["relations"].shape == (24, 1, 2, 3, 23, 23) and got["valid"].all()
+    plan = ViewPlan(seed=0, views=1, size=64)
+    model = load_model(world["mim_ckpt"], "vit_tiny_patch16_224", TINY_KW)
+    idx = list(range(24))
+    boxes = []
+    for i in idx:
+        im = Image.open(io.BytesIO(world["images"][i]))
+        boxes.append(plan.view(i, 0, *im.size).as_row())
+    np.testing.assert_array_equal(got["views"][:, 0], np.stack(boxes))  # a pure function of (seed, index, view)
+    x = torch.stack([crop(world["images"][i], b[:4], b[4] > 0.5, model) for i, b in zip(idx, boxes)])
+    ref = reference(model, x)
+    prog = progressive_keep({l: ref["hidden"][l] for l in (0, 2, 4)}, (0, 2, 4), 0.3)
+    np.testing.assert_array_equal(got["keep_progressive"][:, 0], prog.numpy())
+    np.testing.assert_array_equal(got["keep_direct"][:, 0], direct_keep(ref["hidden"][6], 22).numpy())
+    keep = got["keep_progressive"][:, 0].astype(np.int64)
+    assert (np.diff(keep, axis=1) > 0).all() and keep.min() >= 0 and keep.max() < 64
+    tok = torch.cat([torch.zeros(24, 1, dtype=torch.long), torch.from_numpy(keep) + 1], 1)  # [CLS] + kept
+    for j, layer in enumerate((4, 5)):
+        r = ref["relations"][layer]
+        want = torch.stack([r[b][:, tok[b]][:, :, tok[b]] for b in range(24)])  # [B, H, T, T]
+        assert rel_err(got["relations"][:, 0, j], want) < 2e-3  # fp16 storage (2**-11 per element)
+        assert not np.allclose(got["relations"][:, 0, j], want.numpy() * want.shape[-1] ** -0.5)
+
+
+def test_disc_features_equal_final_norm_tokens(world):
+    disc = read_all(world["disc"])
+    mim = read_all(world["mim"])
+    a = TargetStore.open(world["disc"]).attrs
+    assert a["tokens"] == "kept" and a["view_plan_digest"] == TargetStore.open(world["mim"]).attrs["view_plan_digest"]
+    model = load_model(world["disc_ckpt"], "deit_tiny_patch16_224", DISC_KW)
+    x = torch.stack([crop(world["images"][i], mim["views"][i, 0, :4], mim["views"][i, 0, 4] > 0.5, model) for i in range(24)])
+    with torch.no_grad():
+        feats = model.forward_features(x)  # [B, 65, 192], after the final norm
+    keep = mim["keep_progressive"][:, 0].astype(np.int64)
+    want = np.stack([feats[b, np.concatenate([[0], keep[b] + 1])].numpy() for b in range(24)])
+    assert disc["features"].shape == (24, 1, 23, 192)
+    assert rel_err(disc["features"][:, 0], want) < 2e-3
+
+
+def test_all_tokens_extras_int8_match_module(world, tmp_path):
+    """tokens=all + attention + block_features at int8: relations are the full Q·Kᵀ, softmax of
+    them times V through the module's proj equals the attention module's own output, block
+    features equal the block outputs."""
+    cfg = mim_cfg(world["manifest"], tmp_path, random_init=False, checkpoint=str(world["mim_ckpt"]),
+                  tokens="all", extra_targets=("attention", "block_features"), precision="int8",
+                  relation_layers=(2, 0))
+    got = read_all(extract(cfg))
+    assert TargetStore.open(str(tmp_path / "mim.zarr")).attrs["relation_layers"] == [2, 6]
+    model = load_model(world["mim_ckpt"], "vit_tiny_patch16_224", TINY_KW)
+    x = torch.stack([crop(world["images"][i], got["views"][i, 0, :4], got["views"][i, 0, 4] > 0.5, model)
+                     for i in range(24)])
+    ref = reference(model, x)
+    assert got["relations"].shape == (24, 1, 2, 3, 65, 65)
+    for j, layer in enumerate((2, 6)):
+        assert rel_err(got["relations"][:, 0, j], ref["relations"][layer]) < 1e-2  # int8: ~0.5% per row
+        blk = model.blocks[layer - 1]
+        with torch.no_grad():
+            y = blk.norm1(ref["hidden"][layer - 1])
+            own = blk.attn(y)  # the module's attention output [B, N, D]
+            v = (y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).reshape(24, 65, 3, 3, 64)[:, :, 2].transpose(1, 2)
+            mixed = torch.from_numpy(got["attention"][:, 0, j]).float() @ v  # [B, H, N, hd]
+            out = blk.attn.proj(mixed.transpose(1, 2).reshape(24, 65, 192))
+        assert rel_err(out, own) < 2e-2
+        assert rel_err(got["block_features"][:, 0, j], ref["hidden"][layer]) < 1e-2
+
+
+def test_resume_skips_done_shards_and_refuses_other_settings(world):
+    store = TargetStore.open(world["mim"])
+    before = {k: store.done_marker(k)["written"] + str(store.done_marker(k)["pid"]) for k in range(3)}
+    cfg = mim_cfg(world["manifest"], world["targets"], random_init=False, checkpoint=str(world["mim_ckpt"]))
+    assert extract(cfg) == world["mim"]
+    assert {k: store.done_marker(k)["written"] + str(store.done_marker(k)["pid"]) for k in range(3)} == before
+    with pytest.raises(StoreError, match=r"mask\.ratio.*--overwrite"):
+        extract(replace(cfg, mask_ratio=0.5))
+
+
+def test_overwrite_rebuilds(world, tmp_path):
+    cfg = mim_cfg(world["manifest"], tmp_path, random_init=False, checkpoint=str(world["mim_ckpt"]))
+    extract(replace(cfg, mask_ratio=0.5))
+    assert TargetStore.open(str(tmp_path / "mim.zarr")).attrs["mask"]["n_keep"] == 64 - 32 - 16 - 8
+    extract(replace(cfg, overwrite=True))
+    assert_same_store(str(tmp_path / "mim.zarr"), world["mim"])
+
+
+def test_disc_refuses_missing_incomplete_or_mismatched_mim_store(world, tmp_path):
+    cmd = "hdpipe extract --teacher mae"
+    base = disc_cfg(world["manifest"], tmp_path, random_init=False, checkpoint=str(world["disc_ckpt"]),
+                    mim_store=world["mim"])
+    with pytest.raises(StoreError, match=f"cannot be opened.*make it first with: {cmd} --manifest"):
+        extract(replace(base, mim_store=str(tmp_path / "nowhere.zarr")))
+    with pytest.raises(StoreError, match=f"another view plan \\(seed: store 0 vs asked 5\\).*{cmd}"):
+        extract(replace(base, seed=5))
+    with pytest.raises(StoreError, match=f"another view plan \\(views: store 1 vs asked 2\\).*{cmd}"):
+        extract(replace(base, views=2))
+    other = make_dataset(tmp_path / "other", n=24, seed=7)
+    with pytest.raises(StoreError, match=f"another manifest.*{cmd} --manifest {other}"):
+        extract(replace(base, manifest=other))
+    # An incomplete MIM store: a copy with one done marker removed.
+    import shutil
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(world["mim"], partial)
+    (partial / "done" / "000001.json").unlink()
+    with pytest.raises(StoreError, match=f"incomplete: 1 of 3 shards not finished \\(1\\); run `{cmd}"):
+        extract(replace(base, mim_store=str(partial)))
+    assert not (tmp_path / "disc.zarr").exists()  # refused before anything was created
+
+
+def test_unknown_teacher_lists_choices(world, tmp_path):
+    with pytest.raises(ConfigError, match="unknown teacher 'maee'.*mae, clip, deit, dino, timm:NAME"):
+        extract(mim_cfg(world["manifest"], tmp_path, teacher="maee"))
+
+
+def test_unwritable_output_path(world, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match=f"cannot write the store {blocker}/sub/mim.zarr: {blocker} is not a folder"):
+        extract(mim_cfg(world["manifest"], blocker / "sub"))
+
+
+def test_corrupt_image_fail_then_skip(tmp_path, world):
+    manifest = make_dataset(tmp_path / "data", n=16, seed=3, corrupt=(11,))
+    cfg = mim_cfg(manifest, tmp_path / "t", random_init=False, checkpoint=str(world["mim_ckpt"]))
+    with pytest.raises(ShardError, match=r"image 000000011 \(img11.jpg\) in shard 1 .*--on-error skip"):
+        extract(cfg)
+    store = TargetStore.open(str(tmp_path / "t" / "mim.zarr"))
+    assert store.done_shards() == {0}  # the finished shard is kept
+    extract(replace(cfg, on_error="skip"))
+    got = read_all(str(tmp_path / "t" / "mim.zarr"))
+    assert got["valid"].tolist() == [i != 11 for i in range(16)]
+    assert not got["relations"][11].any() and got["relations"][10].any()
+    skipped = store.done_marker(1)["skipped"]
+    assert [s["index"] for s in skipped] == [11] and skipped[0]["reason"].startswith("OSError")
+    assert store.done_marker(0)["skipped"] == []
+
+
+def test_non_finite_teacher_output_is_refused(world, tmp_path):
+    state = torch.load(world["mim_ckpt"])
+    state["blocks.3.mlp.fc1.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.pth"
+    torch.save(state, bad)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        extract(mim_cfg(world["manifest"], tmp_path / "t", random_init=False, checkpoint=str(bad)))
+    assert TargetStore.open(str(tmp_path / "t" / "mim.zarr")).done_shards() == set()
