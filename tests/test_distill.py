@@ -1,0 +1,438 @@
+"""`distill` end to end on real tars and real stores made by `stages.extract` (tiny random-init timm
+teachers), with a tiny timm student: outputs, export, no teacher built, resume after SIGKILL, DDP,
+cached-vs-online loss equivalence, and every bad input the issue lists."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.errors import ConfigError, HdpipeError, NonFiniteError, StoreError
+from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+from stages.distill import DistillConfig, distill
+
+TEACHER_KW = {"img_size": 64, "patch_size": 8, "depth": 6}  # 64 patches, 3 heads, 192-d, L = 6
+DISC_KW = {"img_size": 64, "patch_size": 8, "depth": 2}
+STUDENT_KW = {"img_size": 64, "patch_size": 8, "depth": 4}  # shallower than the teacher: layers 4,5 -> 2,3
+SHARD = 8
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _image(rng: np.random.Generator) -> bytes:
+    w, h = (int(v) for v in rng.integers(72, 110, size=2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx / w, yy / h, (np.sin(xx / rng.uniform(3, 9)) + 1) / 2], -1) * 200
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 25)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _dataset(folder: Path, n: int = 24) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shards = []
+    for k in range((n + SHARD - 1) // SHARD):
+        url = f"toy-{k:06d}.tar"
+        first = k * SHARD
+        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(first, min(n, first + SHARD)):
+                meta = json.dumps({"index": index, "label": None, "name": f"i{index}.jpg", "source": "test"}).encode()
+                for ext, body in (("jpg", _image(rng)), ("json", meta)):
+                    info = tarfile.TarInfo(f"{index:09d}.{ext}")
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+        shards.append(ShardInfo(url, min(n, first + SHARD) - first, first, sha256_of(str(folder / url))))
+    path = folder / "toy.json"
+    write_manifest(Manifest(name="toy", shard_size=SHARD, total=n, shards=tuple(shards), class_map=None), path)
+    return str(path)
+
+
+def _extract(manifest: str, targets: Path, name: str, role: str, **kw) -> str:
+    from stages.extract import ExtractConfig, extract
+
+    if role == "mim":
+        base = dict(teacher="timm:vit_tiny_patch16_224", role="mim", model_kwargs=TEACHER_KW)
+    else:
+        base = dict(teacher="timm:deit_tiny_patch16_224", role="disc", model_kwargs=DISC_KW,
+                    mim_store=str(targets / "mim.zarr"))
+    base.update(manifest=manifest, random_init=True, targets=str(targets), name=name, batch_size=16,
+                device="cpu", progress=False)
+    base.update(kw)
+    return extract(ExtractConfig(**base))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """24 images in 3 tar shards; a MIM store over all tokens (any masking) and a disc store."""
+    root = tmp_path_factory.mktemp("distill")
+    manifest = _dataset(root / "data")
+    mim = _extract(manifest, root / "targets", "mim", "mim", tokens="all", extra_targets=("attention",))
+    disc = _extract(manifest, root / "targets", "disc", "disc")
+    return {"root": root, "manifest": manifest, "mim": mim, "disc": disc}
+
+
+def _cfg(world, tmp_path, **kw) -> DistillConfig:
+    base = dict(manifest=world["manifest"], mim_store=world["mim"], disc_store=world["disc"],
+                model="vit_tiny_patch16_224", model_kwargs=STUDENT_KW, epochs=2, batch_size=4, workers=0,
+                base_lr=0.05, warmup_epochs=0.5, runs_dir=str(tmp_path / "runs"), name="t",
+                checkpoint_every=2, device="cpu")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [r for r in _log(run_dir) if "event" not in r]
+
+
+def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoint import load_checkpoint
+    from stages.distill import build_student, check_inputs
+
+    cfg = _cfg(world, tmp_path)
+    run = distill(cfg)
+    rows = _steps(run)
+    # 24 samples / batch 4 = 6 steps per epoch (1 rank), 2 epochs
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["epoch"] for r in rows] == [0] * 6 + [1] * 6
+    for r in rows:
+        assert all(np.isfinite(r[k]) for k in ("loss", "loss_features", "loss_relations", "lr", "images_per_s"))
+        assert r["loss"] == pytest.approx(r["loss_features"] + r["loss_relations"], rel=1e-5)
+    csv = (run / "plots" / "loss.csv").read_text().splitlines()
+    assert csv[0].split(",")[:4] == ["step", "epoch", "lr", "loss"] and len(csv) == 13
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 12 and np.isfinite(metrics["loss"])
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model_kwargs"] == STUDENT_KW and resolved["alpha"] == 1.0
+    env = json.loads((run / "env.json").read_text())
+    assert env["git_sha"] and env["torch"] == torch.__version__ and env["global_batch"] == 4
+
+    # export: timm loads it strictly (no missing/unexpected keys) and gives the trained features
+    export = run / "student"
+    assert json.loads((export / "config.json").read_text()) == {"model": "vit_tiny_patch16_224", "model_kwargs": STUDENT_KW}
+    loaded = timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                               checkpoint_path=str(export / "model.safetensors"), **STUDENT_KW).eval()
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, **STUDENT_KW)
+    res = fresh.load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+
+    student = build_student(cfg, check_inputs(cfg))
+    student.load_state_dict(load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"])
+    student.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        trained = student(x, torch.arange(64).expand(2, -1))["tokens"]
+        torch.testing.assert_close(loaded.forward_features(x), trained, rtol=1e-5, atol=1e-5)
+    init = MaskedStudentInit(cfg)
+    assert not torch.allclose(init.vit.blocks[0].attn.qkv.weight, loaded.blocks[0].attn.qkv.weight)
+
+
+def MaskedStudentInit(cfg):
+    """The student as initialized (seeded like distill), to show training moved the weights."""
+    from stages.distill import build_student, check_inputs
+
+    torch.manual_seed(cfg.seed)
+    return build_student(cfg, check_inputs(cfg))
+
+
+def test_distill_never_builds_a_teacher(world, tmp_path, monkeypatch):
+    import open_clip
+    import timm
+
+    import pipeline.teachers
+
+    def refuse(*a, **k):
+        raise AssertionError(f"a teacher was built: {a} {k}")
+
+    monkeypatch.setattr(pipeline.teachers, "load_teacher", refuse)
+    for name in [n for n in dir(open_clip) if n.startswith("create_model")]:
+        monkeypatch.setattr(open_clip, name, refuse)
+    real = timm.create_model
+
+    def only_student(name, *a, **k):
+        if name != "vit_tiny_patch16_224" or k.get("pretrained") or k.get("depth") != STUDENT_KW["depth"]:
+            raise AssertionError(f"timm.create_model({name!r}, {k}) is not the student")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(timm, "create_model", only_student)
+    monkeypatch.setattr(timm.models, "create_model", only_student)
+    run = distill(_cfg(world, tmp_path, epochs=1))
+    assert len(_steps(run)) == 6
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(teachers="disc_only"),
+        dict(teachers="mim_only", mim_target="attention"),
+        dict(masking="random", relation_layers=(5,), alpha=0.5, accum_steps=2, clip_grad=1.0),
+    ],
+    ids=["disc_only", "mim_only-attention", "random-mask-accum"],
+)
+def test_ablation_options_train(world, tmp_path, kw):
+    cfg = _cfg(world, tmp_path, epochs=1, **kw)
+    rows = _steps(distill(cfg))
+    assert len(rows) == 6 // cfg.accum_steps
+    if cfg.teachers == "disc_only":
+        assert all(r["loss_relations"] == 0 and r["loss"] == r["loss_features"] for r in rows)
+    if cfg.teachers == "mim_only":
+        assert all(r["loss_features"] == 0 and r["loss"] == r["loss_relations"] > 0 for r in rows)
+
+
+def test_loss_decreases_without_nan(world, tmp_path):
+    rows = _steps(distill(_cfg(world, tmp_path, epochs=6, base_lr=0.1, warmup_epochs=1, checkpoint_every=0)))
+    assert len(rows) == 36 and all(np.isfinite(r["loss"]) for r in rows)
+    first = np.mean([r["loss"] for r in rows[:6]])
+    last = np.mean([r["loss"] for r in rows[-6:]])
+    assert last < 0.8 * first, (first, last)
+
+
+# ----------------------------------------------------------------------------- resume
+def _params_file(world, tmp_path, name, **kw) -> Path:
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+           dict(manifest=world["manifest"], mim_store=world["mim"], disc_store=world["disc"],
+                model="vit_tiny_patch16_224", model_kwargs=STUDENT_KW, epochs=3, batch_size=4, workers=0,
+                base_lr=0.05, warmup_epochs=0.5, runs_dir=str(tmp_path / "runs"), name=name,
+                checkpoint_every=2, device="cpu").items()}
+    cfg.update(kw)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"distill": cfg}))
+    return p
+
+
+def _hdpipe(*args) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def test_resume_after_sigkill_continues_the_loss_curve(world, tmp_path):
+    full = _params_file(world, tmp_path, "full")
+    r = subprocess.run(_hdpipe("distill", "--config", str(full)), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    reference = _steps(tmp_path / "runs" / "full")
+    assert len(reference) == 18
+
+    killed = _params_file(world, tmp_path, "killed")
+    run_dir = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen(_hdpipe("distill", "--config", str(killed)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill mid-epoch 1, after the step-8 checkpoint and before step 12
+        log = run_dir / "log.jsonl"
+        steps = [json.loads(l).get("step", 0) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
+        if steps and max(steps) >= 9:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    partial = _steps(run_dir)
+    assert 9 <= partial[-1]["step"] < 18
+    assert not (run_dir / "student").exists()
+
+    r = subprocess.run(_hdpipe("distill", "--config", str(killed), "--resume"), env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    resumed = _steps(run_dir)
+    assert [x["step"] for x in resumed] == list(range(1, 19))
+    for a, b in zip(reference, resumed):
+        assert a["epoch"] == b["epoch"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        for k in ("loss", "loss_features", "loss_relations"):
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), (a["step"], k)  # CPU: identical curve
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["resumed_from_step"] in (8, 10)  # mid-epoch checkpoint: epoch 1 has steps 7..12
+
+
+# ----------------------------------------------------------------------------- DDP
+def _ddp_worker(rank: int, world_size: int, port: int, cfg: DistillConfig):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distill(cfg)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_equal_one_process_on_the_same_global_batches(world, tmp_path, monkeypatch):
+    """2 gloo ranks × batch 4 vs 1 process × batch 8 fed the concatenation of both ranks' batches:
+    same losses per step (float tolerance 1e-5: gradient all-reduce sums in another order)."""
+    import torch.multiprocessing as mp
+
+    import pipeline.loader as loader_mod
+
+    ddp_cfg = _cfg(world, tmp_path, name="ddp", epochs=2, checkpoint_every=0)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), ddp_cfg), nprocs=2, join=True, start_method="spawn")
+    ddp_rows = _steps(tmp_path / "runs" / "ddp")
+
+    real_build, real_steps = loader_mod.build_loader, loader_mod.steps_per_epoch
+
+    def both_ranks(cfg, epoch, rank=0, world_size=1, skip_batches=0):
+        half = replace(cfg, batch_size=cfg.batch_size // 2)
+        parts = [real_build(half, epoch, r, 2, skip_batches) for r in (0, 1)]
+        for b0, b1 in zip(*parts):
+            yield {k: torch.cat([b0[k], b1[k]]) for k in b0}
+
+    monkeypatch.setattr(loader_mod, "build_loader", both_ranks)
+    def steps(cfg, world_size):  # the loader calls it too, for the half-batch configs
+        return real_steps(replace(cfg, batch_size=4), 2) if cfg.batch_size == 8 else real_steps(cfg, world_size)
+
+    monkeypatch.setattr(loader_mod, "steps_per_epoch", steps)
+    one_rows = _steps(distill(_cfg(world, tmp_path, name="one", epochs=2, checkpoint_every=0, batch_size=8)))
+    # 3 shards over 2 ranks: every rank gets >= 1 whole shard = 8 samples -> 2 steps of 4 per epoch
+    assert len(ddp_rows) == len(one_rows) == 4
+    for a, b in zip(ddp_rows, one_rows):
+        assert a["lr"] == pytest.approx(b["lr"])
+        for k in ("loss", "loss_features", "loss_relations"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+
+
+# ----------------------------------------------------------------------------- equivalence
+def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
+    """Loss from the loader's stored targets == loss with both teachers run here on the same views.
+    The stores are fp16: tolerance rel 2e-3 on each term (fp16 has an 11-bit mantissa)."""
+    from pipeline.loader import build_loader
+    from pipeline.losses import hybrid_loss
+    from pipeline.masking import mask_layers, progressive_keep
+    from pipeline.store import TargetStore
+    from pipeline.teachers import load_teacher
+    from pipeline.views import View, render
+    from stages.distill import _loader_config, build_student, check_inputs
+
+    cfg = _cfg(world, tmp_path)
+    torch.manual_seed(0)
+    student = build_student(cfg, check_inputs(cfg)).eval()
+    batch = next(iter(build_loader(_loader_config(cfg, student, torch.device("cpu")), 0)))
+    with torch.no_grad():
+        out = student(batch["image"], batch["keep_index"])
+    cached = hybrid_loss(out, batch, blocks=student.capture_blocks, head_rule=student.head_rule)
+
+    from pipeline.data import iter_shard
+    from pipeline.manifest import read_manifest
+
+    manifest = read_manifest(cfg.manifest)
+    images = {r["index"]: r["image"] for k in range(len(manifest.shards)) for r in iter_shard(manifest, k)}
+    views = TargetStore.open(cfg.mim_store).read_rows(batch["index"].tolist(), names=["views"])["views"]
+    mim = load_teacher("timm:vit_tiny_patch16_224", random_init=True, model_kwargs=TEACHER_KW, device="cpu")
+    disc = load_teacher("timm:deit_tiny_patch16_224", random_init=True, model_kwargs=DISC_KW, device="cpu")
+    x01 = torch.stack([render(images[int(i)], View.from_row(views[j, int(v)]), 64, "bicubic")
+                       for j, (i, v) in enumerate(zip(batch["index"], batch["view"]))])
+    tm = mim.forward_targets(mim.normalize(x01), relation_layers=(4, 5), hidden_layers=mask_layers(6))
+    keep = progressive_keep(tm["hidden"], mask_layers(6), 0.3)
+    assert torch.equal(keep, batch["keep_index"])  # the stored mask is the online one
+    tok = torch.cat([torch.zeros(len(keep), 1, dtype=torch.long), keep + 1], 1)
+    rel = torch.stack([tm["relations"][l] for l in (4, 5)], 1)
+    rel = torch.stack([rel[b][:, :, tok[b]][:, :, :, tok[b]] for b in range(len(tok))])
+    feats = disc.forward_targets(disc.normalize(x01))["features"]
+    feats = torch.stack([feats[b, tok[b]] for b in range(len(tok))])
+    online = hybrid_loss(out, {"relations": rel.clone(), "features": feats.clone()},
+                         blocks=student.capture_blocks, head_rule=student.head_rule)
+    for k in ("loss", "loss_features", "loss_relations"):
+        assert cached[k].item() == pytest.approx(online[k].item(), rel=2e-3), k
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_store_names_the_command(world, tmp_path):
+    with pytest.raises(StoreError, match="no target store at .*hdpipe extract"):
+        distill(_cfg(world, tmp_path, mim_store=str(tmp_path / "nope.zarr")))
+
+
+def test_incomplete_store_names_missing_shards_and_command(world, tmp_path):
+    broken = tmp_path / "mim.zarr"
+    shutil.copytree(world["mim"], broken)
+    (broken / "done" / "000001.json").unlink()
+    with pytest.raises(StoreError) as e:
+        distill(_cfg(world, tmp_path, mim_store=str(broken)))
+    assert "1" in str(e.value) and "hdpipe extract" in str(e.value)
+
+
+def test_mismatched_stores_refused(world, tmp_path):
+    other = _extract(world["manifest"], tmp_path / "targets", "mim", "mim", seed=7)  # another view plan
+    with pytest.raises(StoreError, match="view_plan_digest"):
+        distill(_cfg(world, tmp_path, mim_store=other))
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(relation_layers=(2,)), StoreError, r"relation_layers \[2\] are not in .*--relation-layers 2,4,5"),
+        (dict(mim_target="block_features"), StoreError, "block_features.*--extra-targets"),
+        (dict(model_kwargs=dict(STUDENT_KW, depth=1)), ConfigError, "too shallow"),
+        (dict(model_kwargs=dict(STUDENT_KW, num_heads=4)), ConfigError, "4 attention heads and the MIM teacher 3"),
+        (dict(model_kwargs=dict(STUDENT_KW, img_size=32)), ConfigError, "patch grid"),
+        (dict(model_kwargs=dict(STUDENT_KW, reg_tokens=4)), ConfigError, "register tokens"),
+    ],
+    ids=["layer-not-stored", "target-not-stored", "too-shallow", "heads", "grid", "registers"],
+)
+def test_student_the_store_cannot_serve(world, tmp_path, kw, error, match):
+    with pytest.raises(error, match=match):
+        distill(_cfg(world, tmp_path, **kw))
+    assert not (tmp_path / "runs" / "t" / "checkpoints" / "last.pt").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, monkeypatch):
+    import stages.distill as mod
+    from pipeline.checkpoint import load_checkpoint
+
+    calls = {"n": 0}
+    real = mod.hybrid_loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:  # the 5th step
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(mod, "hybrid_loss", poisoned)
+    cfg = _cfg(world, tmp_path)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5 .*last good state \(step 4\)"):
+        distill(cfg)
+    ck = load_checkpoint(str(cfg.run_dir / "checkpoints" / "last.pt"))
+    assert ck["state"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert [r["step"] for r in _steps(cfg.run_dir)] == [1, 2, 3, 4]
+
+
+def test_unwritable_run_dir(world, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(HdpipeError, match="not writable"):
+        distill(_cfg(world, tmp_path, runs_dir=str(blocker)))
+
+
+def test_existing_run_needs_resume(world, tmp_path):
+    cfg = _cfg(world, tmp_path, epochs=1)
+    distill(cfg)
+    with pytest.raises(ConfigError, match="--resume"):
+        distill(cfg)
+    with pytest.raises(ConfigError, match="alpha: checkpoint 1.0 vs now 0.5"):
+        distill(replace(cfg, resume=True, alpha=0.5))
