@@ -52,6 +52,7 @@ kept tokens' rows and columns ([0] + 1 + keep_index) are gathered at load time. 
 from __future__ import annotations
 
 import functools
+import io
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
@@ -155,11 +156,6 @@ def _relation_layers(attrs: dict) -> tuple[int, ...]:
     return tuple(int(x) for x in layers)
 
 
-def _mim_arrays(attrs: dict) -> set[str]:
-    """Target arrays a MIM store holds (relations always; extras as the extract run asked)."""
-    return {"relations", *(_attr(attrs, "extra_targets", default=()) or ())}
-
-
 @functools.lru_cache(maxsize=16)
 def _check(cfg: LoaderConfig) -> _Sources:
     """Open the stores, refuse incomplete or disagreeing ones (one StoreError naming the field)."""
@@ -233,7 +229,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
             )
         layer_pos = tuple(stored.index(layer) for layer in asked)
         if asked:
-            have = _mim_arrays(attrs)
+            have = set(MIM_TARGETS) & set(mim.arrays)
             if cfg.mim_target not in have:
                 extras = sorted((set(have) - {"relations"}) | {cfg.mim_target})
                 raise StoreError(
@@ -469,6 +465,14 @@ def _store(url: str):
     return _open_store(url)
 
 
+def _decode_image(data: bytes):
+    """PIL RGB image from the tar's stored bytes (JPEG/PNG/WebP)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
 def _stack(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     keys = samples[0].keys()
     out = {}
@@ -520,9 +524,11 @@ class _PlanDataset(IterableDataset):
             info = manifest.shards[k]
             rows = stream.rows[lo:hi]
             needed_idx = set(int(i) for a, b in need for i in stream.rows[a:b])
+            # Raw bytes for the whole shard, decoded only for the rows this worker needs (rows
+            # that extraction marked invalid may not decode at all).
             images = {}
             expect = info.first_index
-            for rec in iter_shard(manifest, k):
+            for rec in iter_shard(manifest, k, decode=False):
                 idx = int(rec["index"])
                 if idx != expect:
                     raise StoreError(f"tar shard {k} yields index {idx} where {expect} was expected: join broken")
@@ -543,7 +549,8 @@ class _PlanDataset(IterableDataset):
                 index = int(rows[pos - lo])
                 local = index - info.first_index
                 view = choose_view(cfg.seed, self.plan.epoch, index, src.num_views)
-                img = render(images[index], targets.view_box(local, view), cfg.img_size, cfg.interpolation)
+                img = render(_decode_image(images.pop(index)), targets.view_box(local, view), cfg.img_size,
+                             cfg.interpolation)
                 rec = targets.sample(local, view=view, index=index)
                 rec["image"] = (img.float() - mean) / std
                 rec["index"] = np.int64(index)

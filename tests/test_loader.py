@@ -1,0 +1,386 @@
+"""The stage-two loader on real tars and real stores written by `stages.extract` (tiny timm teachers).
+
+Every batch value is checked against an independent path: the tar read by `pipeline.data`, the
+stored view rendered by `pipeline.views.render` and normalized by torchvision, the targets read
+with `TargetStore.read_rows` and gathered with `np.take`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from pipeline.data import iter_shard
+from pipeline.errors import ConfigError, StoreError
+from pipeline.loader import LoaderConfig, build_loader, choose_view, plan_epoch, steps_per_epoch
+from pipeline.manifest import Manifest, ShardInfo, read_manifest, sha256_of, write_manifest
+from pipeline.masking import random_keep
+from pipeline.store import TargetStore
+from pipeline.views import View, render
+from stages.extract import ExtractConfig, extract
+
+SHARD = 6  # samples per tar shard
+IMG = 32  # teacher and student input side: 4x4 patches of 8 px
+MIM = "timm:vit_tiny_patch16_224"
+MIM_KW = {"img_size": IMG, "patch_size": 8, "depth": 3}  # 16 patches, 3 heads, 192-d; relation layers (1, 2)
+DISC = "timm:deit_tiny_patch16_224"
+DISC_KW = {"img_size": IMG, "patch_size": 8, "depth": 1}
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # a student normalization unlike the teachers'
+
+
+def _image(rng: np.random.Generator) -> bytes:
+    w, h = (int(v) for v in rng.integers(36, 72, size=2))
+    img = rng.integers(0, 255, size=(h // 4, w // 4, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).resize((w, h), Image.BILINEAR).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_dataset(folder: Path, n: int, corrupt: tuple[int, ...] = (), seed: int = 0) -> str:
+    """Real webdataset tars of SHARD samples each and their manifest; returns the manifest path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards = []
+    for k in range((n + SHARD - 1) // SHARD):
+        url, first = f"toy-{k:06d}.tar", k * SHARD
+        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(first, min(n, first + SHARD)):
+                data = _image(rng) if index not in corrupt else b"\x89PNG\r\n\x1a\n broken" + bytes(30)
+                meta = json.dumps({"index": index, "label": None, "name": f"im{index}.png", "source": "test"}).encode()
+                for ext, body in (("png", data), ("json", meta)):
+                    info = tarfile.TarInfo(f"{index:09d}.{ext}")
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+        shards.append(ShardInfo(url, min(n, first + SHARD) - first, first, sha256_of(str(folder / url))))
+    path = folder / "toy.json"
+    write_manifest(Manifest(name="toy", shard_size=SHARD, total=n, shards=tuple(shards), class_map=None), path)
+    return str(path)
+
+
+def make_stores(manifest: str, out: Path, tokens: str, views: int, extras=(), seed: int = 0) -> tuple[str, str]:
+    """Real MIM + disc stores from `stages.extract` (random-init tiny teachers, unreadable images skipped)."""
+    common = dict(manifest=manifest, random_init=True, views=views, seed=seed, batch_size=32, device="cpu",
+                  progress=False, on_error="skip", tokens=tokens)
+    mim = extract(ExtractConfig(teacher=MIM, role="mim", model_kwargs=MIM_KW, out=str(out / "mim.zarr"),
+                                extra_targets=tuple(extras), **common))
+    disc = extract(ExtractConfig(teacher=DISC, role="disc", model_kwargs=DISC_KW, out=str(out / "disc.zarr"),
+                                 mim_store=mim, **{**common, "tokens": "auto"}))
+    return mim, disc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    uneven = make_dataset(root / "uneven", n=22, corrupt=(8,))  # shards of 6, 6, 6, 4 rows; valid 6, 5, 6, 4
+    even = make_dataset(root / "even", n=24, seed=1)  # 4 shards of 6, all valid
+    kept_mim, kept_disc = make_stores(uneven, root / "kept", "kept", views=2, extras=("attention",))
+    all_mim, all_disc = make_stores(uneven, root / "all", "all", views=2, extras=("attention", "block_features"))
+    even_mim, even_disc = make_stores(even, root / "even-stores", "kept", views=1)
+    return dict(root=root, uneven=uneven, even=even, kept=(kept_mim, kept_disc), all=(all_mim, all_disc),
+                even_stores=(even_mim, even_disc))
+
+
+def cfg_for(manifest: str, stores: tuple[str, str], **kw) -> LoaderConfig:
+    base = dict(manifest=manifest, mim_store=stores[0], disc_store=stores[1], batch_size=3, num_workers=0,
+                seed=5, img_size=IMG, mean=MEAN, std=STD, interpolation="bilinear")
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def run_epoch(cfg: LoaderConfig, epoch: int, rank: int = 0, world_size: int = 1, skip: int = 0) -> list[dict]:
+    loader = build_loader(cfg, epoch, rank, world_size, skip_batches=skip)
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    return batches
+
+
+def valid_indices(store_url: str) -> set[int]:
+    store = TargetStore.open(store_url)
+    valid = np.concatenate([store.read_shard(k, ["valid"])["valid"] for k in range(store.num_shards)])
+    return set(np.flatnonzero(valid).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage, step counts, determinism, resume
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_sample_exactly_once_per_epoch(world, world_size, workers):
+    cfg = cfg_for(world["even"], world["even_stores"], batch_size=4, num_workers=workers)
+    steps = steps_per_epoch(cfg, world_size)
+    assert steps == 24 // (4 * world_size)  # equal shards: nothing is dropped
+    seen = []
+    for rank in range(world_size):
+        batches = run_epoch(cfg, epoch=3, rank=rank, world_size=world_size)
+        assert len(batches) == steps
+        for b in batches:
+            assert b["image"].shape == (4, 3, IMG, IMG) and b["index"].shape == (4,)
+        seen += [int(i) for b in batches for i in b["index"]]
+    assert sorted(seen) == list(range(24))
+
+
+def test_every_valid_sample_once_with_uneven_shards_and_skipped_rows(world):
+    cfg = cfg_for(world["uneven"], world["kept"], batch_size=3, num_workers=2)
+    valid = valid_indices(world["kept"][0])
+    assert valid == set(range(22)) - {8}  # the unreadable image was stored as valid=false
+    assert steps_per_epoch(cfg, 1) == 21 // 3
+    seen = [int(i) for b in run_epoch(cfg, epoch=0) for i in b["index"]]
+    assert sorted(seen) == sorted(valid)
+
+
+@pytest.mark.parametrize("world_size,workers", [(2, 0), (2, 2), (3, 1)])
+def test_equal_steps_across_ranks_with_uneven_shards(world, world_size, workers):
+    cfg = cfg_for(world["uneven"], world["kept"], batch_size=2, num_workers=workers)
+    counts = sorted([6, 5, 6, 4])
+    m = 4 // world_size
+    steps = steps_per_epoch(cfg, world_size)
+    assert steps == sum(counts[:m]) // 2
+    valid = valid_indices(world["kept"][0])
+    for epoch in range(3):
+        per_rank = []
+        for rank in range(world_size):
+            batches = run_epoch(cfg, epoch, rank, world_size)
+            assert len(batches) == steps
+            per_rank.append([int(i) for b in batches for i in b["index"]])
+        flat = [i for r in per_rank for i in r]
+        assert len(flat) == len(set(flat)) == steps * 2 * world_size  # disjoint, nothing twice
+        assert set(flat) <= valid
+
+
+def test_same_epoch_same_batches_other_epoch_other_order_and_views(world):
+    cfg = cfg_for(world["uneven"], world["all"], batch_size=3, num_workers=2, masking="random")
+    a, b = run_epoch(cfg, epoch=1), run_epoch(cfg, epoch=1)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+    c = run_epoch(cfg, epoch=2)
+    order_a = [int(i) for x in a for i in x["index"]]
+    order_c = [int(i) for x in c for i in x["index"]]
+    assert order_a != order_c and sorted(order_a) == sorted(order_c)
+    views_a = {int(i): int(v) for x in a for i, v in zip(x["index"], x["view"])}
+    views_c = {int(i): int(v) for x in c for i, v in zip(x["index"], x["view"])}
+    assert views_a != views_c  # a new view draw per epoch (V = 2)
+    for epoch, views in ((1, views_a), (2, views_c)):
+        for index, view in views.items():
+            assert view == int(np.random.default_rng([cfg.seed, epoch, index]).integers(2))
+    assert set(views_a.values()) == {0, 1}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_batches_yields_exactly_the_tail(world, workers):
+    cfg = cfg_for(world["uneven"], world["all"], batch_size=2, num_workers=workers)
+    full = run_epoch(cfg, epoch=4)
+    n = len(full)
+    assert n == steps_per_epoch(cfg, 1) == 21 // 2
+    for k in (1, 4, n - 1, n):
+        tail = run_epoch(cfg, epoch=4, skip=k)
+        assert len(tail) == n - k
+        for x, y in zip(full[k:], tail, strict=True):
+            for key in x:
+                assert torch.equal(x[key], y[key]), (k, key)
+    with pytest.raises(ConfigError, match="skip_batches"):
+        build_loader(cfg, 4, skip_batches=n + 1)
+
+
+def test_batches_match_the_plan_and_workers_read_disjoint_shards(world):
+    cfg = cfg_for(world["uneven"], world["kept"], batch_size=2, num_workers=2)
+    plan = plan_epoch(cfg, epoch=0, rank=0, world_size=1)
+    shards = [set(w.shards) for w in plan.workers]
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == {0, 1, 2, 3}
+    for j, b in enumerate(run_epoch(cfg, epoch=0)):
+        assert b["index"].tolist() == plan.indices(j).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: images and targets against independent reads
+
+
+def _images(manifest: str) -> dict[int, Image.Image]:
+    m = read_manifest(manifest)
+    out = {}
+    for k in range(m.num_shards):
+        for rec in iter_shard(m, k, decode=False):
+            try:
+                out[rec["index"]] = Image.open(io.BytesIO(rec["image"])).convert("RGB")
+            except OSError:
+                pass  # the deliberately broken image; it must never be asked for
+    return out
+
+
+def expected(cfg: LoaderConfig, index: int, view: int, images: dict) -> dict[str, np.ndarray]:
+    """One sample computed without the loader: read_rows + np.take, render + TF.normalize."""
+    mim = TargetStore.open(cfg.mim_store)
+    rows = mim.read_rows([index])
+    P = int(np.prod(mim.attrs["grid"]))
+    n_keep = rows["keep_progressive"].shape[-1]
+    keep = {
+        "progressive": lambda: rows["keep_progressive"][0, view],
+        "direct": lambda: rows["keep_direct"][0, view],
+        "random": lambda: random_keep([index], [view], P, n_keep, cfg.seed)[0].numpy(),
+        "none": lambda: np.arange(P),
+    }[cfg.masking]().astype(np.int64)
+    out = {"keep_index": keep}
+    kept_store = mim.attrs["tokens"] == "kept"
+    tok = np.arange(1 + n_keep) if kept_store else np.concatenate([[0], keep + 1])
+    stored_layers = list(mim.attrs["relation_layers"])
+    layers = stored_layers if cfg.relation_layers is None else list(cfg.relation_layers)
+    pos = [stored_layers.index(layer) for layer in layers]
+    if layers:
+        t = np.take(rows[cfg.mim_target][0, view], pos, axis=0)
+        if cfg.mim_target == "block_features":
+            t = np.take(t, tok, axis=1)
+        else:
+            t = np.take(np.take(t, tok, axis=2), tok, axis=3)
+        if cfg.mim_target == "attention" and not kept_store:
+            t = t / t.sum(-1, keepdims=True)
+        out[cfg.mim_target] = t
+    if cfg.disc_store is not None:
+        feats = TargetStore.open(cfg.disc_store).read_rows([index])["features"][0, view]
+        out["features"] = np.take(feats, tok, axis=0)
+    box = View.from_row(rows["views"][0, view])
+    img = render(images[index], box, cfg.img_size, cfg.interpolation)
+    out["image"] = TF.normalize(img, cfg.mean, cfg.std).numpy()
+    return out
+
+
+def check_batches(cfg: LoaderConfig, batches: list[dict], images: dict, epoch: int) -> int:
+    n = 0
+    for b in batches:
+        for i in range(b["index"].shape[0]):
+            index, view = int(b["index"][i]), int(b["view"][i])
+            assert view == choose_view(cfg.seed, epoch, index, 2)
+            want = expected(cfg, index, view, images)
+            for key, value in want.items():
+                got = b[key][i].numpy()
+                assert got.dtype == (np.int64 if key == "keep_index" else np.float32), key
+                np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-6, err_msg=key)
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize(
+    "masking,mim_target,layers",
+    [("progressive", "relations", None), ("direct", "relations", (2,)), ("random", "attention", None),
+     ("none", "block_features", (1,)), ("random", "relations", (2, 1))],
+)
+def test_all_token_store_gathers_the_kept_tokens(world, masking, mim_target, layers):
+    images = _images(world["uneven"])
+    cfg = cfg_for(world["uneven"], world["all"], masking=masking, mim_target=mim_target, relation_layers=layers)
+    batches = run_epoch(cfg, epoch=1)[:3]
+    b = batches[0]
+    n_keep = 16 if masking == "none" else TargetStore.open(cfg.mim_store).attrs["mask"]["n_keep"]
+    T = 1 + n_keep
+    n_layers = 2 if layers is None else len(layers)
+    assert b["keep_index"].shape == (3, n_keep) and b["keep_index"].dtype == torch.int64
+    assert (b["keep_index"].diff(dim=1) > 0).all()  # sorted, distinct
+    tail = (n_layers, T, 192) if mim_target == "block_features" else (n_layers, 3, T, T)
+    assert b[mim_target].shape == (3, *tail)
+    assert b["features"].shape == (3, T, 192)
+    assert {"relations", "attention", "block_features"} & set(b) == {mim_target}
+    if masking == "none":
+        assert torch.equal(b["keep_index"], torch.arange(16).expand(3, 16))
+    if masking == "random":
+        stored = TargetStore.open(cfg.mim_store).read_rows(b["index"].tolist())["keep_progressive"]
+        prog = stored[np.arange(3), b["view"].numpy()]
+        assert not np.array_equal(prog, b["keep_index"].numpy())
+    assert check_batches(cfg, batches, images, epoch=1) == 9
+
+
+def test_kept_token_store_serves_progressive_masking(world):
+    images = _images(world["uneven"])
+    cfg = cfg_for(world["uneven"], world["kept"], num_workers=2)
+    batches = run_epoch(cfg, epoch=0)
+    assert check_batches(cfg, batches[:2] + batches[-1:], images, epoch=0) == 9
+    att = run_epoch(cfg_for(world["uneven"], world["kept"], mim_target="attention"), epoch=0)
+    assert check_batches(cfg_for(world["uneven"], world["kept"], mim_target="attention"), att[:1], images, 0) == 3
+
+
+def test_kept_and_all_token_stores_give_the_same_targets(world):
+    """Same teachers, views and masks: gathering from a tokens:all store (attention renormalized over
+    the kept tokens) reproduces the tokens:kept store, up to fp16 storage rounding."""
+    for target in ("relations", "attention"):
+        a = run_epoch(cfg_for(world["uneven"], world["kept"], mim_target=target), epoch=2)
+        b = run_epoch(cfg_for(world["uneven"], world["all"], mim_target=target), epoch=2)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x["index"], y["index"]) and torch.equal(x["keep_index"], y["keep_index"])
+            assert torch.equal(x["image"], y["image"])
+            torch.testing.assert_close(x[target], y[target], rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(x["features"], y["features"], rtol=2e-3, atol=2e-3)
+
+
+def test_features_only_run_replays_the_disc_stores_mim_views(world):
+    cfg = cfg_for(world["uneven"], (None, world["kept"][1]))
+    batches = run_epoch(cfg, epoch=0)
+    ref = run_epoch(cfg_for(world["uneven"], world["kept"]), epoch=0)
+    assert "relations" not in batches[0]
+    for x, y in zip(batches, ref, strict=True):
+        for key in ("image", "keep_index", "features", "index", "view"):
+            assert torch.equal(x[key], y[key])
+    no_rel = run_epoch(cfg_for(world["uneven"], world["kept"], relation_layers=()), epoch=0)
+    assert "relations" not in no_rel[0] and torch.equal(no_rel[0]["features"], ref[0]["features"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_incomplete_store_names_missing_shards_and_the_command(world, tmp_path):
+    copy = tmp_path / "mim.zarr"
+    shutil.copytree(world["kept"][0], copy)
+    (copy / "done" / "000002.json").unlink()
+    with pytest.raises(StoreError, match=r"incomplete.*\(2\).*hdpipe extract"):
+        build_loader(cfg_for(world["uneven"], (str(copy), None)), 0)
+
+
+def test_store_from_another_manifest_is_refused(world):
+    with pytest.raises(StoreError, match="manifest_digest"):
+        build_loader(cfg_for(world["even"], world["kept"]), 0)
+
+
+def test_disagreeing_stores_name_the_field(world, tmp_path):
+    with pytest.raises(StoreError, match="tokens.*hdpipe extract"):
+        build_loader(cfg_for(world["uneven"], (world["kept"][0], world["all"][1])), 0)
+    other_mim, _ = make_stores(world["uneven"], tmp_path, "kept", views=2, extras=("attention",), seed=1)
+    with pytest.raises(StoreError, match="view_plan_digest"):
+        build_loader(cfg_for(world["uneven"], (other_mim, world["kept"][1])), 0)
+
+
+def test_unstored_relation_layers_and_targets_name_the_extract_flag(world):
+    with pytest.raises(StoreError, match=r"relation layers \[3\].*--relation-layers 1,2,3"):
+        build_loader(cfg_for(world["uneven"], world["kept"], relation_layers=(2, 3)), 0)
+    with pytest.raises(StoreError, match="block_features.*--extra-targets attention,block_features"):
+        build_loader(cfg_for(world["uneven"], world["kept"], mim_target="block_features"), 0)
+    with pytest.raises(StoreError, match="attention.*--extra-targets attention"):
+        build_loader(cfg_for(world["even"], world["even_stores"], mim_target="attention"), 0)
+
+
+@pytest.mark.parametrize("masking", ["direct", "random", "none"])
+def test_kept_token_store_refuses_other_maskings(world, masking):
+    with pytest.raises(StoreError, match="--tokens all"):
+        build_loader(cfg_for(world["uneven"], world["kept"], masking=masking), 0)
+
+
+def test_config_errors(world):
+    with pytest.raises(ConfigError, match="at least one whole shard"):
+        steps_per_epoch(cfg_for(world["uneven"], world["kept"]), 5)
+    with pytest.raises(ConfigError, match="drop_last"):
+        steps_per_epoch(cfg_for(world["uneven"], world["kept"], drop_last=False), 2)
+    with pytest.raises(ConfigError, match="target store"):
+        cfg_for(world["uneven"], (None, None)).validate()
+
+
+def test_drop_last_false_keeps_the_last_partial_batch(world):
+    cfg = cfg_for(world["uneven"], world["kept"], batch_size=4, drop_last=False)
+    batches = run_epoch(cfg, epoch=0)
+    assert [b["index"].shape[0] for b in batches] == [4] * 5 + [1]
+    assert sorted(int(i) for b in batches for i in b["index"]) == sorted(valid_indices(world["kept"][0]))
