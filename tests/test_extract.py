@@ -340,3 +340,63 @@ def test_non_finite_teacher_output_is_refused(world, tmp_path):
     with pytest.raises(NonFiniteError, match="non-finite"):
         extract(mim_cfg(world["manifest"], tmp_path / "t", random_init=False, checkpoint=str(bad)))
     assert TargetStore.open(str(tmp_path / "t" / "mim.zarr")).done_shards() == set()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def test_resume_after_sigkill_is_identical(world, tmp_path):
+    """SIGKILL a real `hdpipe extract` once its first shard is done, re-run it, and compare every
+    array with an uninterrupted run's store."""
+    manifest = make_dataset(tmp_path / "data", n=48, seed=4)  # 6 shards
+    args = ["extract", "--manifest", manifest, "--teacher", TINY, "--role", "mim", "--checkpoint",
+            str(world["mim_ckpt"]), "--model-kwargs", json.dumps(TINY_KW), "--targets", str(tmp_path / "t"),
+            "--name", "mim", "--views", "3", "--batch-size", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.DEVNULL, stderr=log)
+    done_dir = tmp_path / "t" / "mim.zarr" / "done"
+    deadline = time.time() + 120
+    while not (done_dir.exists() and any(done_dir.glob("*.json"))):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = TargetStore.open(str(tmp_path / "t" / "mim.zarr")).done_shards()
+    assert 1 <= len(done) < 6, done  # killed mid-run
+    rerun = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{6 - len(done)} of 6 shards to do" in rerun.stderr
+    clean = extract(mim_cfg(manifest, tmp_path / "clean", random_init=False, checkpoint=str(world["mim_ckpt"]),
+                            views=3))
+    assert_same_store(str(tmp_path / "t" / "mim.zarr"), clean)
+
+
+def test_verify_passes_then_catches_tampering(world, tmp_path):
+    import shutil
+
+    from stages.verify import VerifyConfig, verify
+
+    for url in (world["mim"], world["disc"]):
+        report = verify(VerifyConfig(store=url, samples=6, device="cpu"))
+        assert report["ok"], report
+        assert report["samples"] == 6
+        for name, entry in report["arrays"].items():
+            if "rel" in entry:
+                assert 0 <= entry["rel"] < 2e-3, (name, entry)  # fp16 storage error only
+    copy = tmp_path / "mim.zarr"
+    shutil.copytree(world["mim"], copy)
+    (copy / "extract-config.json").write_text((Path(world["mim"]) / "extract-config.json").read_text())
+    store = TargetStore.open(str(copy), mode="r+")
+    arrays = store.read_shard(2)
+    arrays["relations"][3] *= 1.05  # one sample's relations off by 5%
+    store.write_shard(2, arrays, {})
+    report = verify(VerifyConfig(store=str(copy), samples=24, device="cpu"))
+    assert not report["ok"] and not report["arrays"]["relations"]["ok"]
+    assert 0.04 < report["arrays"]["relations"]["rel"] < 0.06
+    assert report["arrays"]["keep_progressive"]["ok"] and report["arrays"]["views"]["ok"]
+    cli = subprocess.run(_cli("verify", str(copy), "--samples", "24", "--device", "cpu"),
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 1 and "relations" in cli.stdout and "FAIL" in cli.stdout, cli.stdout + cli.stderr
