@@ -13,7 +13,7 @@ from pipeline.commands.common import build_config, config_option
 @click.option("--urls", type=str, default=None,
               help="Index existing webdataset tars: a file with one URL per line, or a brace pattern "
                    "like 'data/x-{000000..000003}.tar'.")
-@click.option("--sample", is_flag=True, default=None,
+@click.option("--sample/--no-sample", default=None,
               help="Build the bundled sample (real photos shipped with scikit-image/scikit-learn): "
                    "manifests/sample.json plus sample-probe-train/-test.json.  [default: off]")
 @click.option("--name", type=str, default=None,

@@ -1,0 +1,138 @@
+"""CLI basics: help on every command, --version, one-line user errors (exit 2), --debug, --config."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import __version__
+from pipeline.cli import COMMANDS, cli, main
+from pipeline.manifest import read_manifest
+
+
+def _images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        (folder / f"{i:02d}.jpg").write_bytes(buf.getvalue())
+
+
+def _present_commands():
+    return [name for name in cli.list_commands(None)]
+
+
+def test_group_help_lists_every_present_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage: hdpipe" in out
+    present = _present_commands()
+    assert "shard" in present
+    for name in present:
+        assert f"  {name} " in out or f"  {name}\n" in out
+
+
+@pytest.mark.parametrize("name", [cmd for _, cmd in COMMANDS])
+def test_help_on_every_command(capsys, name):
+    if name not in _present_commands():
+        pytest.skip(f"command {name} is not part of this build yet")
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Usage: hdpipe {name}") and "--help" in out and "Options:" in out
+
+
+def test_shard_help_states_defaults(capsys):
+    assert main(["shard", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for fragment in ("[default: 1024 for folders, 128 for --sample", "[default: fail]", "[default: png]",
+                     "[default: data/shards]", "[default: 512]", "--on-error [fail|skip]"):
+        assert fragment in out, fragment
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"hdpipe, version {__version__}"
+
+
+def _run(*args, cwd=None):
+    """The installed console script, as a user runs it."""
+    exe = os.path.join(os.path.dirname(sys.executable), "hdpipe")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "pipeline.cli"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd)
+
+
+def test_user_error_is_one_line_with_exit_2_and_debug_shows_traceback(tmp_path):
+    missing = str(tmp_path / "nope")
+    r = _run("shard", "--input", missing, "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr == f"hdpipe: error: input folder {missing} does not exist\n"
+    assert r.stdout == ""
+    r = _run("--debug", "shard", "--input", missing, "--no-progress", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback (most recent call last)" in r.stderr and "ShardError: input folder" in r.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["shard"], "exactly one of --input FOLDER, --urls LIST_OR_PATTERN, --sample"),
+    (["shard", "--input", "x", "--jpeg-quality", "0"], "jpeg_quality must be in 1..95"),
+    (["shard", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+])
+def test_user_errors_in_process(capsys, tmp_path, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hdpipe: error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+def test_bad_choice_is_a_usage_error(capsys):
+    assert main(["shard", "--on-error", "ignore"]) == 2
+    assert "Invalid value for '--on-error'" in capsys.readouterr().err
+
+
+def test_config_section_and_flag_override(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "imgs", 5)
+    (tmp_path / "params.yaml").write_text(
+        "shard:\n  input: imgs\n  name: fromfile\n  shard_size: 2\n  progress: false\n"
+        "extract:\n  teacher: mae\n")
+    # the file alone
+    assert main(["shard", "--config", "params.yaml"]) == 0
+    assert capsys.readouterr().out.strip() == os.path.join("manifests", "fromfile.json")
+    m = read_manifest(tmp_path / "manifests" / "fromfile.json")
+    assert (m.name, m.shard_size, m.num_shards) == ("fromfile", 2, 3)
+    # a flag overrides its key; the other file keys still apply
+    assert main(["shard", "--config", "params.yaml", "--shard-size", "4", "--name", "flagged"]) == 0
+    m = read_manifest(tmp_path / "manifests" / "flagged.json")
+    assert (m.name, m.shard_size, m.num_shards) == ("flagged", 4, 2)
+    assert "--shard-size 4" in m.command and "--name flagged" in m.command
+    assert json.loads((tmp_path / "manifests" / "flagged.json").read_text())["shards"][0]["url"] == \
+        "../data/shards/flagged/flagged-000000.tar"
+
+
+def test_config_unknown_key_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("shard:\n  input: imgs\n  shardsize: 2\n")
+    assert main(["shard", "--config", "params.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'shardsize'" in err and "params.yaml" in err
+
+
+def test_sample_from_the_command_line(tmp_path):
+    """The embedded default as a user runs it (small counts to stay fast)."""
+    args = ["shard", "--sample", "--sample-train", "24", "--sample-probe-train", "2", "--sample-probe-test", "1",
+            "--no-progress"]
+    r = _run(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == os.path.join("manifests", "sample.json")
+    assert "hdpipe shard: sample: 24 images in 1 shards" in r.stderr
+    assert sorted(os.listdir(tmp_path / "manifests")) == ["sample-probe-test.json", "sample-probe-train.json",
+                                                         "sample.json"]
+    r = _run(*args, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr.count("is up to date") == 3
