@@ -97,8 +97,11 @@ def parse_spec(spec: str) -> TeacherSpec:
         if not timm.is_model(arch):
             close = timm.list_models(f"*{arch[:12]}*")[:8]
             raise ConfigError(f"teacher '{spec}': timm has no model '{arch}' (similar: {close})")
-        cfg = timm.models.get_pretrained_cfg(rest) or timm.models.get_pretrained_cfg(arch)
         tag = rest.split(".", 1)[1] if "." in rest else ""
+        if tag and rest not in timm.list_pretrained(f"{arch}.*"):
+            raise ConfigError(f"teacher '{spec}': timm model '{arch}' has no pretrained tag '{tag}' "
+                              f"(tags: {timm.list_pretrained(f'{arch}.*')})")
+        cfg = timm.models.get_pretrained_cfg(rest)
         return TeacherSpec(
             name=spec, backend="timm", model=rest, tag=None,
             # MAE-pretrained encoders are the mask-image-modeling teachers; everything else is
@@ -209,15 +212,10 @@ def _offline_hint(what: str, err: Exception) -> HdpipeError:
     )
 
 
-def _seeded():
-    """Random init under a fixed seed without disturbing the caller's RNG state."""
-    return torch.random.fork_rng(devices=[])
-
-
 # ----------------------------------------------------------------------------- model builders
 
 
-def _build_timm(name: str, checkpoint, random_init: bool, model_kwargs: dict, source: str):
+def _build_timm(name: str, checkpoint, random_init: bool, model_kwargs: dict) -> tuple[nn.Module, str]:
     import timm
 
     if checkpoint is None and not random_init:
@@ -225,7 +223,7 @@ def _build_timm(name: str, checkpoint, random_init: bool, model_kwargs: dict, so
             return timm.create_model(name, pretrained=True, **model_kwargs), f"pretrained:timm/{name}"
         except OSError as err:  # huggingface_hub raises OSError subclasses when the hub is unreachable
             raise _offline_hint(f"timm model '{name}'", err) from err
-    with _seeded():
+    with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
         torch.manual_seed(RANDOM_INIT_SEED)
         model = timm.create_model(name, pretrained=False, **model_kwargs)
     if checkpoint is None:
@@ -254,7 +252,8 @@ def _open_clip_kwargs(name: str, model_kwargs: dict) -> dict:
     return out
 
 
-def _build_open_clip(name: str, tag: str | None, checkpoint, random_init: bool, model_kwargs: dict):
+def _build_open_clip(name: str, tag: str | None, checkpoint, random_init: bool,
+                     model_kwargs: dict) -> tuple[nn.Module, str]:
     import open_clip
 
     kwargs = _open_clip_kwargs(name, model_kwargs)
@@ -275,7 +274,7 @@ def _build_open_clip(name: str, tag: str | None, checkpoint, random_init: bool, 
             raise HdpipeError(f"open_clip has no download for '{name}:{tag}'; pass --checkpoint PATH")
         model = open_clip.create_model(name, pretrained=path, **kwargs)
         return model.visual, f"pretrained:open_clip/{name}:{tag}"
-    with _seeded():
+    with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
         torch.manual_seed(RANDOM_INIT_SEED)
         model = open_clip.create_model(name, pretrained=None, **kwargs)
     visual = model.visual
@@ -329,7 +328,7 @@ def load_teacher(
     spec = parse_spec(name_or_spec)
     model_kwargs = dict(model_kwargs or {})
     if spec.backend == "timm":
-        model, source = _build_timm(spec.model, checkpoint, random_init, model_kwargs, spec.name)
+        model, source = _build_timm(spec.model, checkpoint, random_init, model_kwargs)
     elif spec.backend == "open_clip":
         model, source = _build_open_clip(spec.model, spec.tag, checkpoint, random_init, model_kwargs)
     else:
@@ -337,7 +336,7 @@ def load_teacher(
         kwargs.update(model_kwargs)
         if checkpoint is None and not random_init:
             checkpoint = weights
-        model, source = _build_timm(arch, checkpoint, random_init, kwargs, spec.name)
+        model, source = _build_timm(arch, checkpoint, random_init, kwargs)
     if isinstance(device, torch.device):
         dev = device
     else:
@@ -400,7 +399,7 @@ class _OpenClipBackend:
 
         if not isinstance(visual, VisionTransformer):
             raise ConfigError(f"teacher '{name}': image tower is a {type(visual).__name__}, not an open_clip "
-                              f"VisionTransformer")
+                              f"VisionTransformer; for a timm-trunk tower use its timm:NAME directly")
         if visual.attn_pool is not None:
             raise ConfigError(f"teacher '{name}' pools with attention; its ln_post does not act on tokens")
         for i, blk in enumerate(visual.transformer.resblocks):

@@ -284,6 +284,8 @@ def test_unknown_teacher_lists_choices(spec):
 def test_unknown_backend_models():
     with pytest.raises(ConfigError, match="timm has no model 'vit_nonexistent_xyz'"):
         parse_spec("timm:vit_nonexistent_xyz")
+    with pytest.raises(ConfigError, match=r"no pretrained tag 'bogus' \(tags: \['vit_tiny_patch16_224.augreg"):
+        parse_spec("timm:vit_tiny_patch16_224.bogus")
     with pytest.raises(ConfigError, match="open_clip has no model config 'ViT-Q-99'"):
         parse_spec("open_clip:ViT-Q-99")
 
