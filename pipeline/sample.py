@@ -20,6 +20,7 @@ sample is byte-identical on every run with the same Pillow/libjpeg.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -138,8 +139,14 @@ def _jpeg(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=None)
+def _photo(p: int) -> Image.Image:
+    """Photo p as RGB, decoded once per process (the builder only crops it, never modifies it)."""
+    return _rgb(PHOTOS[p][1]())
+
+
 def _photos(ids) -> dict[int, Image.Image]:
-    return {p: _rgb(PHOTOS[p][1]()) for p in ids}
+    return {p: _photo(p) for p in ids}
 
 
 def iter_split(spec: SampleSpec, split: str) -> Iterator[SampleRecord]:

@@ -124,7 +124,13 @@ def _quote(s: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC time for the manifest's `created`; honours SOURCE_DATE_EPOCH (the reproducible-builds
+    convention) so a rebuilt manifest can be byte-identical too."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and not epoch.isdigit():
+        raise ConfigError(f"environment variable SOURCE_DATE_EPOCH must be seconds since 1970, got {epoch!r}")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _is_local(url: str) -> bool:
@@ -171,10 +177,12 @@ def _remove_stale(out_dir: str, name: str, n_shards: int) -> None:
 
 
 def _write(records: Iterator, *, total_inputs: int, name: str, out_dir: str, manifest_path: str,
-           shard_size: int, class_map: dict[str, int] | None, source: str, cfg: ShardConfig) -> Manifest:
+           shard_size: int, class_map: dict[str, int] | None, source: str, cfg: ShardConfig,
+           overwrite: bool | None = None) -> Manifest:
+    overwrite = cfg.overwrite if overwrite is None else overwrite
     t0 = time.perf_counter()
     shards, skipped, nbytes = write_dataset(records, name=name, out_dir=out_dir, shard_size=shard_size,
-                                            total_inputs=total_inputs, overwrite=cfg.overwrite,
+                                            total_inputs=total_inputs, overwrite=overwrite,
                                             on_error=cfg.on_error, progress=cfg.progress)
     if not shards:
         raise ShardError(f"no image of {source} could be written ({len(skipped)} skipped: "
@@ -191,7 +199,7 @@ def _write(records: Iterator, *, total_inputs: int, name: str, out_dir: str, man
         source=source, command=_command(cfg), created=_now(),
     )
     manifest = write_manifest(manifest, manifest_path)
-    if cfg.overwrite:
+    if overwrite:
         _remove_stale(out_dir, name, len(shards))
     dt = time.perf_counter() - t0
     print(f"hdpipe shard: {name}: {written} images in {len(shards)} shards ({nbytes / 1e6:.1f} MB) in {dt:.1f} s "
@@ -308,19 +316,23 @@ def sample_manifest_paths(manifest: str) -> dict[str, str]:
     return {"train": manifest, "probe-train": f"{stem}-probe-train.json", "probe-test": f"{stem}-probe-test.json"}
 
 
-def _up_to_date(path: str, source: str, shard_size: int) -> bool:
-    """Whether `path` is a valid manifest of exactly this sample whose tars are intact."""
+def _sample_state(path: str, source: str, shard_size: int) -> str:
+    """'absent', 'intact' (this exact sample, tars verified), 'damaged' (this sample's manifest but a
+    tar is missing or changed) or 'other' (a different dataset or spec lives there)."""
     fs, p = fs_and_path(path)
     if not fs.exists(p):
-        return False
+        return "absent"
     try:
         m = read_manifest(path)
-        if m.source != source or m.shard_size != shard_size:
-            return False
+    except HdpipeError:
+        return "other"
+    if m.source != source or m.shard_size != shard_size:
+        return "other"
+    try:
         verify_shards(m, check_hashes=True)
     except HdpipeError:
-        return False
-    return True
+        return "damaged"
+    return "intact"
 
 
 def _shard_sample(cfg: ShardConfig) -> Path:
@@ -335,16 +347,24 @@ def _shard_sample(cfg: ShardConfig) -> Path:
     sizes = split_sizes(spec)
     for split in ("train", "probe-train", "probe-test"):
         source = spec.describe(split)
-        if not cfg.overwrite and _up_to_date(paths[split], source, shard_size):
-            # `dvc repro` or a second `hdpipe shard --sample` lands here: same spec, intact tars.
+        state = "absent" if cfg.overwrite else _sample_state(paths[split], source, shard_size)
+        if state == "intact":
+            # `dvc repro` or a second `hdpipe shard --sample` lands here: same spec, tars verified.
             print(f"hdpipe shard: {paths[split]} is up to date (same sample spec, tars verified); "
                   "nothing to do (pass --overwrite to rebuild)", file=sys.stderr)
             continue
+        # A damaged copy of this very sample (tar deleted or changed) is rebuilt in place: the
+        # build is deterministic, so this restores exactly what the manifest describes.
+        overwrite = cfg.overwrite or state == "damaged"
+        if state == "damaged":
+            print(f"hdpipe shard: {paths[split]}: a tar is missing or changed; rebuilding this sample",
+                  file=sys.stderr)
         out_dir = join_url(cfg.out_dir, names[split])
-        _refuse_existing(out_dir, names[split], paths[split], cfg.overwrite)
+        _refuse_existing(out_dir, names[split], paths[split], overwrite)
         _write(iter_split(spec, split), total_inputs=sizes[split], name=names[split], out_dir=out_dir,
                manifest_path=paths[split], shard_size=shard_size,
-               class_map=None if split == "train" else probe_class_map(), source=source, cfg=cfg)
+               class_map=None if split == "train" else probe_class_map(), source=source, cfg=cfg,
+               overwrite=overwrite)
     return Path(paths["train"])
 
 

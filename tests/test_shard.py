@@ -431,8 +431,11 @@ def test_sample_probe_test_pixels_are_held_out(sample):
     assert len(test) == 10 and overlaps == 0
 
 
-def test_sample_rerun_is_a_no_op_and_rebuild_is_identical(sample, capfd):
-    base, cfg, path = sample
+def test_sample_rerun_is_a_no_op_and_rebuild_is_identical(tmp_path, capfd):
+    base = tmp_path
+    cfg = dict(sample=True, out_dir=str(base / "shards"), manifest=str(base / "manifests" / "sample.json"),
+               sample_train=40, sample_probe_train=2, sample_probe_test=1, shard_size=16)
+    shard(_cfg(**cfg))
     manifests = sorted((base / "manifests").iterdir())
     before = {p.name: p.read_bytes() for p in manifests}
     tars = sorted((base / "shards").rglob("*.tar"))
@@ -445,12 +448,22 @@ def test_sample_rerun_is_a_no_op_and_rebuild_is_identical(sample, capfd):
     # a different sample in the same place is refused, naming the file
     with pytest.raises(ShardError, match="sample-000000.tar already exists"):
         shard(_cfg(**cfg, seed=1))
-    # a tar that changed is noticed: the sample is no longer up to date
+    # a damaged copy of the same sample (tar changed or deleted) is rebuilt in place, identically
     tars[0].write_bytes(b"tampered")
-    with pytest.raises(ShardError, match="already exists"):
-        shard(_cfg(**cfg))
-    shard(_cfg(**cfg, overwrite=True))
+    tars[-1].unlink()
+    shard(_cfg(**cfg))
+    assert capfd.readouterr().err.count("rebuilding this sample") == 2
     assert {p: _sha(p) for p in tars} == hashes
+    # SOURCE_DATE_EPOCH pins `created`, so a rebuild gives byte-identical manifests as well
+    os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
+    try:
+        shard(_cfg(**cfg, overwrite=True))
+        first = (base / "manifests" / "sample.json").read_bytes()
+        shard(_cfg(**cfg, overwrite=True))
+        assert (base / "manifests" / "sample.json").read_bytes() == first
+        assert read_manifest(base / "manifests" / "sample.json").created == "2023-11-14T22:13:20Z"
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
 
 
 def test_sample_counts_are_parameters(tmp_path):
