@@ -1,0 +1,165 @@
+"""Extraction overhead and scaling (not a test): prints a table, writes benchmarks/results/extract.json.
+
+    python benchmarks/bench_extract.py                 # ViT-S/16 at 224, 32 and 128 images, CPU
+    python benchmarks/bench_extract.py --images 64 --device cuda
+
+(a) Overhead: `extract()` of a MIM store (decode, render, forward with Q·Kᵀ hooks, masks, gather,
+    fp16 store writes, done markers) against a pure `forward_features` of the same teacher over the
+    same views and batch size, pre-rendered in memory. Target: <= 1.10x.
+(b) Scaling: the same run over 4x the images. Targets: time <= 4.2x, peak RSS <= 1.1x (each size
+    runs in its own subprocess so peak RSS is that run's alone; RSS is read right after extraction,
+    before the pure-forward baseline allocates its pre-rendered batch).
+
+Each child loads the teacher first (not timed: a dask worker loads it once per process), warms it
+up on one batch, then times extraction, then the pure forward. Random-init weights: the cost does
+not depend on the values. Images are JPEG crops of scikit-image's bundled photographs.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "extract.json"
+
+
+def make_dataset(folder: Path, n: int, shard_size: int, seed: int = 0) -> str:
+    """n JPEG crops (160-320 px) of skimage photos in tars of `shard_size`; returns the manifest path."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skd
+
+    from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+
+    photos = [skd.astronaut(), skd.coffee(), skd.chelsea(), skd.rocket(), skd.immunohistochemistry()]
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k in range((n + shard_size - 1) // shard_size):
+        url = f"bench-{k:06d}.tar"
+        first = k * shard_size
+        count = min(n, first + shard_size) - first
+        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(first, first + count):
+                photo = photos[index % len(photos)]
+                side = int(rng.integers(160, min(photo.shape[:2]) + 1))
+                y, x = (int(rng.integers(0, d - side + 1)) for d in photo.shape[:2])
+                buf = io.BytesIO()
+                Image.fromarray(photo[y:y + side, x:x + side]).convert("RGB").save(buf, "JPEG", quality=90)
+                meta = json.dumps({"index": index, "label": None, "name": f"b{index}.jpg", "source": "bench"}).encode()
+                for ext, body in (("jpg", buf.getvalue()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{index:09d}.{ext}")
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+        shards.append(ShardInfo(url, count, first, sha256_of(str(folder / url))))
+    path = folder / "bench.json"
+    write_manifest(Manifest(name="bench", shard_size=shard_size, total=n, shards=tuple(shards), class_map=None), path)
+    return str(path)
+
+
+def child(args) -> dict:
+    """One measured run (in its own process): extraction, then the pure-forward baseline."""
+    import torch
+
+    from pipeline.data import iter_shard
+    from pipeline.manifest import read_manifest
+    from pipeline.views import render
+    from stages.extract import ExtractConfig, extract, get_teacher, plan_for
+
+    cfg = ExtractConfig(manifest=args.manifest, teacher=f"timm:{args.model}", role="mim", random_init=True,
+                        model_kwargs={"img_size": args.img_size}, out=args.out, batch_size=args.batch_size,
+                        device=args.device, progress=False)
+    teacher = get_teacher(cfg)
+    with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
+        teacher.forward_targets(torch.zeros(args.batch_size, 3, teacher.img_size, teacher.img_size,
+                                            device=teacher.device), relation_layers=(teacher.depth - 1,))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    extract(cfg)
+    t_extract = time.perf_counter() - t0
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+    # Pure forward over the same views, pre-rendered (not timed), same batch size.
+    manifest = read_manifest(args.manifest)
+    plan = plan_for(cfg, teacher)
+    xs = []
+    for k in range(manifest.num_shards):
+        for s in iter_shard(manifest, k):
+            xs.append(render(s["image"], plan.view(s["index"], 0, *s["image"].size), teacher.img_size,
+                             teacher.interpolation))
+    batches = [teacher.normalize(torch.stack(xs[i:i + args.batch_size])) for i in range(0, len(xs), args.batch_size)]
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x in batches:
+            teacher.model.forward_features(x)
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize()
+    t_forward = time.perf_counter() - t0
+    return {"images": manifest.total, "extract_s": t_extract, "forward_s": t_forward,
+            "ratio": t_extract / t_forward, "rss_peak_mib": rss_peak / 1024, "rss_after_load_mib": rss_before / 1024,
+            "device": str(teacher.device), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=32, help="images of the small run; the large run has 4x")
+    p.add_argument("--factor", type=int, default=4, help="size ratio of the large run")
+    p.add_argument("--model", default="vit_small_patch16_224", help="timm ViT (random init)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--manifest", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        Path(args.result).write_text(json.dumps(child(args)))
+        return
+
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        tmp = Path(tmp)
+        for label, n in (("1x", args.images), (f"{args.factor}x", args.images * args.factor)):
+            manifest = make_dataset(tmp / f"data-{label}", n, args.shard_size)
+            cmd = [sys.executable, __file__, "--child", "--manifest", manifest, "--out", str(tmp / f"{label}.zarr"),
+                   "--result", str(tmp / f"{label}.json"), "--model", args.model, "--img-size", str(args.img_size),
+                   "--batch-size", str(args.batch_size), "--device", args.device]
+            subprocess.run(cmd, check=True)
+            runs[label] = json.loads((tmp / f"{label}.json").read_text())
+    small, large = runs["1x"], runs[f"{args.factor}x"]
+    summary = {
+        "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "shard_size": args.shard_size,
+        "device": small["device"], "torch_threads": small["threads"], "load_average_1min": os.getloadavg()[0],
+        "runs": runs,
+        "overhead_ratio": large["ratio"], "overhead_target": 1.10,
+        "time_scaling": large["extract_s"] / small["extract_s"], "time_scaling_target": 4.2,
+        "rss_scaling": large["rss_peak_mib"] / small["rss_peak_mib"], "rss_scaling_target": 1.1,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"bench_extract: {args.model} @ {args.img_size}px, batch {args.batch_size}, shard {args.shard_size}, "
+          f"{small['device']} ({small['threads']} threads, load avg {summary['load_average_1min']:.1f})")
+    print(f"{'run':<6}{'images':>8}{'extract s':>11}{'forward s':>11}{'ratio':>8}{'img/s':>8}{'peak RSS MiB':>14}")
+    for label, r in runs.items():
+        print(f"{label:<6}{r['images']:>8}{r['extract_s']:>11.2f}{r['forward_s']:>11.2f}{r['ratio']:>8.3f}"
+              f"{r['images'] / r['extract_s']:>8.1f}{r['rss_peak_mib']:>14.0f}")
+    print(f"overhead (extract / pure forward, {args.factor}x run): {summary['overhead_ratio']:.3f} (target <= 1.10)")
+    print(f"time scaling {args.factor}x images: {summary['time_scaling']:.2f}x (target <= 4.2x); "
+          f"peak RSS scaling: {summary['rss_scaling']:.3f}x (target <= 1.1x)")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
