@@ -76,7 +76,6 @@ TEACHERS: dict[str, TeacherSpec] = {
 }
 
 SPEC_FORMS = "mae, clip, deit, dino, timm:NAME, open_clip:NAME[:TAG], student:DIR"
-ROLES = ("mim", "disc")
 
 
 def _unknown(spec: str) -> HdpipeError:
