@@ -149,11 +149,9 @@ def embed_manifest(teacher, manifest_path: str, cfg: EvaluateConfig, device: tor
     from pipeline.probe import pool_tokens
 
     side = img_side(teacher)
-    num_prefix = None
     feats, labels, batch, batch_labels = [], [], [], []
 
     def flush():
-        nonlocal num_prefix
         x = teacher.normalize(torch.stack(batch))  # [B, 3, S, S] on the model's device
         # Final tokens after the final norm; forward_targets runs bf16 autocast on CUDA and raises
         # NonFiniteError on NaN/Inf.

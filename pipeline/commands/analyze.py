@@ -21,6 +21,7 @@ from pipeline.commands.evaluate import parse_model_kwargs
 @click.option("--layers", default=None, help="1-based blocks, e.g. '1,6,12'. [default: every block]")
 @click.option("--pooling", type=click.Choice(["cls", "mean"]), default=None, help="Image-level spectrum embedding. [default: mean]")
 @click.option("--crop-pct", type=float, default=None, help="Center view crop fraction. [default: 0.875]")
+@click.option("--interpolation", type=click.Choice(["bicubic", "bilinear", "nearest", "lanczos"]), default=None, help="Center view resize filter. [default: bicubic]")
 @click.option("--batch-size", type=int, default=None, help="Images per forward. [default: 16]")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N. [default: auto]")
 @click.option("--out-dir", default=None, help="Folder for analysis.json, PNGs and DVC CSVs. [default: reports/analyze]")

@@ -36,6 +36,7 @@ def parse_model_kwargs(text: str | None) -> dict | None:
 @click.option("--linear-weight-decay", type=float, default=None, help="Linear probe L2 λ: mean CE + λ/2·|W|². [default: 1e-4]")
 @click.option("--linear-max-iter", type=int, default=None, help="Linear probe L-BFGS iterations. [default: 500]")
 @click.option("--crop-pct", type=float, default=None, help="Center view: resize shorter side to img_size/crop_pct, crop img_size². [default: 0.875]")
+@click.option("--interpolation", type=click.Choice(["bicubic", "bilinear", "nearest", "lanczos"]), default=None, help="Center view resize filter. [default: bicubic]")
 @click.option("--batch-size", type=int, default=None, help="Images per forward. [default: 64]")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N. [default: auto]")
 @click.option("--out", default=None, help="Metrics JSON path. [default: reports/evaluate/<model>.json]")
