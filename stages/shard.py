@@ -63,7 +63,9 @@ class ShardConfig:
     on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop, or leave it out and list it in the manifest
     reencode: Literal["png", "jpeg"] = "png"  # non-JPEG inputs: lossless (PNG/WebP kept, others -> PNG) or JPEG
     jpeg_quality: int = 95  # JPEG quality (1-95) used only when reencode=jpeg
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images are bad inputs (pixels)
+    # Decompression-bomb guard (pixels): larger images are bad inputs. Pillow itself refuses images
+    # above 2x its own default (~358 Mpx) whatever this says.
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False  # replace existing tars/manifests instead of refusing
     workers: int = 1  # processes that read and check images (1 = in this process)
     sample_train: int = 512  # bundled sample: unlabeled training crops
@@ -91,8 +93,12 @@ class ShardConfig:
             raise ConfigError(f"name {self.name!r} must be letters, digits, '_', '.', '-' (it names files)")
 
 
-def shard(cfg: ShardConfig) -> Path:
-    """Write the shards and manifest(s) described by `cfg`; returns the (training) manifest path."""
+def shard(cfg: ShardConfig) -> Path | str:
+    """Write the shards and manifest(s) described by `cfg`; returns the (training) manifest path.
+
+    The path is a `Path` for a local manifest and the URL string for an fsspec URL (`Path` would
+    collapse `s3://` into `s3:/`); `read_manifest` takes either.
+    """
     cfg.validate()
     if cfg.sample:
         return _shard_sample(cfg)
@@ -144,6 +150,10 @@ def _manifest_url(tar_url: str, manifest_path: str) -> str:
         rel = os.path.relpath(os.path.abspath(tar), os.path.dirname(os.path.abspath(manifest_path)))
         return rel.replace(os.sep, "/")
     return tar_url
+
+
+def _as_path(manifest: str) -> Path | str:
+    return manifest if "://" in manifest else Path(manifest)
 
 
 def _default_manifest(name: str) -> str:
@@ -304,7 +314,7 @@ def _shard_folder(cfg: ShardConfig) -> Path:
     _write(_prepared(jobs, cfg.workers), total_inputs=len(jobs), name=name, out_dir=out_dir,
            manifest_path=manifest_path, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
            class_map=class_map, source=source, cfg=cfg)
-    return Path(manifest_path)
+    return _as_path(manifest_path)
 
 
 # ---- the bundled sample ----------------------------------------------------------------------
@@ -365,7 +375,7 @@ def _shard_sample(cfg: ShardConfig) -> Path:
                manifest_path=paths[split], shard_size=shard_size,
                class_map=None if split == "train" else probe_class_map(), source=source, cfg=cfg,
                overwrite=overwrite)
-    return Path(paths["train"])
+    return _as_path(paths["train"])
 
 
 # ---- indexing existing tars ------------------------------------------------------------------
@@ -375,14 +385,17 @@ def expand_urls(spec: str) -> list[str]:
     """URLs from a list file (one per line, '#' comments) or a brace pattern like x-{000000..000003}.tar."""
     import braceexpand
 
-    if not ("{" in spec or "://" in spec) and os.path.isfile(spec) and not spec.endswith(".tar"):
+    if "{" in spec or "://" in spec or spec.endswith(".tar"):
+        urls = list(braceexpand.braceexpand(spec))
+    elif os.path.isfile(spec):
         with open(spec) as f:
             lines = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
         if not lines:
             raise ShardError(f"URL list {spec} is empty")
         urls = [u for ln in lines for u in braceexpand.braceexpand(ln)]
     else:
-        urls = list(braceexpand.braceexpand(spec))
+        raise ShardError(f"--urls {spec}: no such list file, and not a tar URL or brace pattern "
+                         "(e.g. 'data/x-{000000..000003}.tar')")
     return [u if "://" in u else os.path.abspath(u) for u in urls]
 
 
@@ -460,4 +473,4 @@ def _index_urls(cfg: ShardConfig) -> Path:
     dt = time.perf_counter() - t0
     print(f"hdpipe shard: {name}: indexed {manifest.total} samples in {len(urls)} tars in {dt:.1f} s "
           f"-> {manifest_path}", file=sys.stderr)
-    return Path(manifest_path)
+    return _as_path(manifest_path)

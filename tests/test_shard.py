@@ -372,6 +372,8 @@ def test_index_refuses_uneven_tars_and_missing_ones(tmp_path):
     _foreign_tars(tmp_path / "tars", [3, 2, 3])
     with pytest.raises(ShardError, match="x-000001.tar holds 2 samples but shard_size is 3"):
         shard(_cfg(urls=str(tmp_path / "tars" / "x-{000000..000002}.tar"), manifest=str(tmp_path / "x.json")))
+    with pytest.raises(ShardError, match="no such list file"):
+        shard(_cfg(urls=str(tmp_path / "nolist.txt"), manifest=str(tmp_path / "z.json")))
     with pytest.raises(ShardError, match="x-000003.tar does not exist"):
         shard(_cfg(urls=str(tmp_path / "tars" / "x-{000002..000003}.tar"), manifest=str(tmp_path / "y.json")))
 
@@ -482,3 +484,30 @@ def test_manifest_pointing_at_missing_tar(tree, tmp_path):
         verify_shards(m)
     with pytest.raises(ManifestError, match="d-000001.tar is missing"):
         list(iter_shard(m, 1))
+
+
+def test_fsspec_urls_for_tars_and_manifest(tree):
+    """Tars and manifest on a non-local fsspec filesystem (memory://): written, indexed and read back."""
+    import fsspec
+
+    from pipeline.data import shard_dataset
+
+    root, want = tree
+    fs = fsspec.filesystem("memory")
+    try:
+        path = shard(_cfg(input=str(root), name="mem", out_dir="memory://hdpipe-test/shards",
+                          manifest="memory://hdpipe-test/mem.json", shard_size=4))
+        m = read_manifest("memory://hdpipe-test/mem.json")
+        assert path == "memory://hdpipe-test/mem.json" and m.total == len(want)
+        assert m.shards[0].url == "memory://hdpipe-test/shards/mem/mem-000000.tar"
+        verify_shards(m)
+        assert m.shards[1].sha256 == hashlib.sha256(fs.cat("/hdpipe-test/shards/mem/mem-000001.tar")).hexdigest()
+        names = [r["name"] for r in shard_dataset(m, decode=False)]
+        assert names == sorted(want)
+        # index the same tars by URL pattern into a second manifest: same content digest
+        m2 = read_manifest(shard(_cfg(urls="memory://hdpipe-test/shards/mem/mem-{000000..000002}.tar",
+                                      manifest="memory://hdpipe-test/mem2.json")))
+        assert m2.digest() == m.digest()
+    finally:
+        if fs.exists("/hdpipe-test"):
+            fs.rm("/hdpipe-test", recursive=True)
