@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
+from PIL import Image
 
 from pipeline.errors import ConfigError, NonFiniteError, ShardError, StoreError
 
@@ -238,48 +239,34 @@ def get_teacher(cfg: ExtractConfig, device=None):
 
 @dataclass
 class Row:
-    """One sample of a tar shard: its image, or why it could not be read."""
+    """One sample of a tar shard, still encoded: images are decoded batch by batch on the prefetch
+    thread, so a shard of 1024 ImageNet JPEGs costs ~110 MB of bytes, not ~600 MB of pixels."""
 
     index: int  # global sample index
     name: str  # original relative path (for messages)
-    image: Any  # PIL RGB image, None when unreadable
-    error: str | None = None  # why the image could not be decoded
+    data: bytes  # the encoded image as stored in the tar
+    error: str | None = None  # why the image could not be decoded (set when on_error=skip)
 
 
-def _decode(data: Any):
-    """PIL RGB image from the bytes stored in the tar (or an already decoded image)."""
-    from PIL import Image
+# What PIL raises for damaged, non-image or oversized (decompression bomb) bytes.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
+
+def decode_image(data: bytes):
+    """PIL RGB image from encoded bytes; raises one of _DECODE_ERRORS for damaged data."""
     with Image.open(io.BytesIO(data)) as im:
-        im.load()
+        im.load()  # decode fully now: a truncated file fails here, not later inside a resize
         return im.convert("RGB")
 
 
-def read_rows(manifest, k: int, on_error: str) -> list[Row]:
-    """Every sample of tar shard k in index order; unreadable images fail or are recorded (on_error)."""
-    from PIL import Image
-
+def read_rows(manifest, k: int) -> list[Row]:
+    """Every sample of tar shard k, in index order, still encoded (checked against the manifest)."""
     from pipeline.data import iter_shard
 
     info = manifest.shards[k]
-    rows: list[Row] = []
-    for sample in iter_shard(manifest, k, decode=False):
-        try:
-            image = _decode(sample["image"])
-            rows.append(Row(int(sample["index"]), str(sample.get("name", "")), image))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            reason = f"{type(e).__name__}: {e}"
-            if on_error == "fail":
-                raise ShardError(
-                    f"image {sample['index']:09d} ({sample.get('name', '?')}) in shard {k} ({info.url}) cannot be "
-                    f"decoded: {reason}; re-run with --on-error skip to store it as valid=false"
-                ) from None
-            rows.append(Row(int(sample["index"]), str(sample.get("name", "")), None, reason))
-    expected = list(range(info.first_index, info.first_index + info.count))
+    rows = [Row(int(s["index"]), str(s.get("name", "")), s["image"]) for s in iter_shard(manifest, k, decode=False)]
     got = [r.index for r in rows]
-    if got != expected:
+    if got != list(info.indices):
         raise ShardError(
             f"shard {k} ({info.url}) holds indices {got[:3]}...{got[-3:]} ({len(got)} samples) but the manifest "
             f"says [{info.first_index}, {info.first_index + info.count}); rebuild it with `hdpipe shard`"
@@ -494,13 +481,15 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
 
     Runs in the driver process or on a dask worker; everything it needs is rebuilt from `cfg` (the
     teacher comes from this process's cache). `progress(n)` is called after each batch of n views.
+    Images are decoded and rendered on a prefetch thread, batch by batch; an unreadable image stops
+    the shard (on_error=fail, nothing of it is written) or is stored as valid=false (skip).
     """
     import torch
 
     from pipeline.device import autocast
     from pipeline.manifest import read_manifest
     from pipeline.store import TargetStore
-    from pipeline.views import View, render
+    from pipeline.views import View, ViewPlan, render
 
     t0 = time.perf_counter()
     manifest = read_manifest(cfg.manifest)
@@ -514,72 +503,80 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
             f"teacher {cfg.teacher} on this worker has weights digest {teacher.weights_digest[:12]} but the store "
             f"{store_url(cfg)} was created with {attrs['weights_digest'][:12]}; every worker must load the same weights"
         )
-    rows = read_rows(manifest, k, cfg.on_error)
+    info = manifest.shards[k]
+    rows = read_rows(manifest, k)
     S, V = len(rows), store.views
-    size = teacher.img_size
-    interp = teacher.interpolation
-    valid = np.array([r.image is not None for r in rows], dtype=bool)
-
-    if role == "mim":
-        from pipeline.views import ViewPlan
-
-        plan = ViewPlan.from_attrs(attrs["view_plan"])
-        layers = tuple(attrs["relation_layers"])
-        extras = tuple(attrs["extra_targets"])
-        views_arr = np.zeros((S, V, 5), np.float32)
-        view_of: dict[tuple[int, int], Any] = {}
-        for r, row in enumerate(rows):
-            if row.image is None:
-                continue
-            w, h = row.image.size
-            for v in range(V):
-                view = plan.view(row.index, v, w, h)
-                view_of[(r, v)] = view
-                views_arr[r, v] = view.as_row()
-        keep_src = None
-    else:
-        mim = TargetStore.open(attrs["mim_store"])
-        got = mim.read_shard(k, names=["views", "keep_progressive", "valid"])
-        valid &= got["valid"].astype(bool)
-        view_of = {}
-        for r in range(S):
-            if valid[r]:
-                for v in range(V):
-                    view_of[(r, v)] = View.from_row(got["views"][r, v])
-        keep_src = got["keep_progressive"]  # int16 [S, V, n_keep]
-
+    size, interp = teacher.img_size, teacher.interpolation
+    valid = np.ones(S, dtype=bool)
     # Whole-shard outputs, filled batch by batch; rows of unreadable samples stay zero (valid=false).
     out = {name: np.zeros(((S, V) if spec.per_view else (S,)) + spec.shape_tail, dtype=spec.dtype)
            for name, spec in store.arrays.items()}
     if role == "mim":
-        out["views"] = views_arr
+        plan = ViewPlan.from_attrs(attrs["view_plan"])
+        layers, extras = tuple(attrs["relation_layers"]), tuple(attrs["extra_targets"])
+        mim_views = keep_src = None
+    else:
+        plan = None
+        got = TargetStore.open(attrs["mim_store"]).read_shard(k, names=["views", "keep_progressive", "valid"])
+        valid &= got["valid"].astype(bool)  # no views or masks exist for samples the MIM run skipped
+        mim_views, keep_src = got["views"], got["keep_progressive"]  # [S, V, 5], int16 [S, V, n_keep]
     items = [(r, v) for r in range(S) if valid[r] for v in range(V)]
     batches = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
 
-    def prepare(batch):  # -> float32 [B, 3, size, size], normalized for this teacher
-        x = torch.stack([render(rows[r].image, view_of[(r, v)], size, interp) for r, v in batch])
-        return teacher.normalize(x)
+    def prepare(batch):
+        """(x float32 [B, 3, size, size] normalized on the device, ok bool [B]) for (row, view) pairs."""
+        images = {}
+        for r in dict.fromkeys(r for r, _ in batch):
+            try:
+                images[r] = decode_image(rows[r].data)
+            except _DECODE_ERRORS as e:
+                reason = f"{type(e).__name__}: {e}"
+                if cfg.on_error == "fail":
+                    raise ShardError(
+                        f"image {rows[r].index:09d} ({rows[r].name}) in shard {k} ({info.url}) cannot be decoded: "
+                        f"{reason}; re-run with --on-error skip to store it as valid=false"
+                    ) from None
+                rows[r].error = reason
+        xs, ok = [], []
+        for r, v in batch:
+            if r not in images:
+                xs.append(torch.zeros(3, size, size))
+                ok.append(False)
+                continue
+            if plan is not None:  # MIM: the view is a pure function of (seed, index, view id)
+                view = plan.view(rows[r].index, v, *images[r].size)
+                out["views"][r, v] = view.as_row()
+            else:  # disc: exactly the view the MIM teacher saw
+                view = View.from_row(mim_views[r, v])
+            xs.append(render(images[r], view, size, interp))
+            ok.append(True)
+        return teacher.normalize(torch.stack(xs)), np.array(ok)
 
     with torch.inference_mode():
-        for batch, x in _prefetched(batches, prepare):
-            x = x.to(device, non_blocking=True)
+        for batch, (x, ok) in _prefetched(batches, prepare):
             with autocast(device):
                 if role == "mim":
                     res = mim_batch(teacher, x, layers, extras, float(attrs["mask"]["ratio"]), attrs["tokens"])
                 else:
                     keep = torch.as_tensor(np.stack([keep_src[r, v] for r, v in batch]).astype(np.int64))
                     res = disc_batch(teacher, x, keep.to(device), attrs["tokens"])
-            rr = np.array([r for r, _ in batch])
-            vv = np.array([v for _, v in batch])
+            rr = np.array([r for r, _ in batch])[ok]
+            vv = np.array([v for _, v in batch])[ok]
             for name, t in res.items():
-                _check_finite(cfg, k, name, t.float() if t.is_floating_point() else t)
-                out[name][rr, vv] = t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+                t = t[torch.as_tensor(ok, device=t.device)]
+                if t.is_floating_point():
+                    t = t.float()
+                    _check_finite(cfg, k, name, t)
+                out[name][rr, vv] = t.cpu().numpy()
             if progress is not None:
                 progress(len(batch))
+    for r, row in enumerate(rows):
+        if row.error is not None:
+            valid[r] = False
     out["valid"] = valid
     skipped = [{"index": row.index, "name": row.name, "reason": row.error or "invalid in the MIM store"}
                for row, ok in zip(rows, valid) if not ok]
-    summary = {"shard": k, "rows": S, "views": len(items), "skipped": skipped,
+    summary = {"shard": k, "rows": S, "views": int(valid.sum()) * V, "skipped": skipped,
                "seconds": round(time.perf_counter() - t0, 3), "device": str(device), "pid": os.getpid(),
                "autocast": "bf16" if device.type == "cuda" else "none"}
     store.write_shard(k, out, summary)
