@@ -63,18 +63,16 @@ def split(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
-    """A stage-two export as the contract describes: timm weights + config.json (here depth 4, random)."""
+    """A stage-two export written by distill's own exporter (here a depth-4 random timm ViT)."""
     import timm
-    from safetensors.torch import save_file
+
+    from pipeline.checkpoint import export_student
 
     folder = tmp_path_factory.mktemp("run") / "student"
-    folder.mkdir()
     kwargs = {"img_size": 64, "patch_size": 8, "depth": 4}
     torch.manual_seed(7)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": kwargs}))
-    return folder
+    return export_student(model.state_dict(), "vit_tiny_patch16_224", kwargs, folder)
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -266,6 +264,20 @@ def test_evaluate_command_reads_config_section(split, student_dir, tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["model"] == f"student:{student_dir}" and metrics["knn"]["k"] == 3 and metrics["pooling"] == "mean"
     assert 0.0 <= metrics["knn"]["top1"] <= metrics["knn"]["top5"] <= 1.0
+    # The student's own exported weights were used: the same k-NN on timm's forward of that export agrees.
+    from pipeline.checkpoint import load_exported
+    from stages.evaluate import center_view, iter_images
+
+    model = load_exported(student_dir)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def embed(path):
+        ims, labels = zip(*[(center_view(im, 64), lab) for im, lab, _ in iter_images(path, progress=False)])
+        with torch.no_grad():
+            return model.forward_features((torch.stack(ims) - mean) / std)[:, 1:].mean(1), torch.tensor(labels)
+
+    want = knn_accuracy(*embed(split["train"]), *embed(split["test"]), k=3)
+    assert metrics["knn"]["top1"] == pytest.approx(want[1]) and metrics["knn"]["top5"] == pytest.approx(want[5])
 
 
 @pytest.mark.parametrize("argv,needle", [
