@@ -178,3 +178,20 @@ def test_truncated_tar_names_it(data, tmp_path):
     broken = Manifest(**{**m.__dict__, "shards": tuple(shards)})
     with pytest.raises(ShardError, match="cut.tar: truncated or corrupt tar"):
         list(iter_shard(broken, 2, decode=False))
+
+
+def test_plain_webdataset_reads_our_tars(data):
+    """Interop: webdataset's own WebDataset + decode("pil") sees our keys, labels and metadata."""
+    import warnings
+
+    import webdataset as wds
+
+    m, want = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = wds.WebDataset(m.shard_urls(), shardshuffle=False, nodesplitter=None).decode("pil")
+        samples = list(ds)
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(N_IMAGES)]
+    for s in samples:
+        assert s["cls"] == want[s["json"]["name"]][0] == s["json"]["label"]
+        assert s["json"]["index"] == int(s["__key__"])
