@@ -73,7 +73,7 @@ class AnalyzeConfig:
 
 
 @torch.no_grad()
-def analyze_model(teacher, cfg: AnalyzeConfig, label: str, device: torch.device) -> dict:
+def analyze_model(teacher, cfg: AnalyzeConfig, label: str) -> dict:
     """All metrics of one loaded model over the manifest's first `num_images` images.
 
     Returns {"layers": [l...], "attention_distance" / "nmi" / "entropy": [[H] per layer],
@@ -85,7 +85,7 @@ def analyze_model(teacher, cfg: AnalyzeConfig, label: str, device: torch.device)
     from stages.evaluate import center_view, img_side, iter_images
 
     depth = int(teacher.depth)
-    layers = tuple(cfg.layers) or tuple(range(1, depth + 1))
+    layers = tuple(sorted(set(cfg.layers))) or tuple(range(1, depth + 1))
     if max(layers) > depth:
         raise ConfigError(f"analyze: layer {max(layers)} asked for but {label} has {depth} blocks (key 'layers')")
     side = img_side(teacher)
@@ -165,7 +165,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     for spec, label in zip(cfg.models, labels):
         print(f"hdpipe analyze: {label} ({spec})", file=sys.stderr)
         teacher = load_subject(spec, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device)
-        res = analyze_model(teacher, cfg, label, device)
+        res = analyze_model(teacher, cfg, label)
         res["spec"] = spec
         res["random_init"] = bool(cfg.random_init and not spec.startswith("student:"))
         models[label] = res

@@ -168,7 +168,7 @@ def test_analyze_matches_independently_extracted_attention(split):
 
     teacher = load_teacher(TIMM, random_init=True, model_kwargs=TINY, device="cpu")
     cfg = AnalyzeConfig(models=(TIMM,), manifest=split["test"], num_images=7, batch_size=3, progress=False)
-    got = analyze_model(teacher, cfg, "tiny", torch.device("cpu"))
+    got = analyze_model(teacher, cfg, "tiny")
     assert got["layers"] == [1, 2, 3, 4, 5, 6] and got["images"] == 7 and got["grid"] == [8, 8]
 
     images = [center_view(im, 64) for im, _, _ in iter_images(split["test"], limit=7, progress=False)]
@@ -191,6 +191,13 @@ def test_analyze_matches_independently_extracted_attention(split):
         s = np.linalg.svd(emb - emb.mean(0), compute_uv=False)[:6]  # centered 7 images: rank <= 6
         np.testing.assert_allclose(got["spectrum_image"][i], np.maximum(np.log(s) - np.log(s[0]), analysis.LOG_SV_FLOOR),
                                    atol=2e-3)
+    # a layer subset (unsorted, repeated) gives the same numbers for those layers, batch size aside
+    import dataclasses
+
+    sub = analyze_model(teacher, dataclasses.replace(cfg, layers=(6, 2, 2), batch_size=7), "tiny")
+    assert sub["layers"] == [2, 6]
+    for key in ("attention_distance", "nmi", "entropy", "spectrum_token", "spectrum_image"):
+        np.testing.assert_allclose(sub[key], [got[key][1], got[key][5]], rtol=1e-4, atol=1e-5)
     # attention distance can be no larger than the largest patch-center distance on the 64-px input
     assert max(max(d) for d in got["attention_distance"]) < 7 * 8 * 2 ** 0.5
 
