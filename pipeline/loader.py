@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import functools
 import io
+import json
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
@@ -127,8 +129,37 @@ class _Sources:
     valid_stores: tuple[str, ...]  # stores whose `valid` rows are ANDed
 
 
-def _extract_hint(cfg: LoaderConfig, teacher: str, extra: str = "") -> str:
-    return f"hdpipe extract --manifest {cfg.manifest} --teacher {teacher}{extra}"
+def _extract_hint(cfg: LoaderConfig, attrs: dict, url: str, overwrite: bool = False, **change: str) -> str:
+    """The `hdpipe extract` command that (re)builds the store at `url` as its attributes describe,
+    with the flags in `change` (e.g. tokens="all") swapped in: the user copies it as it is."""
+    role = attrs.get("role", "mim")
+    flags: dict[str, str | None] = {"teacher": attrs.get("teacher", "<teacher>"), "role": role,
+                                    "manifest": cfg.manifest, "out": url}
+    if attrs.get("checkpoint"):
+        flags["checkpoint"] = str(attrs["checkpoint"])
+    if attrs.get("random_init"):
+        flags["random-init"] = None
+        flags["seed"] = str(attrs.get("init_seed", 0))
+    if attrs.get("model_kwargs"):
+        flags["model-kwargs"] = "'" + json.dumps(attrs["model_kwargs"], sort_keys=True) + "'"
+    if role == "mim":
+        plan = attrs.get("view_plan") or {}
+        if "seed" in plan:
+            flags["seed"] = str(plan["seed"])
+        if "views" in plan:
+            flags["views"] = str(plan["views"])
+        flags["tokens"] = str(attrs.get("tokens", "kept"))
+        if attrs.get("relation_layers"):
+            flags["relation-layers"] = ",".join(str(x) for x in attrs["relation_layers"])
+        if attrs.get("extra_targets"):
+            flags["extra-targets"] = ",".join(attrs["extra_targets"])
+    elif attrs.get("mim_store"):
+        flags["mim-store"] = str(attrs["mim_store"])
+    if attrs.get("precision"):
+        flags["precision"] = str(attrs["precision"])
+    flags.update({k.replace("_", "-"): v for k, v in change.items()})
+    parts = ["hdpipe extract"] + [f"--{k}" if v is None else f"--{k} {v}" for k, v in flags.items()]
+    return " ".join(parts + (["--overwrite"] if overwrite else []))
 
 
 def _open_store(url: str):
@@ -176,7 +207,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
             continue
         store = _open_store(url)
         teacher = _teacher(store.attrs)
-        store.require_complete(_extract_hint(cfg, teacher) + f" --out {url}")
+        store.require_complete(_extract_hint(cfg, store.attrs, url))
         want_role = "mim" if role == "mim_store" else "disc"
         got_role = _attr(store.attrs, "role", default=want_role)
         if got_role != want_role:
@@ -185,7 +216,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
         if got != digest:
             raise StoreError(
                 f"{role} {url} was built from another manifest: manifest_digest {got!r} != {digest!r} "
-                f"of {cfg.manifest}; rebuild it with `{_extract_hint(cfg, teacher)} --out {url} --overwrite`"
+                f"of {cfg.manifest}; rebuild it with `{_extract_hint(cfg, store.attrs, url, overwrite=True)}`"
             )
         opened[role] = store
     mim, disc = opened["mim_store"], opened.get("disc_store")
@@ -198,7 +229,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
                 raise StoreError(
                     f"stores disagree on {disc_key}: mim_store {mim_url} has {a!r}, disc_store "
                     f"{cfg.disc_store} has {b!r}; rebuild the disc store against this MIM store with "
-                    f"`{_extract_hint(cfg, _teacher(disc.attrs))} --mim-store {mim_url} --out {cfg.disc_store} --overwrite`"
+                    f"`{_extract_hint(cfg, disc.attrs, cfg.disc_store, overwrite=True, mim_store=mim_url)}`"
                 )
     attrs = mim.attrs
     tokens = str(_attr(attrs, "tokens"))
@@ -208,7 +239,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
         raise StoreError(
             f"masking {cfg.masking!r} needs targets for every token, but {mim_url} holds only the "
             f"progressive-kept tokens (tokens: kept); re-extract with "
-            f"`{_extract_hint(cfg, _teacher(attrs))} --out {mim_url} --tokens all --overwrite`"
+            f"`{_extract_hint(cfg, attrs, mim_url, overwrite=True, tokens='all')}` (then rebuild the disc store against it)"
         )
     grid = _attr(attrs, "grid")
     num_patches = int(np.prod(grid))
@@ -225,7 +256,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
             want = ",".join(str(x) for x in sorted(set(stored) | set(asked)))
             raise StoreError(
                 f"relation layers {missing} are not in mim_store {mim_url} (it holds {list(stored)}); re-extract "
-                f"with `{_extract_hint(cfg, _teacher(attrs))} --out {mim_url} --relation-layers {want} --overwrite`"
+                f"with `{_extract_hint(cfg, attrs, mim_url, overwrite=True, relation_layers=want)}`"
             )
         layer_pos = tuple(stored.index(layer) for layer in asked)
         if asked:
@@ -234,7 +265,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
                 extras = sorted((set(have) - {"relations"}) | {cfg.mim_target})
                 raise StoreError(
                     f"mim_target {cfg.mim_target!r} is not stored in {mim_url} (it holds {sorted(have)}); re-extract "
-                    f"with `{_extract_hint(cfg, _teacher(attrs))} --out {mim_url} --extra-targets {','.join(extras)} --overwrite`"
+                    f"with `{_extract_hint(cfg, attrs, mim_url, overwrite=True, extra_targets=','.join(extras))}`"
                 )
             mim_array = cfg.mim_target
     valid_stores = tuple(u for u in (mim_url, cfg.disc_store) if u is not None)
@@ -281,9 +312,9 @@ def steps_per_epoch(cfg: LoaderConfig, world_size: int) -> int:
     each rank gets at least m whole shards in every epoch, so it always has that many samples.
     With drop_last=False (world_size 1 only) the last partial batch counts too.
     """
-    counts = sorted(int(v.sum()) for v in _valid(cfg))
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    counts = sorted(int(v.sum()) for v in _valid(cfg))
     if not cfg.drop_last and world_size != 1:
         raise ConfigError("loader drop_last=False gives ranks unequal step counts; it is allowed only with world_size 1")
     m = len(counts) // world_size
@@ -293,9 +324,13 @@ def steps_per_epoch(cfg: LoaderConfig, world_size: int) -> int:
             f"at least one whole shard; re-shard with a smaller shard_size"
         )
     least = sum(counts[:m])
-    if cfg.drop_last:
-        return least // cfg.batch_size
-    return -(-least // cfg.batch_size)
+    steps = least // cfg.batch_size if cfg.drop_last else -(-least // cfg.batch_size)
+    if steps == 0:
+        raise ConfigError(
+            f"loader batch_size {cfg.batch_size} exceeds the {least} valid samples a rank is sure to get "
+            f"({m} of the {len(counts)} shards of {cfg.manifest} over {world_size} ranks); lower batch_size"
+        )
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,9 +494,14 @@ class _ShardTargets:
         return View.from_row(self.view_arrays["views"][local, view])
 
 
-@functools.lru_cache(maxsize=8)
 def _store(url: str):
-    """Stores opened once per process (workers open their own: zarr handles are not shared)."""
+    """The store at `url`, opened once per process: a forked DataLoader worker opens its own
+    rather than reuse the parent's handles (fsspec/zarr I/O state is not fork-safe for remote URLs)."""
+    return _store_in(url, os.getpid())
+
+
+@functools.lru_cache(maxsize=16)
+def _store_in(url: str, pid: int):
     return _open_store(url)
 
 

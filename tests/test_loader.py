@@ -338,8 +338,12 @@ def test_incomplete_store_names_missing_shards_and_the_command(world, tmp_path):
     copy = tmp_path / "mim.zarr"
     shutil.copytree(world["kept"][0], copy)
     (copy / "done" / "000002.json").unlink()
-    with pytest.raises(StoreError, match=r"incomplete.*\(2\).*hdpipe extract"):
+    with pytest.raises(StoreError, match=r"incomplete.*\(2\).*hdpipe extract") as err:
         build_loader(cfg_for(world["uneven"], (str(copy), None)), 0)
+    # The command rebuilds this very store: same teacher, weights, model, views and tokens.
+    for part in (f"--teacher {MIM}", "--role mim", "--random-init", f"--out {copy}", "--views 2", "--tokens kept",
+                 '--model-kwargs \'{"depth": 3, "img_size": 32, "patch_size": 8}\'', "--extra-targets attention"):
+        assert part in str(err.value), part
 
 
 def test_store_from_another_manifest_is_refused(world):
@@ -377,6 +381,8 @@ def test_config_errors(world):
         steps_per_epoch(cfg_for(world["uneven"], world["kept"], drop_last=False), 2)
     with pytest.raises(ConfigError, match="target store"):
         cfg_for(world["uneven"], (None, None)).validate()
+    with pytest.raises(ConfigError, match="batch_size 30 exceeds the 21 valid samples"):
+        steps_per_epoch(cfg_for(world["uneven"], world["kept"], batch_size=30), 1)
 
 
 def test_drop_last_false_keeps_the_last_partial_batch(world):
