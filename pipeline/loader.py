@@ -283,21 +283,21 @@ def _check(cfg: LoaderConfig) -> _Sources:
 
 @functools.lru_cache(maxsize=16)
 def _valid_rows(manifest_path: str, store_urls: tuple[str, ...]) -> tuple[np.ndarray, ...]:
-    """Per shard: bool [count] rows that every store marks valid (whole-shard reads of `valid`)."""
+    """Per shard: bool [count] rows that every store marks valid.
+
+    `valid` is one bool per sample, so the whole array is read in one call (zarr fetches its shard
+    files concurrently) rather than one request per shard; cached per process for later epochs.
+    """
     from pipeline.manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
-    stores = [_open_store(u) for u in store_urls]
-    out = []
-    for k, info in enumerate(manifest.shards):
-        ok = np.ones(info.count, dtype=bool)
-        for store in stores:
-            v = np.asarray(store.read_shard(k, names=["valid"])["valid"], dtype=bool)
-            if v.shape != (info.count,):
-                raise StoreError(f"store shard {k} has {v.shape[0]} rows, manifest says {info.count}")
-            ok &= v
-        out.append(ok)
-    return tuple(out)
+    ok = np.ones(manifest.total, dtype=bool)
+    for url in store_urls:
+        store = _open_store(url)
+        if store.total != manifest.total:
+            raise StoreError(f"store {url} has {store.total} samples, manifest {manifest_path} has {manifest.total}")
+        ok &= np.asarray(store.read_rows(np.arange(manifest.total), names=["valid"])["valid"], dtype=bool)
+    return tuple(ok[s.first_index : s.first_index + s.count] for s in manifest.shards)
 
 
 def _valid(cfg: LoaderConfig) -> tuple[np.ndarray, ...]:
@@ -533,12 +533,8 @@ class _PlanDataset(IterableDataset):
         self.cfg, self.src, self.plan = cfg, src, plan
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        w = 0 if info is None else info.id
-        if info is not None:
-            # One decode thread per worker: the workers are the parallelism, oversubscription only hurts.
-            torch.set_num_threads(1)
-        yield from self._pieces(w)
+        info = get_worker_info()  # None in the main process (num_workers 0): stream 0
+        yield from self._pieces(0 if info is None else info.id)
 
     def _pieces(self, w: int) -> Iterator[dict[str, Any]]:
         from pipeline.data import iter_shard
