@@ -11,7 +11,8 @@ Run directory `<runs_dir>/<name>/`:
     config.yaml          resolved DistillConfig
     env.json             git SHA, package versions, command line, world size, device
     log.jsonl            one JSON line per optimizer step: step, epoch, lr, loss, loss_features,
-                         loss_relations, images_per_s (global), and one line per epoch end
+                         loss_relations, images_per_s (global, this step), elapsed_s (wall seconds
+                         since this process started the run), and one line per epoch end
     plots/loss.csv       the same per step, for `dvc plots`
     metrics.json         last epoch's averaged meters (DVC metrics)
     checkpoints/last.pt  atomic checkpoint, every `checkpoint_every` optimizer steps and at each
@@ -298,6 +299,7 @@ class RunLog:
         self.jsonl = run_dir / "log.jsonl"
         self.csv = run_dir / "plots" / "loss.csv"
         self.enabled = enabled
+        self.t_start = time.perf_counter()  # `elapsed_s` of each row counts from here (this process)
 
     def truncate(self, step: int) -> None:
         """Keep rows of steps <= `step` (those after the checkpoint are redone on resume)."""
@@ -414,6 +416,7 @@ def train_one_epoch(
                 "step": state.step, "epoch": state.epoch, "lr": lr,
                 "loss": meters[0].item(), "loss_features": meters[1].item(), "loss_relations": meters[2].item(),
                 "images_per_s": round(images * dist_info.world_size / max(dt, 1e-9), 2),
+                "elapsed_s": round(time.perf_counter() - log.t_start, 4),
             })
         t0 = time.perf_counter()
         images = 0

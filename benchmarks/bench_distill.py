@@ -1,0 +1,285 @@
+"""Stage two throughput: cached targets vs the student-only ceiling vs online hybrid distillation.
+
+One run, one machine, the same models, views and batch:
+  (a) ceiling  - the distill training step (`stages.distill.train_one_epoch`: forward on the kept
+                 tokens, hybrid loss, backward, AdamW) on batches already in memory: no loading.
+  (b) cached   - the same step fed by the real stage-two loader (`pipeline.loader.build_loader` as
+                 `distill` configures it): DataLoader workers decoding the tar shards, replaying the
+                 stored views, reading whole Zarr target shards, epoch after epoch (a new plan and
+                 worker start-up at every boundary included).
+  (c) online   - hybrid distillation as usually run: both teachers forward every step on the same
+                 views (the extraction code's `mim_batch` / `disc_batch`: relations, progressive
+                 masks, features), then the same student step. Its images come from memory, so (c)
+                 is an upper bound of online speed and (b)/(c) is conservative.
+Targets (issue 4, on CPU with ViT-S teachers and student): (b) >= 0.90 x (a), (b) >= 2.3 x (c).
+
+Teachers are ViT-S/16 with random weights (no model hub here): timm `vit_small_patch16_224` as the
+MIM teacher (relations at blocks 10, 11; progressive masks K = 0.3: 196 -> 67 kept patches) and
+`deit_small_patch16_224` as the discriminative teacher; the student is `vit_small_patch16_224`.
+Random weights cost the same FLOPs as pretrained ones, so speeds are representative. Each phase
+runs in its own process so its peak memory (max RSS; peak CUDA allocation on GPU) is its own.
+Reported per phase: wall-clock images/s and CPU seconds per image (this process plus its loader
+workers). The phases are interleaved over `--rounds` and the best round is kept; on a shared
+machine the CPU-time ratios are the steadier comparison (load averages are recorded).
+
+    python benchmarks/bench_distill.py [--images 96] [--batch 16] [--steps 12] [--workers 2] [--threads 1]
+                                       [--rounds 2] [--device auto] [--out benchmarks/results/distill.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+MIM = "timm:vit_small_patch16_224"
+DISC = "timm:deit_small_patch16_224"
+STUDENT = "vit_small_patch16_224"
+TARGETS = {"cached_over_ceiling": 0.90, "cached_over_online": 2.3}
+
+
+def prepare(work: Path, images: int, device: str) -> dict:
+    """Bundled-sample tars and both ViT-S stores (built once per work dir)."""
+    from stages.extract import ExtractConfig, extract
+    from stages.shard import ShardConfig, shard
+
+    manifest = work / "manifests" / "bench.json"
+    if not manifest.exists():
+        shard(ShardConfig(sample=True, name="bench", out_dir=str(work / "shards"), manifest=str(manifest),
+                          shard_size=max(1, images // 3), sample_train=images, progress=False))
+    common = dict(manifest=str(manifest), random_init=True, targets=str(work / "targets"), device=device,
+                  batch_size=32, progress=False)
+    t0 = time.perf_counter()
+    mim = extract(ExtractConfig(teacher=MIM, role="mim", name="mim", **common))
+    disc = extract(ExtractConfig(teacher=DISC, role="disc", name="disc", mim_store=mim, **common))
+    return {"manifest": str(manifest), "mim": mim, "disc": disc, "extract_s": time.perf_counter() - t0}
+
+
+def distill_config(args, data: dict, name: str, epochs: int = 1):
+    from stages.distill import DistillConfig
+
+    return DistillConfig(manifest=data["manifest"], mim_store=data["mim"], disc_store=data["disc"], model=STUDENT,
+                         epochs=epochs, batch_size=args.batch, workers=args.workers, runs_dir=str(args.work / "runs"),
+                         name=name, checkpoint_every=0, device=args.device, warmup_epochs=0.0)
+
+
+def _setup(cfg):
+    """Student, optimizer and schedule exactly as `distill` builds them (one process, no DDP)."""
+    import torch
+
+    from pipeline.device import pick_device
+    from pipeline.optim import WarmupCosine, build_optimizer, scaled_lr
+    from stages.distill import Dist, RunLog, TrainState, _loader_config, build_student, check_inputs
+
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg, check_inputs(cfg)).to(device)
+    lr = scaled_lr(cfg.base_lr, cfg.batch_size)
+    opt = build_optimizer(student, lr, cfg.weight_decay)
+    sched = WarmupCosine(opt, lr, total_steps=10_000, warmup_steps=0)
+    lcfg = _loader_config(cfg, student, device)
+    return student, opt, sched, device, lcfg, Dist(), RunLog(cfg.run_dir, enabled=False), TrainState
+
+
+def _batches_in_memory(lcfg, n: int) -> list[dict]:
+    from pipeline.loader import build_loader
+
+    out: list[dict] = []
+    epoch = 0
+    while len(out) < n:
+        out.extend(build_loader(replace(lcfg, num_workers=0), epoch))
+        epoch += 1
+    return out[:n]
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its reaped children (loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed_steps(cfg, batches, steps: int) -> dict:
+    """Wall and CPU time of `steps` distill steps after one warm-up step.
+
+    `batches(device)` returns an iterator of batches (at least steps + 1 of them)."""
+    import torch
+
+    from stages.distill import train_one_epoch
+
+    student, opt, sched, device, lcfg, d, log, TrainState = _setup(cfg)
+    items = batches(device)
+
+    def run(n: int) -> None:
+        train_one_epoch(student, student, items, opt, sched, device, TrainState(), cfg, d, n, log, lambda: None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(1)  # warm-up: allocator, kernels, first-touch
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    run(steps)
+    wall = time.perf_counter() - t0
+    items.close()  # shuts the loader's workers down, so their CPU time is reaped and counted
+    cpu = _cpu_seconds() - c0
+    images = steps * cfg.batch_size
+    return {"images_per_s": images / wall, "cpu_s_per_image": cpu / images, "seconds": wall, "steps": steps}
+
+
+def phase_ceiling(args, data) -> dict:
+    cfg = distill_config(args, data, "ceiling")
+    _, _, _, _, lcfg, *_ = _setup(cfg)
+    mem = _batches_in_memory(lcfg, min(args.steps + 1, 8))
+    return _timed_steps(cfg, lambda dev: (mem[i % len(mem)] for i in range(args.steps + 1)), args.steps)
+
+
+def phase_cached(args, data) -> dict:
+    """The real loader (tar decode, view replay, Zarr shard reads, `workers` processes) feeding the
+    same step, epoch after epoch (a new epoch plan and worker start-up at each boundary)."""
+    from pipeline.loader import build_loader, steps_per_epoch
+
+    cfg = distill_config(args, data, "cached")
+    _, _, _, _, lcfg, *_ = _setup(cfg)
+    per_epoch = steps_per_epoch(lcfg, 1)
+
+    def stream(dev):
+        epoch = 0
+        while True:
+            yield from build_loader(lcfg, epoch)
+            epoch += 1
+
+    out = _timed_steps(cfg, stream, args.steps)
+    out["steps_per_epoch"] = per_epoch
+    out["workers"] = lcfg.num_workers
+    return out
+
+
+def phase_online(args, data) -> dict:
+    import torch
+
+    from pipeline.teachers import load_teacher
+    from stages.extract import disc_batch, mim_batch
+
+    cfg = distill_config(args, data, "online")
+    _, _, _, device, lcfg, *_ = _setup(cfg)
+    mem = _batches_in_memory(lcfg, min(args.steps + 1, 8))
+    mim = load_teacher(MIM, random_init=True, device=device)
+    disc = load_teacher(DISC, random_init=True, device=device)
+    mean = torch.tensor(lcfg.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(lcfg.std, device=device).view(1, 3, 1, 1)
+
+    def with_teachers(dev):
+        for i in range(args.steps + 1):
+            b = {k: v.to(dev) for k, v in mem[i % len(mem)].items()}
+            x01 = b["image"] * std + mean  # the view in [0, 1]; each teacher normalizes its own way
+            m = mim_batch(mim, mim.normalize(x01), (10, 11), (), 0.3, "kept")
+            f = disc_batch(disc, disc.normalize(x01), m["keep_progressive"], "kept")
+            yield {"image": b["image"], "keep_index": m["keep_progressive"], "relations": m["relations"].clone(),
+                   "features": f["features"].clone()}
+
+    return _timed_steps(cfg, with_teachers, args.steps)
+
+
+PHASES = {"ceiling": phase_ceiling, "cached": phase_cached, "online": phase_online}
+
+
+def run_phase(args) -> None:
+    """Child process: one phase, JSON on the last stdout line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = json.loads((args.work / "data.json").read_text())
+    out = PHASES[args.phase](args, data)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available() and args.device != "cpu":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=96, help="training images in the bundled sample")
+    p.add_argument("--batch", type=int, default=16, help="images per step")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per phase (after one warm-up step)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the cached phase")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: on a shared or small machine more threads oversubscribe)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the three phases (interleaved; best round kept)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--work", type=Path, default=None, help="work folder (kept; default: a temporary one)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/distill.json"))
+    p.add_argument("--phase", choices=sorted(PHASES), default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.phase:
+        run_phase(args)
+        return
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-distill-")
+        args.work = Path(tmp.name)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = prepare(args.work, args.images, args.device)
+    (args.work / "data.json").write_text(json.dumps(data))
+    rounds: dict[str, list[dict]] = {k: [] for k in ("ceiling", "cached", "online")}
+    load = [os.getloadavg()[0]]
+    for r in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every phase alike
+        for phase in rounds:
+            cmd = [sys.executable, __file__, "--phase", phase, "--work", str(args.work), "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--workers", str(args.workers), "--device", args.device,
+                   "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"phase {phase} failed:\n{proc.stderr[-4000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            rounds[phase].append(res)
+            load.append(os.getloadavg()[0])
+            print(f"round {r + 1} {phase:8s} {res['images_per_s']:8.3f} img/s  {res['cpu_s_per_image']:7.3f} CPU-s/img  "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB  (load {load[-1]:.1f})", flush=True)
+    best = {k: max(v, key=lambda x: x["images_per_s"]) for k, v in rounds.items()}
+    a, b, c = (best[k]["images_per_s"] for k in ("ceiling", "cached", "online"))
+    ca, cb, cc = (min(x["cpu_s_per_image"] for x in rounds[k]) for k in ("ceiling", "cached", "online"))
+    ratios = {"cached_over_ceiling": b / a, "cached_over_online": b / c}
+    cpu_ratios = {"cached_over_ceiling": ca / cb, "cached_over_online": cc / cb}  # speed = 1 / CPU-s per image
+    import torch
+
+    report = {
+        "benchmark": "stage two throughput (issue 4)",
+        "best": best,
+        "rounds": rounds,
+        "ratios_wall": ratios,
+        "ratios_cpu_time": cpu_ratios,
+        "targets": TARGETS,
+        "pass_wall": {k: ratios[k] >= v for k, v in TARGETS.items()},
+        "pass_cpu_time": {k: cpu_ratios[k] >= v for k, v in TARGETS.items()},
+        "load_average_1min": load,
+        "setup": {"mim_teacher": MIM, "disc_teacher": DISC, "student": STUDENT, "weights": "random init",
+                  "images": args.images, "batch": args.batch, "timed_steps": args.steps, "workers": args.workers,
+                  "threads": args.threads, "rounds": args.rounds,
+                  "tokens": "kept: [CLS] + 67 of 196 patches (progressive, K=0.3)", "relation_layers": [10, 11],
+                  "store_precision": "fp16", "extract_seconds": round(data["extract_s"], 2)},
+        "machine": {"device": args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
+                    "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+    print()
+    print(f"{'phase':10s} {'img/s':>9s} {'CPU-s/img':>10s} {'peak MB':>9s}")
+    for k in ("ceiling", "cached", "online"):
+        print(f"{k:10s} {best[k]['images_per_s']:9.3f} {min(x['cpu_s_per_image'] for x in rounds[k]):10.3f} "
+              f"{max(x['peak_rss_mb'] for x in rounds[k]):9.0f}")
+    for k in TARGETS:
+        print(f"{k:22s} wall {ratios[k]:6.2f}  CPU-time {cpu_ratios[k]:6.2f}  (target >= {TARGETS[k]})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
