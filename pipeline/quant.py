@@ -123,18 +123,45 @@ def encode(x: np.ndarray, precision: str, view_axes: int = 2) -> dict[str, np.nd
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < view_axes:
         raise StoreError(f"array of shape {x.shape} has fewer than {view_axes} view axes")
+    if precision not in PRECISIONS:
+        raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     _check_finite(x)
+    if view_axes >= 1 and x.shape[0] > _BLOCK:
+        # Views are independent: encode a block of rows at a time so temporaries stay small.
+        blocks = [_encode_one(x[i : i + _BLOCK], precision, view_axes) for i in range(0, x.shape[0], _BLOCK)]
+        return {k: np.concatenate([b[k] for b in blocks], axis=0) for k in blocks[0]}
+    return _encode_one(x, precision, view_axes)
+
+
+def _encode_one(x: np.ndarray, precision: str, view_axes: int) -> dict[str, np.ndarray]:
     if precision == "fp16":
         _check_fp16_range(x, "array")
         return {"q": x.astype(np.float16)}
     if precision == "int8":
         return _encode_int8(x, view_axes)
-    if precision == "q1pct":
-        if x.ndim > view_axes and x.shape[0] > _BLOCK and view_axes >= 1:
-            blocks = [_encode_q1pct(x[i : i + _BLOCK], view_axes) for i in range(0, x.shape[0], _BLOCK)]
-            return {k: np.concatenate([b[k] for b in blocks], axis=0) for k in blocks[0]}
-        return _encode_q1pct(x, view_axes)
-    raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    return _encode_q1pct(x, view_axes)
+
+
+def error_stats(x: np.ndarray, parts: dict[str, np.ndarray], precision: str, view_axes: int = 2) -> dict[str, float]:
+    """Error of decode(parts) against x, computed a block of rows at a time (bounded memory).
+
+    Returns {"relative": ||x_hat - x|| / ||x||, "max_view": worst per-view relative error,
+    "err_l2": ||x_hat - x||, "ref_l2": ||x||} (norms over the whole array, float64).
+    """
+    err2 = ref2 = 0.0
+    worst = 0.0
+    step = _BLOCK if view_axes >= 1 else max(1, len(x))
+    for i in range(0, max(1, x.shape[0] if x.ndim else 1), step):
+        xb = np.asarray(x[i : i + step] if view_axes >= 1 else x, dtype=np.float64)
+        pb = {k: (v[i : i + step] if view_axes >= 1 else v) for k, v in parts.items()}
+        d = decode(pb, precision).astype(np.float64) - xb
+        err2 += float(np.sum(d * d))
+        ref2 += float(np.sum(xb * xb))
+        pv = per_view_relative_error(xb, xb + d, view_axes)
+        worst = max(worst, float(np.max(pv)) if pv.size else 0.0)
+    err_l2, ref_l2 = math.sqrt(err2), math.sqrt(ref2)
+    rel = 0.0 if err_l2 == 0.0 else (err_l2 / ref_l2 if ref_l2 > 0 else math.inf)
+    return {"relative": rel, "max_view": worst, "err_l2": err_l2, "ref_l2": ref_l2}
 
 
 def decode(parts: dict[str, np.ndarray], precision: str) -> np.ndarray:

@@ -264,8 +264,8 @@ class TargetStore:
     def _read_attrs(url: str) -> dict | None:
         try:
             group = zarr.open_group(store=_zarr_store(url, "r"), mode="r")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            return None
+        except (OSError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return None  # nothing there, or not a Zarr group: the caller decides what that means
         attrs = group.attrs.get("hdpipe")
         return dict(attrs) if attrs is not None else None
 
@@ -279,8 +279,8 @@ class TargetStore:
         url = str(url).rstrip("/")
         try:
             group = zarr.open_group(store=_zarr_store(url, mode), mode=mode)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise StoreError(f"no target store at {url}; make it with `hdpipe extract`") from None
+        except (OSError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
+            raise StoreError(f"no target store at {url} ({type(e).__name__}); make it with `hdpipe extract`") from None
         attrs = group.attrs.get("hdpipe")
         if attrs is None:
             raise StoreError(f"{url} is a Zarr group but not an hdpipe target store (no 'hdpipe' attribute)")
@@ -395,16 +395,7 @@ class TargetStore:
                 continue
             view_axes = 2 if spec.per_view else 1
             parts = quant.encode(a, spec.precision, view_axes=view_axes)
-            back = quant.decode(parts, spec.precision)
-            err_l2 = float(np.sqrt(np.sum((back.astype(np.float64) - a) ** 2)))
-            ref_l2 = float(np.sqrt(np.sum(a.astype(np.float64) ** 2)))
-            per_view = quant.per_view_relative_error(a, back, view_axes)
-            errors[name] = {
-                "relative": quant.relative_error(a, back),
-                "max_view": float(per_view.max()) if per_view.size else 0.0,
-                "err_l2": err_l2,
-                "ref_l2": ref_l2,
-            }
+            errors[name] = quant.error_stats(a, parts, spec.precision, view_axes=view_axes)
             encoded[name] = parts
         if self._mode == "r":
             self._group = zarr.open_group(store=_zarr_store(self.url, "r+"), mode="r+")
@@ -474,6 +465,8 @@ class TargetStore:
             raise StoreError(f"sample index out of range [0, {self.total}) for store {self.url}")
         for k in sorted({int(i) // self.shard_size for i in idx}):
             self._require_done(k)
+        if idx.size == 0:
+            return {n: np.zeros((0,) + self._row_shape(n), self._out_dtype(n)) for n in self._names(names)}
         uniq, inverse = np.unique(idx, return_inverse=True)
         out = {}
         for name in self._names(names):
@@ -483,6 +476,14 @@ class TargetStore:
                 parts[p] = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))[inverse]
             out[name] = self._decode(name, parts)
         return out
+
+    def _row_shape(self, name: str) -> tuple[int, ...]:
+        spec = self.arrays[name]
+        return ((self.views,) if spec.per_view else ()) + spec.shape_tail
+
+    def _out_dtype(self, name: str) -> np.dtype:
+        spec = self.arrays[name]
+        return np.dtype(np.float32) if spec.precision != quant.LOSSLESS else np.dtype(spec.dtype)
 
     # --- reporting ---------------------------------------------------------------------------------
 

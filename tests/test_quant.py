@@ -151,3 +151,14 @@ def test_large_first_axis_is_encoded_in_blocks_identically():
         one = quant.encode(x[i : i + 1], "q1pct")
         for p in whole:
             np.testing.assert_array_equal(whole[p][i : i + 1], one[p])
+
+
+@pytest.mark.parametrize("precision", quant.PRECISIONS)
+def test_error_stats_blockwise_equals_direct(precision):
+    x = _relations_like(np.random.default_rng(6), n=quant._BLOCK + 5, v=2, heads=2, t=9)
+    parts = quant.encode(x, precision)
+    got = quant.error_stats(x, parts, precision)
+    x_hat = quant.decode(parts, precision)
+    assert got["relative"] == pytest.approx(quant.relative_error(x, x_hat), rel=1e-9)
+    assert got["max_view"] == pytest.approx(quant.per_view_relative_error(x, x_hat, 2).max(), rel=1e-9)
+    assert got["ref_l2"] == pytest.approx(np.linalg.norm(x.astype(np.float64)), rel=1e-9)

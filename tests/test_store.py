@@ -186,6 +186,9 @@ def test_unfinished_shards_are_refused_and_named(tmp_path, targets):
     with pytest.raises(StoreError, match=r"2 of 3 shards not finished \(1, 2\); run `hdpipe extract --teacher mae`"):
         store.require_complete("hdpipe extract --teacher mae")
     store.read_rows([0, 3])  # rows of the finished shard are fine
+    empty = store.read_rows([], names=["relations", "valid"])
+    assert empty["relations"].shape == (0, V, 2, 3, T, T) and empty["relations"].dtype == np.float32
+    assert empty["valid"].shape == (0,) and empty["valid"].dtype == np.bool_
 
 
 def test_failed_rewrite_leaves_no_marker(tmp_path, targets, monkeypatch):
