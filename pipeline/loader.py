@@ -435,7 +435,8 @@ class _ShardTargets:
 
     def __init__(self, cfg: LoaderConfig, src: _Sources, k: int, first: int, count: int):
         self.cfg, self.src, self.first = cfg, src, first
-        view_names = ["views", "keep_progressive", "keep_direct"]
+        # Only the arrays this masking reads: each costs one Zarr request per shard.
+        view_names = ["views"] + {"progressive": ["keep_progressive"], "direct": ["keep_direct"]}.get(cfg.masking, [])
         self.view_arrays = _store(src.view_store).read_shard(k, names=view_names)
         self.mim = None
         if src.mim_array is not None:
