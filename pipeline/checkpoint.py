@@ -7,7 +7,8 @@ autocast needs no loss scaling), loader position (epoch, batches done in that ep
 RNG states (python, numpy, torch CPU, torch CUDA), the resolved config.
 
 The export is the timm encoder alone: `student/model.safetensors` with timm's key names and
-`student/config.json` = {"model": name, "model_kwargs": {...}} (ARCHITECTURE.md "Students").
+`student/config.json` = {"model": name, "model_kwargs": {...}, "mean", "std", "interpolation"}
+(ARCHITECTURE.md "Students").
 """
 from __future__ import annotations
 
@@ -59,14 +60,18 @@ def load_checkpoint(url: str) -> dict | None:
     return torch.load(io.BytesIO(read_bytes(str(url))), map_location="cpu", weights_only=False)
 
 
-def export_student(state_dict: dict[str, torch.Tensor], model: str, model_kwargs: dict, out_dir: str | Path) -> Path:
-    """Write `out_dir/model.safetensors` (timm keys) and `out_dir/config.json`; returns out_dir."""
+def export_student(state_dict: dict[str, torch.Tensor], model: str, model_kwargs: dict, out_dir: str | Path,
+                   preprocessing: dict | None = None) -> Path:
+    """Write `out_dir/model.safetensors` (timm keys) and `out_dir/config.json`; returns out_dir.
+
+    `preprocessing` ({"mean", "std", "interpolation"}: what the student was trained with) goes into
+    config.json so `load_teacher("student:DIR")` normalizes inputs the same way."""
     from safetensors.torch import save
 
     out = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     atomic_write_bytes(str(out / "model.safetensors"), save(tensors, metadata={"format": "pt", "model": model}))
-    cfg = {"model": model, "model_kwargs": dict(model_kwargs)}
+    cfg = {"model": model, "model_kwargs": dict(model_kwargs), **dict(preprocessing or {})}
     atomic_write_bytes(str(out / "config.json"), (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     return out
 

@@ -554,7 +554,8 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
     if d.main:
         summary = {"epoch": cfg.epochs, "step": state.step} | {k: v for k, v in meters.items() if k != "steps"}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        export_student(student.encoder_state_dict(), cfg.model, cfg.model_kwargs, run_dir / "student")
+        export_student(student.encoder_state_dict(), cfg.model, cfg.model_kwargs, run_dir / "student",
+                       preprocessing={"mean": list(lcfg.mean), "std": list(lcfg.std), "interpolation": lcfg.interpolation})
     _barrier(d)
     return run_dir
 

@@ -133,10 +133,13 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
 
     # export: timm loads it strictly (no missing/unexpected keys) and gives the trained features
     export = run / "student"
-    assert json.loads((export / "config.json").read_text()) == {"model": "vit_tiny_patch16_224", "model_kwargs": STUDENT_KW}
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, **STUDENT_KW)
+    exported = json.loads((export / "config.json").read_text())
+    assert exported["model"] == "vit_tiny_patch16_224" and exported["model_kwargs"] == STUDENT_KW
+    data_cfg = timm.data.resolve_data_config({}, model=fresh)  # the normalization the student was trained with
+    assert exported["mean"] == pytest.approx(list(data_cfg["mean"])) and exported["std"] == pytest.approx(list(data_cfg["std"]))
     loaded = timm.create_model("vit_tiny_patch16_224", pretrained=False,
                                checkpoint_path=str(export / "model.safetensors"), **STUDENT_KW).eval()
-    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, **STUDENT_KW)
     res = fresh.load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
     assert not res.missing_keys and not res.unexpected_keys
 
@@ -147,11 +150,16 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     with torch.no_grad():
         trained = student(x, torch.arange(64).expand(2, -1))["tokens"]
         torch.testing.assert_close(loaded.forward_features(x), trained, rtol=1e-5, atol=1e-5)
-    init = MaskedStudentInit(cfg)
+    from pipeline.teachers import load_teacher  # the export as an evaluation/analysis subject
+
+    subject = load_teacher(f"student:{export}", device="cpu")
+    assert subject.mean == pytest.approx(tuple(exported["mean"]))
+    torch.testing.assert_close(subject.forward_targets(x)["features"], trained, rtol=1e-5, atol=1e-5)
+    init = _initial_student(cfg)
     assert not torch.allclose(init.vit.blocks[0].attn.qkv.weight, loaded.blocks[0].attn.qkv.weight)
 
 
-def MaskedStudentInit(cfg):
+def _initial_student(cfg):
     """The student as initialized (seeded like distill), to show training moved the weights."""
     from stages.distill import build_student, check_inputs
 
