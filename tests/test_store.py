@@ -374,3 +374,43 @@ def test_inspect_on_a_real_store(tmp_path, targets, capsys):
     assert "2 of 3 done" in capsys.readouterr().out
     assert cli_main(["inspect", str(tmp_path / "nothing.zarr")]) == 2
     assert "no target store at" in capsys.readouterr().err
+
+
+def test_inspect_stores_made_by_extract(tmp_path):
+    """`hdpipe inspect` on stores written by the real extract stage (tiny random-init teachers)."""
+    import io
+
+    from PIL import Image
+    from skimage import data as skd
+
+    from pipeline.manifest import write_manifest
+    from pipeline.shards import SampleRecord, write_dataset
+    from stages.extract import ExtractConfig, extract
+
+    photo = skd.astronaut()
+    recs = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(photo[40 * i : 40 * i + 200, 30 * i : 30 * i + 240]).save(buf, format="PNG")
+        recs.append(SampleRecord(name=f"a{i}.png", data=buf.getvalue(), ext="png", label=None, source="astronaut"))
+    shards, _, _ = write_dataset(recs, name="toy", out_dir=str(tmp_path / "tars"), shard_size=4, progress=False)
+    manifest = Manifest(name="toy", shard_size=4, total=6, class_map=None,
+                        shards=tuple(ShardInfo(u, c, f, h) for u, c, f, h in shards))
+    mpath = tmp_path / "tars" / "toy.json"
+    write_manifest(manifest, mpath)
+    common = dict(manifest=str(mpath), random_init=True, targets=str(tmp_path / "targets"), views=2,
+                  precision="q1pct", batch_size=8, device="cpu", progress=False)
+    mim = extract(ExtractConfig(teacher="timm:vit_tiny_patch16_224", role="mim", name="mim",
+                                model_kwargs={"img_size": 64, "patch_size": 8, "depth": 6}, **common))
+    disc = extract(ExtractConfig(teacher="timm:deit_tiny_patch16_224", role="disc", name="disc", mim_store=mim,
+                                 model_kwargs={"img_size": 64, "patch_size": 8, "depth": 2}, **common))
+    a, b = inspect_store(mim), inspect_store(disc)
+    for info, arr in ((a, "relations"), (b, "features")):
+        assert info["shards"] == {"total": 2, "done": 2, "missing": []} and info["samples"] == 6 and info["views"] == 2
+        assert info["precision"] == "q1pct" and info["provenance"]["manifest_digest"] == manifest.digest()
+        assert 0.005 < info["arrays"][arr]["relative_error"] <= info["arrays"][arr]["max_view_relative_error"] <= 0.01
+        assert info["bytes_per_view"] > info["arrays"][arr]["bytes_per_view"] > 0
+    assert b["provenance"]["view_plan_digest"] == a["provenance"]["view_plan_digest"]
+    assert a["provenance"]["weights_digest"] != b["provenance"]["weights_digest"]
+    text = format_info(a)
+    assert "timm:vit_tiny_patch16_224 (role mim)" in text and "2 of 2 done" in text and "relations" in text
