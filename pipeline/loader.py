@@ -9,10 +9,12 @@ Batch (B = `cfg.batch_size`, P = patches, n_keep kept patches, T = 1 + n_keep to
     keep_index    int64   [B, n_keep]  sorted kept patch indices (0-based, CLS excluded)
     index         int64   [B]          global sample index (the tar `__key__`)
     view          int64   [B]          view id in [0, V) chosen for this epoch
-    relations     float32 [B, L, Ht, T, T]  raw Q·Kᵀ (mim_target=relations, MIM store given)
-    attention     float32 [B, L, Ht, T, T]  stored softmax rows gathered (mim_target=attention)
-    block_features float32 [B, L, T, Dt]    (mim_target=block_features)
+    relations     float32 [B, L, Ht, T, T]  raw Q·Kᵀ (mim_target=relations)
+    attention     float32 [B, L, Ht, T, T]  softmax(R·d^-0.5) over the T tokens (mim_target=attention)
+    block_features float32 [B, L, T, Dt]    teacher block outputs (mim_target=block_features)
     features      float32 [B, T, Dt]   raw final-norm teacher tokens (disc store given)
+Exactly one of relations/attention/block_features is present, when `mim_store` is given and
+`relation_layers` is not empty; `masking: none` gives n_keep = P.
 
 How an epoch is planned (a pure function of cfg, epoch, rank, world_size and the stores' `valid`
 rows; see `plan_epoch`):
@@ -37,6 +39,8 @@ Guarantees:
   every rank's sample count in every epoch, since each rank gets at least m whole shards. The
   samples beyond it are dropped for that epoch (different ones each epoch).
 - Within an epoch, samples are disjoint across ranks and each sample is yielded at most once.
+- Memory: a worker holds one shard's targets at a time, decoded to float32 (S x V x per-view
+  bytes; shard size S is chosen at `hdpipe shard` time), plus `prefetch_factor` pieces.
 - Batch j depends only on (cfg, epoch, rank, world_size), never on worker timing: the main process
   reassembles worker output by its plan position. `build_loader(..., skip_batches=k)` yields exactly
   batches k, k+1, ... of the full epoch, bit for bit, so a run resumes mid-epoch from the number of
@@ -69,14 +73,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MASKINGS = ("progressive", "direct", "random", "none")
 MIM_TARGETS = ("relations", "attention", "block_features")
-# The extract flag that stores each optional MIM target, for the "not stored" error.
-_TARGET_FLAGS = {"attention": "--attention", "block_features": "--block-features"}
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
     manifest: str  # path or URL of the dataset manifest JSON written by `hdpipe shard`
-    mim_store: str | None = None  # URL of the MIM teacher's store (views, masks, relations); None = no relation targets
+    mim_store: str | None = None  # URL of the MIM teacher's store (views, masks, relations); None: views/masks from the MIM store the disc store records, no MIM targets
     disc_store: str | None = None  # URL of the discriminative teacher's store (features); None = no feature targets
     batch_size: int = 64  # samples per batch on each rank (global batch = batch_size * world_size)
     num_workers: int = 4  # DataLoader worker processes per rank (0 = decode in the main process); part of the epoch plan
@@ -168,23 +170,13 @@ def _open_store(url: str):
     return TargetStore.open(url)
 
 
-def _attr(attrs: dict, *keys: str, default: Any = None) -> Any:
-    """First present attribute of `keys` (the store attribute names the extract stage writes)."""
-    for key in keys:
-        if key in attrs:
-            return attrs[key]
-    return default
-
-
 def _teacher(attrs: dict) -> str:
-    return str(_attr(attrs, "teacher", default="<teacher>"))
+    return str(attrs.get("teacher", "<teacher>"))
 
 
 def _relation_layers(attrs: dict) -> tuple[int, ...]:
-    layers = _attr(attrs, "relation_layers", default=None)
-    if layers is None:
-        layers = (_attr(attrs, "layers", default={}) or {}).get("relation", ())
-    return tuple(int(x) for x in layers)
+    """The MIM store's relation layers (resolved 1-based block numbers, in stored axis order)."""
+    return tuple(int(x) for x in attrs.get("relation_layers", ()))
 
 
 @functools.lru_cache(maxsize=16)
@@ -192,13 +184,14 @@ def _check(cfg: LoaderConfig) -> _Sources:
     """Open the stores, refuse incomplete or disagreeing ones (one StoreError naming the field)."""
     from pipeline.manifest import read_manifest
 
+    cfg.validate()
     manifest = read_manifest(cfg.manifest)
     digest = manifest.digest()
     mim_url = cfg.mim_store
     if mim_url is None and cfg.disc_store is not None:
         # Views and masks always come from a MIM store: a features-only run (CLIP-only ablation)
         # replays the one the disc store was built against (recorded in its attributes).
-        mim_url = _attr(_open_store(cfg.disc_store).attrs, "mim_store")
+        mim_url = _open_store(cfg.disc_store).attrs.get("mim_store")
         if mim_url is None:
             raise StoreError(f"disc_store {cfg.disc_store} does not record its mim_store; set mim_store")
     opened = {}
@@ -209,10 +202,10 @@ def _check(cfg: LoaderConfig) -> _Sources:
         teacher = _teacher(store.attrs)
         store.require_complete(_extract_hint(cfg, store.attrs, url))
         want_role = "mim" if role == "mim_store" else "disc"
-        got_role = _attr(store.attrs, "role", default=want_role)
+        got_role = store.attrs.get("role", want_role)
         if got_role != want_role:
             raise StoreError(f"{role} {url} is a {got_role!r} store (teacher {teacher}); {role} needs a {want_role!r} one")
-        got = _attr(store.attrs, "manifest_digest")
+        got = store.attrs.get("manifest_digest")
         if got != digest:
             raise StoreError(
                 f"{role} {url} was built from another manifest: manifest_digest {got!r} != {digest!r} "
@@ -224,7 +217,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
         pairs = [(k, k) for k in ("view_plan_digest", "tokens", "grid", "mask")]
         pairs.append(("weights_digest", "mim_weights_digest"))  # masks come from the MIM teacher's weights
         for mim_key, disc_key in pairs:
-            a, b = _attr(mim.attrs, mim_key), _attr(disc.attrs, disc_key)
+            a, b = mim.attrs.get(mim_key), disc.attrs.get(disc_key)
             if a != b:
                 raise StoreError(
                     f"stores disagree on {disc_key}: mim_store {mim_url} has {a!r}, disc_store "
@@ -232,7 +225,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
                     f"`{_extract_hint(cfg, disc.attrs, cfg.disc_store, overwrite=True, mim_store=mim_url)}`"
                 )
     attrs = mim.attrs
-    tokens = str(_attr(attrs, "tokens"))
+    tokens = str(attrs.get("tokens"))
     if tokens not in ("kept", "all"):
         raise StoreError(f"mim_store {mim_url} has token set {tokens!r}; expected 'kept' or 'all'")
     if tokens == "kept" and cfg.masking != "progressive":
@@ -241,7 +234,7 @@ def _check(cfg: LoaderConfig) -> _Sources:
             f"progressive-kept tokens (tokens: kept); re-extract with "
             f"`{_extract_hint(cfg, attrs, mim_url, overwrite=True, tokens='all')}` (then rebuild the disc store against it)"
         )
-    grid = _attr(attrs, "grid")
+    grid = attrs.get("grid")
     num_patches = int(np.prod(grid))
     n_keep = int(attrs["mask"]["n_keep"])
     num_views = int(attrs["view_plan"]["views"])
@@ -662,7 +655,6 @@ def build_loader(
     command that fixes it. Batch j is a pure function of (cfg, epoch, rank, world_size): see the
     module docstring for the plan and the resume guarantee.
     """
-    cfg.validate()
     src = _check(cfg)
     plan = plan_epoch(cfg, epoch, rank, world_size, skip_batches)
     return EpochLoader(cfg, plan, src)
