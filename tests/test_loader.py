@@ -65,10 +65,11 @@ def make_dataset(folder: Path, n: int, corrupt: tuple[int, ...] = (), seed: int 
     return str(path)
 
 
-def make_stores(manifest: str, out: Path, tokens: str, views: int, extras=(), seed: int = 0) -> tuple[str, str]:
+def make_stores(manifest: str, out: Path, tokens: str, views: int, extras=(), seed: int = 0,
+                precision: str = "fp16") -> tuple[str, str]:
     """Real MIM + disc stores from `stages.extract` (random-init tiny teachers, unreadable images skipped)."""
     common = dict(manifest=manifest, random_init=True, views=views, seed=seed, batch_size=32, device="cpu",
-                  progress=False, on_error="skip", tokens=tokens)
+                  progress=False, on_error="skip", tokens=tokens, precision=precision)
     mim = extract(ExtractConfig(teacher=MIM, role="mim", model_kwargs=MIM_KW, out=str(out / "mim.zarr"),
                                 extra_targets=tuple(extras), **common))
     disc = extract(ExtractConfig(teacher=DISC, role="disc", model_kwargs=DISC_KW, out=str(out / "disc.zarr"),
@@ -83,7 +84,7 @@ def world(tmp_path_factory):
     even = make_dataset(root / "even", n=24, seed=1)  # 4 shards of 6, all valid
     kept_mim, kept_disc = make_stores(uneven, root / "kept", "kept", views=2, extras=("attention",))
     all_mim, all_disc = make_stores(uneven, root / "all", "all", views=2, extras=("attention", "block_features"))
-    even_mim, even_disc = make_stores(even, root / "even-stores", "kept", views=1)
+    even_mim, even_disc = make_stores(even, root / "even-stores", "kept", views=1, precision="q1pct")
     return dict(root=root, uneven=uneven, even=even, kept=(kept_mim, kept_disc), all=(all_mim, all_disc),
                 even_stores=(even_mim, even_disc))
 
@@ -253,12 +254,12 @@ def expected(cfg: LoaderConfig, index: int, view: int, images: dict) -> dict[str
     return out
 
 
-def check_batches(cfg: LoaderConfig, batches: list[dict], images: dict, epoch: int) -> int:
+def check_batches(cfg: LoaderConfig, batches: list[dict], images: dict, epoch: int, views: int = 2) -> int:
     n = 0
     for b in batches:
         for i in range(b["index"].shape[0]):
             index, view = int(b["index"][i]), int(b["view"][i])
-            assert view == choose_view(cfg.seed, epoch, index, 2)
+            assert view == choose_view(cfg.seed, epoch, index, views)
             want = expected(cfg, index, view, images)
             for key, value in want.items():
                 got = b[key][i].numpy()
@@ -303,6 +304,15 @@ def test_kept_token_store_serves_progressive_masking(world):
     assert check_batches(cfg, batches[:2] + batches[-1:], images, epoch=0) == 9
     att = run_epoch(cfg_for(world["uneven"], world["kept"], mim_target="attention"), epoch=0)
     assert check_batches(cfg_for(world["uneven"], world["kept"], mim_target="attention"), att[:1], images, 0) == 3
+
+
+def test_compact_precision_store_is_decoded(world):
+    """A q1pct store (quantized residuals + row/column means) reaches the batch decoded to float32."""
+    assert TargetStore.open(world["even_stores"][0]).precision == "q1pct"
+    cfg = cfg_for(world["even"], world["even_stores"], num_workers=2)
+    batches = run_epoch(cfg, epoch=0)
+    assert batches[0]["relations"].dtype == torch.float32 and batches[0]["features"].dtype == torch.float32
+    assert check_batches(cfg, batches[:2], _images(world["even"]), epoch=0, views=1) == 6
 
 
 def test_kept_and_all_token_stores_give_the_same_targets(world):
