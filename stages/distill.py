@@ -24,6 +24,9 @@ position as (epoch, batches done in that epoch); checkpoints are only taken at o
 boundaries, so a mid-epoch resume rebuilds that epoch's loader with `skip_batches = batches done`
 (the loader replays the same batch order), restores every RNG, and continues; on CPU the loss curve
 is identical to an uninterrupted run. Log rows written after the checkpoint are dropped and redone.
+The resumed config must equal the checkpoint's (device, compile, logging and checkpoint cadence
+excepted); `workers` and the world size may change only at an epoch boundary (they decide the
+loader's batch order), and then the lr is re-scaled to the new global batch.
 
 DDP: under torchrun (`RANK`/`WORLD_SIZE` in the environment) the process group is initialized
 with NCCL on GPU and gloo on CPU; each rank reads its own shards with the same number of steps;
@@ -105,8 +108,10 @@ class DistillConfig:
         return Path(self.runs_dir) / self.name
 
 
-# Fields that may differ between a checkpoint's config and the resuming run's.
-RESUME_FREE = {"resume", "workers", "device", "log_every", "checkpoint_every", "compile", "runs_dir"}
+# Fields that may differ between a checkpoint's config and the resuming run's (they change neither
+# the math nor the batch order). `workers` and the world size decide the loader's batch order, so
+# they may change only when the checkpoint is at an epoch boundary.
+RESUME_FREE = {"resume", "device", "log_every", "checkpoint_every", "compile", "runs_dir"}
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -507,7 +512,7 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
     if ckpt is None and not cfg.resume and ckpt_path.exists():
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --name")
     if ckpt is not None:
-        _check_resume_config(cfg, ckpt["config"], ckpt_path)
+        _check_resume(cfg, ckpt, ckpt_path, d.world_size)
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -539,6 +544,7 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
                 "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": None,  # bf16 autocast: no loss scaling
                 "state": dataclasses.asdict(state), "rng": rngs, "config": to_dict(cfg),
+                "world_size": d.world_size,
             })
         _barrier(d)
 
@@ -579,9 +585,21 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def _check_resume_config(cfg: DistillConfig, saved: dict, path: Path) -> None:
-    now = to_dict(cfg)
-    diff = [k for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+def _check_resume(cfg: DistillConfig, ckpt: dict, path: Path, world_size: int) -> None:
+    """A resumed run must train the same thing; mid-epoch it must also replay the same batches."""
+    saved, now = ckpt["config"], to_dict(cfg)
+    diff = [k for k in now if k not in RESUME_FREE | {"workers"} and saved.get(k) != now[k]]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
         raise ConfigError(f"--resume with settings that differ from {path}: {detail}; use the run's config.yaml or another --name")
+    if ckpt["state"]["batches_done"]:
+        moved = []
+        if saved.get("workers") != now["workers"]:
+            moved.append(f"workers {saved.get('workers')} -> {now['workers']}")
+        if ckpt.get("world_size", 1) != world_size:
+            moved.append(f"world size {ckpt.get('world_size', 1)} -> {world_size}")
+        if moved:
+            raise ConfigError(
+                f"{path} is mid-epoch (epoch {ckpt['state']['epoch']}, {ckpt['state']['batches_done']} batches done) and "
+                f"the loader's batch order depends on {', '.join(moved)}; resume with the same settings"
+            )

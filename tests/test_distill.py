@@ -428,6 +428,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, m
     assert ck["state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     assert [r["step"] for r in _steps(cfg.run_dir)] == [1, 2, 3, 4]
+    # that checkpoint is mid-epoch: the loader's batch order depends on the worker count
+    with pytest.raises(ConfigError, match=r"mid-epoch \(epoch 0, 4 batches done\).*workers 0 -> 1"):
+        distill(replace(cfg, resume=True, workers=1))
 
 
 def test_unwritable_run_dir(world, tmp_path):
