@@ -6,12 +6,12 @@
 (a) Overhead: `extract()` of a MIM store (decode, render, forward with Q·Kᵀ hooks, masks, gather,
     fp16 store writes, done markers) against a pure `forward_features` of the same teacher over the
     same views and batch size, pre-rendered in memory. Target: <= 1.10x.
-(b) Scaling: the same run over 4x the images. Targets: time <= 4.2x, peak RSS <= 1.1x (each size
-    runs in its own subprocess so peak RSS is that run's alone; RSS is read right after extraction,
-    before the pure-forward baseline allocates its pre-rendered batch).
+(b) Scaling: the same run over 4x the images. Targets: time <= 4.2x, peak RSS <= 1.1x (peak RSS
+    from a subprocess per size that only extracts, so it is that run's alone).
 
-Each child loads the teacher first (not timed: a dask worker loads it once per process), warms it
-up on one batch, then times extraction, then the pure forward. Random-init weights: the cost does
+Each child loads the teacher first (not timed: a dask worker loads it once per process) and warms
+it up on one batch. Timing children alternate (pure forward, extraction) `--repeats` times and keep
+the minimum of each, which on a shared machine is the least disturbed measurement. Random-init weights: the cost does
 not depend on the values. Images are JPEG crops of scikit-image's bundled photographs.
 """
 from __future__ import annotations
@@ -66,7 +66,12 @@ def make_dataset(folder: Path, n: int, shard_size: int, seed: int = 0) -> str:
 
 
 def child(args) -> dict:
-    """One measured run (in its own process): extraction, then the pure-forward baseline."""
+    """One measured run in its own process.
+
+    mode "rss": extraction once, then the peak RSS of this process (teacher + one shard in flight).
+    mode "time": `repeats` rounds of (pure forward, extraction), alternating so that load changes
+    on a shared machine hit both alike; the minimum of each is reported (the least-disturbed run).
+    """
     import torch
 
     from pipeline.data import iter_shard
@@ -74,40 +79,48 @@ def child(args) -> dict:
     from pipeline.views import render
     from stages.extract import ExtractConfig, extract, get_teacher, plan_for
 
-    cfg = ExtractConfig(manifest=args.manifest, teacher=f"timm:{args.model}", role="mim", random_init=True,
-                        model_kwargs={"img_size": args.img_size}, out=args.out, batch_size=args.batch_size,
-                        device=args.device, progress=False)
-    teacher = get_teacher(cfg)
+    def cfg_for(out: str) -> ExtractConfig:
+        return ExtractConfig(manifest=args.manifest, teacher=f"timm:{args.model}", role="mim", random_init=True,
+                             model_kwargs={"img_size": args.img_size}, out=out, batch_size=args.batch_size,
+                             device=args.device, progress=False)
+
+    teacher = get_teacher(cfg_for(args.out))
+    sync = torch.cuda.synchronize if teacher.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         teacher.forward_targets(torch.zeros(args.batch_size, 3, teacher.img_size, teacher.img_size,
                                             device=teacher.device), relation_layers=(teacher.depth - 1,))
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    extract(cfg)
-    t_extract = time.perf_counter() - t0
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-    # Pure forward over the same views, pre-rendered (not timed), same batch size.
     manifest = read_manifest(args.manifest)
-    plan = plan_for(cfg, teacher)
+    result = {"images": manifest.total, "device": str(teacher.device), "threads": torch.get_num_threads()}
+    if args.mode == "rss":
+        t0 = time.perf_counter()
+        extract(cfg_for(args.out))
+        result["extract_s"] = time.perf_counter() - t0
+        result["rss_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return result
+
+    # Pure forward over the same views, pre-rendered in memory (not timed), same batch size.
+    plan = plan_for(cfg_for(args.out), teacher)
     xs = []
     for k in range(manifest.num_shards):
         for s in iter_shard(manifest, k):
             xs.append(render(s["image"], plan.view(s["index"], 0, *s["image"].size), teacher.img_size,
                              teacher.interpolation))
     batches = [teacher.normalize(torch.stack(xs[i:i + args.batch_size])) for i in range(0, len(xs), args.batch_size)]
-    if teacher.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for x in batches:
-            teacher.model.forward_features(x)
-    if teacher.device.type == "cuda":
-        torch.cuda.synchronize()
-    t_forward = time.perf_counter() - t0
-    return {"images": manifest.total, "extract_s": t_extract, "forward_s": t_forward,
-            "ratio": t_extract / t_forward, "rss_peak_mib": rss_peak / 1024, "rss_after_load_mib": rss_before / 1024,
-            "device": str(teacher.device), "threads": torch.get_num_threads()}
+    forward, extraction = [], []
+    for r in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for x in batches:
+                teacher.model.forward_features(x)
+        sync()
+        forward.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        extract(cfg_for(f"{args.out}-{r}"))
+        extraction.append(time.perf_counter() - t0)
+    result.update({"forward_runs_s": forward, "extract_runs_s": extraction, "forward_s": min(forward),
+                   "extract_s": min(extraction), "ratio": min(extraction) / min(forward)})
+    return result
 
 
 def main() -> None:
@@ -119,12 +132,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help="alternating (forward, extract) rounds; minimum kept")
+    p.add_argument("--child", choices=("rss", "time"), dest="mode", help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
+    if args.mode:
         Path(args.result).write_text(json.dumps(child(args)))
         return
 
@@ -133,15 +147,23 @@ def main() -> None:
         tmp = Path(tmp)
         for label, n in (("1x", args.images), (f"{args.factor}x", args.images * args.factor)):
             manifest = make_dataset(tmp / f"data-{label}", n, args.shard_size)
-            cmd = [sys.executable, __file__, "--child", "--manifest", manifest, "--out", str(tmp / f"{label}.zarr"),
-                   "--result", str(tmp / f"{label}.json"), "--model", args.model, "--img-size", str(args.img_size),
-                   "--batch-size", str(args.batch_size), "--device", args.device]
-            subprocess.run(cmd, check=True)
-            runs[label] = json.loads((tmp / f"{label}.json").read_text())
+            runs[label] = {}
+            for mode in ("rss", "time"):
+                cmd = [sys.executable, __file__, "--child", mode, "--manifest", manifest,
+                       "--out", str(tmp / f"{label}-{mode}.zarr"), "--result", str(tmp / f"{label}-{mode}.json"),
+                       "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+                       "--device", args.device, "--repeats", str(args.repeats)]
+                subprocess.run(cmd, check=True)
+                got = json.loads((tmp / f"{label}-{mode}.json").read_text())
+                if mode == "rss":
+                    runs[label].update({"rss_peak_mib": got["rss_peak_mib"], "rss_run_extract_s": got["extract_s"]})
+                else:
+                    runs[label].update(got)
     small, large = runs["1x"], runs[f"{args.factor}x"]
     summary = {
         "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "shard_size": args.shard_size,
-        "device": small["device"], "torch_threads": small["threads"], "load_average_1min": os.getloadavg()[0],
+        "device": small["device"], "torch_threads": small["threads"], "repeats": args.repeats,
+        "load_average_1min": os.getloadavg()[0],
         "runs": runs,
         "overhead_ratio": large["ratio"], "overhead_target": 1.10,
         "time_scaling": large["extract_s"] / small["extract_s"], "time_scaling_target": 4.2,

@@ -27,10 +27,8 @@ with the worker's index as local rank); on an external cluster start one worker 
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -578,7 +576,7 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
                for row, ok in zip(rows, valid) if not ok]
     summary = {"shard": k, "rows": S, "views": int(valid.sum()) * V, "skipped": skipped,
                "seconds": round(time.perf_counter() - t0, 3), "device": str(device), "pid": os.getpid(),
-               "autocast": "bf16" if device.type == "cuda" else "none"}
+               "worker": _worker_rank(), "autocast": "bf16" if device.type == "cuda" else "none"}
     store.write_shard(k, out, summary)
     return summary
 
@@ -701,7 +699,7 @@ def extract(cfg: ExtractConfig) -> str:
 
     from pipeline.config import to_dict
     from pipeline.fsio import atomic_write_bytes
-    from pipeline.manifest import read_manifest
+    from pipeline.manifest import read_manifest, verify_shards
     from pipeline.store import TargetStore
 
     t0 = time.perf_counter()
@@ -711,6 +709,7 @@ def extract(cfg: ExtractConfig) -> str:
         raise ConfigError(f"extra_targets {list(cfg.extra_targets)} are MIM targets; teacher {cfg.teacher} is "
                           "discriminative (use --role mim for a MIM teacher)")
     manifest = read_manifest(cfg.manifest)
+    verify_shards(manifest, check_hashes=False)  # a missing tar is named now, not after hours of work
     url = store_url(cfg)
     mim_attrs = None
     if role == "disc":
