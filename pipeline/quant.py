@@ -17,21 +17,23 @@ Precisions (the store's `precision` attribute names one):
   scale 0 and decodes to exact zeros. Rows with absmax below 127 * 2**-14 (~0.0078) get subnormal
   float16 scales: the bound per element still holds, but below absmax ~1e-4 the step is coarser
   than absmax/127 (targets of real teachers are orders of magnitude larger).
-- `q1pct`: error-bounded residual quantization, the compact mode. Per view:
-  1. subtract the per-row mean (last axis) and then the per-column mean (second-to-last axis),
-     both stored as float16; the residual is taken against the *rounded* means, so their rounding
-     costs nothing. Pre-softmax relations q_i.k_j carry much of their energy in the row term
-     q_i.mean(k) (softmax ignores it, the SmoothL1 loss does not), features in per-channel offsets;
-  2. quantize the residual on one uniform grid per view, step = 2*sqrt(3)*0.0096*rms(x): uniform
-     rounding noise has rms step/sqrt(12), i.e. 0.96% of the view's rms. One step for the whole
+- `q1pct`: error-bounded uniform quantization with predicted codes, the compact mode. Per view:
+  1. one uniform grid for the whole view, step = 2*sqrt(3)*0.0096*rms(x): x_hat = rint(x/step)*step
+     has rounding noise of rms step/sqrt(12), i.e. 0.96% of the view's rms. One step for the whole
      view is the MSE-optimal allocation (equal distortion everywhere) and means an equal absolute
      error on every element, which is what the SmoothL1 loss weighs;
-  3. measure each view's relative error and, for any view above 1%, shrink its step and redo it,
+  2. measure each view's relative error and, for any view above 1%, shrink its step and redo it,
      so every stored view is within 1% relative error of the float32 input (a hard bound);
-  4. store the integer codes zigzag-mapped to uint16 (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), so
-     small codes have a zero high byte; the store byte-shuffles and zstd-compresses them, which is
-     where the size goes down (an entropy coder over small integers).
-  The step is float32 [*views]; it is never below max|residual| / 32767, so codes always fit.
+  3. store the integer codes Q = rint(x/step) as predictors plus residual: the rounded per-row
+     mean of Q (last axis), the rounded per-column mean of what is left (second-to-last axis), and
+     the residual. Pre-softmax relations q_i.k_j carry much of their energy in the row term
+     q_i.mean(k) (softmax ignores it, the SmoothL1 loss does not), features in per-channel offsets:
+     the predictors take that out, so the residual codes are small. Decode adds the integers back
+     exactly, so the predictors change the size, never the error;
+  4. codes are zigzag-mapped (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...): residual uint16, means
+     uint32, so small magnitudes have zero high bytes; the store byte-shuffles and zstd-compresses
+     them, which is where the size goes down (zstd's entropy stage codes the low bytes).
+  The step is float32 [*views]; it is never below max|residual| / 32000, so residual codes fit.
 
 Non-finite inputs are refused (`NonFiniteError`): a NaN must never be stored as a number.
 """
@@ -87,9 +89,9 @@ def part_specs(shape_tail: tuple[int, ...], precision: str) -> dict[str, tuple[t
         return {"q": (shape_tail, "int8"), "scale": (shape_tail[:-1], "float16")}
     if precision == "q1pct":
         _need_rows(shape_tail, precision)
-        parts = {"q": (shape_tail, "uint16"), "step": ((), "float32"), "rowmean": (shape_tail[:-1], "float16")}
+        parts = {"q": (shape_tail, "uint16"), "step": ((), "float32"), "rowmean": (shape_tail[:-1], "uint32")}
         if len(shape_tail) >= 2:
-            parts["colmean"] = (shape_tail[:-2] + shape_tail[-1:], "float16")
+            parts["colmean"] = (shape_tail[:-2] + shape_tail[-1:], "uint32")
         return parts
     raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
 
@@ -109,8 +111,8 @@ def _check_fp16_range(x: np.ndarray, what: str) -> None:
     m = float(np.max(np.abs(x))) if x.size else 0.0
     if m > FP16_MAX:
         raise StoreError(
-            f"{what} reaches |{m:.4g}|, beyond float16's range (65504); this target cannot be stored "
-            "in precision fp16/int8/q1pct (check the teacher's outputs)"
+            f"{what} reaches |{m:.4g}|, beyond float16's range (65504); store this target with precision "
+            "q1pct (float32 step, integer codes), or check the teacher's outputs"
         )
 
 
@@ -196,14 +198,14 @@ def _encode_int8(x: np.ndarray, view_axes: int) -> dict[str, np.ndarray]:
 # --- q1pct ---------------------------------------------------------------------------------------
 
 
-def _zigzag(q: np.ndarray) -> np.ndarray:
-    """int -> uint16: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ... (|q| <= 32767)."""
-    q = q.astype(np.int32)
-    return ((q << 1) ^ (q >> 31)).astype(np.uint16)
+def _zigzag(q: np.ndarray, dtype=np.uint16) -> np.ndarray:
+    """int -> unsigned: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ... (small magnitudes, small codes)."""
+    q = q.astype(np.int64)
+    return ((q << 1) ^ (q >> 63)).astype(dtype)
 
 
 def _unzigzag(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.int32)
+    z = z.astype(np.int64)
     return (z >> 1) ^ -(z & 1)
 
 
@@ -212,30 +214,44 @@ def _view_shape(step: np.ndarray, ndim: int) -> np.ndarray:
     return step.reshape(step.shape + (1,) * (ndim - step.ndim))
 
 
+def _q1pct_parts(x64: np.ndarray, step: np.ndarray, two_d: bool) -> dict[str, np.ndarray]:
+    """Codes of x on the grid `step` (per view): Q = rint(x / step) = rowmean + colmean + residual.
+
+    The means are integer predictors (rounded means of Q), so decode's sum is Q exactly and the
+    error is that of plain uniform rounding; they only make the residual codes small.
+    """
+    q = np.rint(x64 / _view_shape(step.astype(np.float64), x64.ndim)).astype(np.int64)  # [*views, *body]
+    rowmean = np.rint(q.mean(axis=-1)).astype(np.int64)  # [*views, *body[:-1]]
+    resid = q - rowmean[..., None]
+    parts = {"rowmean": _zigzag(rowmean, np.uint32)}
+    if two_d:
+        colmean = np.rint(resid.mean(axis=-2)).astype(np.int64)  # [*views, *body[:-2], body[-1]]
+        resid -= colmean[..., None, :]
+        parts["colmean"] = _zigzag(colmean, np.uint32)
+    if np.max(np.abs(resid), initial=0) > 32767:
+        raise StoreError("q1pct residual codes overflow uint16 at the step its 1% bound needs; use precision fp16")
+    parts["q"] = _zigzag(resid)
+    parts["step"] = step
+    return parts
+
+
 def _encode_q1pct(x: np.ndarray, view_axes: int) -> dict[str, np.ndarray]:
     body = x.shape[view_axes:]
     _need_rows(body, "q1pct")
-    _check_fp16_range(x, "array")
     x64 = x.astype(np.float64)
     body_axes = tuple(range(view_axes, x.ndim))
-    rowmean = x64.mean(axis=-1).astype(np.float16)  # [*views, *body[:-1]]
-    resid = x64 - rowmean.astype(np.float64)[..., None]
-    parts: dict[str, np.ndarray] = {"rowmean": rowmean}
-    if len(body) >= 2:
-        colmean = resid.mean(axis=-2).astype(np.float16)  # [*views, *body[:-2], body[-1]]
-        resid -= colmean.astype(np.float64)[..., None, :]
-        parts["colmean"] = colmean
-    rms = np.sqrt(np.mean(x64 * x64, axis=body_axes))  # [*views]
+    two_d = len(body) >= 2
+    # Largest residual after removing float means: the step must keep the residual codes in int16.
+    resid = x64 - x64.mean(axis=-1, keepdims=True)
+    if two_d:
+        resid -= resid.mean(axis=-2, keepdims=True)
     rmax = np.max(np.abs(resid), axis=body_axes) if resid.size else np.zeros(x.shape[:view_axes])
-    step = 2.0 * math.sqrt(3.0) * Q1PCT_DESIGN * rms
-    step = np.maximum(step, rmax / 32767.0)
+    del resid
+    rms = np.sqrt(np.mean(x64 * x64, axis=body_axes))  # [*views]
+    step = np.maximum(2.0 * math.sqrt(3.0) * Q1PCT_DESIGN * rms, rmax / 32000.0)
     step = np.where(step > 0, step, 1.0).astype(np.float32)  # an all-zero view: any step, codes 0
     for _ in range(60):
-        q = np.rint(resid / _view_shape(step.astype(np.float64), x.ndim))
-        if np.max(np.abs(q), initial=0) > 32767:
-            raise StoreError("q1pct codes overflow uint16 at the step its 1% bound needs; use precision fp16")
-        parts["q"] = _zigzag(q)
-        parts["step"] = step
+        parts = _q1pct_parts(x64, step, two_d)
         # Measure on what decode will really return (float32 arithmetic included).
         err = per_view_relative_error(x, _decode_q1pct(parts), view_axes)
         over = err > Q1PCT_BOUND
@@ -248,10 +264,11 @@ def _encode_q1pct(x: np.ndarray, view_axes: int) -> dict[str, np.ndarray]:
 
 
 def _decode_q1pct(parts: dict[str, np.ndarray]) -> np.ndarray:
-    q = _unzigzag(np.asarray(parts["q"])).astype(np.float32)
-    step = np.asarray(parts["step"]).astype(np.float32)
-    out = q * _view_shape(step, q.ndim)
+    """x_hat = (residual + colmean + rowmean) * step: integer sum (exact), then one float32 product
+    (correctly rounded, as a float64 product would be after casting to float32)."""
+    q = _unzigzag(np.asarray(parts["q"]))
     if "colmean" in parts:
-        out += np.asarray(parts["colmean"]).astype(np.float32)[..., None, :]
-    out += np.asarray(parts["rowmean"]).astype(np.float32)[..., None]
-    return out
+        q += _unzigzag(np.asarray(parts["colmean"]))[..., None, :]
+    q += _unzigzag(np.asarray(parts["rowmean"]))[..., None]
+    step = np.asarray(parts["step"]).astype(np.float32)
+    return q.astype(np.float32) * _view_shape(step, q.ndim)

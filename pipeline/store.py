@@ -17,7 +17,8 @@ Precision (per array; `pipeline.quant` has the formulas and bounds):
 - `exact`: stored as its dtype (ints, bools, float32 crop boxes);
 - `fp16` / `int8` / `q1pct`: float targets, stored as parts: `<name>` holds part "q" and
   `<name>_<part>` the others (`relations_scale` float16 [N, V, ..., rows] for int8;
-  `relations_step` float32 [N, V] + `relations_rowmean` / `relations_colmean` float16 for q1pct).
+  `relations_step` float32 [N, V] + `relations_rowmean` / `relations_colmean` uint32 code
+  predictors + `relations` uint16 residual codes for q1pct).
   `read_shard` / `read_rows` return them decoded to float32.
 Codecs: Blosc byte shuffle (element size = itemsize) then zstd level 5, per chunk (Zarr v3 core codecs).
 
