@@ -7,8 +7,9 @@ Layout of a store at URL (N samples, V views per sample, S = manifest shard size
     URL/done/<k:06d>.json       done marker of shard k, written last (readers trust nothing else)
 
 Logical arrays (`ArraySpec`) are indexed [sample, view, *shape_tail] ([sample, *shape_tail] when
-`per_view=False`, e.g. `valid` [N]). Every Zarr array is chunked one sample per chunk
-(1, V, *tail) and sharded (S, V, *tail), so Zarr shard k holds rows [k*S, k*S + count_k) exactly
+`per_view=False`, e.g. `valid` [N]). Every per-view Zarr array is chunked one sample per chunk
+(1, V, *tail) and sharded (S, V, *tail) (per-sample arrays: chunk = shard = (S, *tail)), so Zarr
+shard k holds rows [k*S, k*S + count_k) exactly
 like tar shard k; the last tar shard may be shorter and ends the array, so writing it is still a
 whole-shard write. A shard is written by one writer in one assignment per array (zarr has no
 locking: two writers on one Zarr shard, or a partial shard write, lose data).
@@ -250,7 +251,9 @@ class TargetStore:
     def _create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> None:
         total, size, views = full["total"], full["shard_size"], full["views"]
         lead = (total, views) if spec.per_view else (total,)
-        chunk_lead = (1, views) if spec.per_view else (1,)
+        # Per-sample arrays (`valid`) are a few bytes per sample: one chunk per shard, or a reader of
+        # all N flags would decode N one-byte chunks.
+        chunk_lead = (1, views) if spec.per_view else (size,)
         shard_lead = (size, views) if spec.per_view else (size,)
         for part, (tail, dtype) in _parts(spec).items():
             dt = np.dtype(dtype)

@@ -161,7 +161,7 @@ def test_zarr_layout_chunks_shards_and_attributes(tmp_path, targets):
     assert rel.shape == (N, V, 2, 3, T, T) and rel.dtype == np.int8
     assert rel.chunks == (1, V, 2, 3, T, T) and rel.shards == (S, V, 2, 3, T, T)
     assert scale.shape == (N, V, 2, 3, T) and scale.dtype == np.float16 and scale.shards == (S, V, 2, 3, T)
-    assert valid.shape == (N,) and valid.shards == (S,)
+    assert valid.shape == (N,) and valid.shards == (S,) and valid.chunks == (S,)
     assert "zstd" in json.dumps(rel.metadata.to_dict()["codecs"])
     # One file per Zarr shard = one per tar shard.
     assert sorted(os.listdir(tmp_path / "t.zarr" / "relations" / "c")) == ["0", "1", "2"]
