@@ -138,7 +138,8 @@ def test_every_valid_sample_once_with_uneven_shards_and_skipped_rows(world):
     assert sorted(seen) == sorted(valid)
 
 
-@pytest.mark.parametrize("world_size,workers", [(2, 0), (2, 2), (3, 1)])
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on a 2-core test machine
+@pytest.mark.parametrize("world_size,workers", [(2, 0), (2, 2), (3, 1), (2, 3)])  # (2, 3): a worker without shards
 def test_equal_steps_across_ranks_with_uneven_shards(world, world_size, workers):
     cfg = cfg_for(world["uneven"], world["kept"], batch_size=2, num_workers=workers)
     counts = sorted([6, 5, 6, 4])
