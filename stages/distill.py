@@ -192,6 +192,9 @@ def check_inputs(cfg: DistillConfig) -> TargetInfo:
     grid, roles) is checked by the loader (`pipeline.loader`), which `distill` asks for the epoch
     length before the first step; each error is a `StoreError` naming the field and the command.
     """
+    from pipeline.manifest import read_manifest
+
+    read_manifest(cfg.manifest)  # a missing or malformed manifest is reported first, by name
     mim = _open_store(cfg.mim_store, "mim_store", cfg) if cfg.teachers != "disc_only" else None
     disc = _open_store(cfg.disc_store, "disc_store", cfg) if cfg.teachers != "mim_only" else None
     rel_layers: tuple[int, ...] = ()
