@@ -172,8 +172,11 @@ class TargetStore:
                views: int, overwrite: bool = False) -> "TargetStore":
         """Make the store (driver side, before any task), or reopen it to resume.
 
-        An existing store built with the same attributes is reopened as is (its done shards stay
-        done); one built with other settings is refused, or deleted and rebuilt when `overwrite`.
+        Without `overwrite`, an existing store built with the same attributes (all but `created`) is
+        reopened as is, its done shards stay done (resume); one built with other settings is refused
+        with every differing field named. With `overwrite`, whatever is at `url` is deleted and the
+        store rebuilt empty. The `hdpipe` attribute is written last, so a create that died half-way
+        leaves a group without it, which is refused as "not an hdpipe target store" (use overwrite).
         """
         url = str(url).rstrip("/")
         full = cls._full_attrs(attrs, arrays, manifest, views)
@@ -190,7 +193,8 @@ class TargetStore:
                     "to delete and rebuild it, or choose another output"
                 )
             if existing is None and not overwrite and fs.isdir(path) and fs.ls(path, detail=False):
-                raise StoreError(f"{url} exists and is not an hdpipe target store; pass --overwrite to replace it, or choose another output")
+                raise StoreError(f"{url} exists and is not an hdpipe target store (or its creation was interrupted); "
+                                 "pass --overwrite to replace it, or choose another output")
             if overwrite:
                 fs.rm(path, recursive=True)
         try:
@@ -236,7 +240,8 @@ class TargetStore:
             "num_shards": len(counts),
             "views": int(views),
             "arrays": {n: s.to_json() for n, s in arrays.items()},
-            "codec": f"chunks (1, V, ...), shards (S, V, ...); blosc byte shuffle + zstd level {ZSTD_LEVEL}",
+            "codec": (f"per-view arrays: chunks (1, V, ...), shards (S, V, ...); per-sample arrays: chunk = shard "
+                      f"(S, ...); blosc byte shuffle + zstd level {ZSTD_LEVEL}"),
             "package_version": __version__,
         }
         given = _jsonable(dict(attrs))

@@ -252,6 +252,9 @@ def test_create_resumes_same_settings_refuses_others_overwrite_rebuilds(tmp_path
     rebuilt = TargetStore.create(url, _attrs("int8"), _specs("int8"), _manifest(), V, overwrite=True)
     assert rebuilt.done_shards() == set() and rebuilt.attrs["precision"] == "int8"
     assert TargetStore.open(url).arrays["relations"].precision == "int8"
+    rebuilt.write_shard(1, _shard(targets, rebuilt, 1), {})
+    same = TargetStore.create(url, _attrs("int8"), _specs("int8"), _manifest(), V, overwrite=True)
+    assert same.done_shards() == set()  # overwrite always starts empty, even with the same settings
 
 
 def test_write_shard_validation(tmp_path, targets):
@@ -309,7 +312,7 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     other = tmp_path / "not_a_store"
     other.mkdir()
     (other / "keep.txt").write_text("user data")
-    with pytest.raises(StoreError, match="not an hdpipe target store; pass --overwrite"):
+    with pytest.raises(StoreError, match=r"not an hdpipe target store \(or its creation was interrupted\); pass --overwrite"):
         TargetStore.create(str(other), _attrs(), _specs(), _manifest(), V)
     assert (other / "keep.txt").read_text() == "user data"
 
