@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.errors import ConfigError, StoreError
+from pipeline.errors import ConfigError, ShardError, StoreError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -499,12 +499,20 @@ def _store_in(url: str, pid: int):
     return _open_store(url)
 
 
-def _decode_image(data: bytes):
+def _decode_image(data: bytes, index: int, url: str):
     """PIL RGB image from the tar's stored bytes (JPEG/PNG/WebP)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # The stores marked this row valid, so their teachers read it: the tar changed since.
+        raise ShardError(
+            f"image {index:09d} in {url} does not decode ({type(e).__name__}: {e}) although the target "
+            "stores hold it as valid; the tar no longer matches the one extracted (re-run `hdpipe shard` "
+            "and `hdpipe extract`)"
+        ) from None
 
 
 def _stack(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -561,12 +569,12 @@ class _PlanDataset(IterableDataset):
             for rec in iter_shard(manifest, k, decode=False):
                 idx = int(rec["index"])
                 if idx != expect:
-                    raise StoreError(f"tar shard {k} yields index {idx} where {expect} was expected: join broken")
+                    raise ShardError(f"tar shard {k} yields index {idx} where {expect} was expected: join broken")
                 expect += 1
                 if idx in needed_idx:
                     images[idx] = rec["image"]
             if expect != info.first_index + info.count:
-                raise StoreError(f"tar shard {k} holds {expect - info.first_index} samples, manifest says {info.count}")
+                raise ShardError(f"tar shard {k} holds {expect - info.first_index} samples, manifest says {info.count}")
             targets = _ShardTargets(cfg, src, k, info.first_index, info.count)
             for pos in range(lo, hi):
                 while piece < len(wanted) and wanted[piece][1] <= pos:
@@ -579,8 +587,8 @@ class _PlanDataset(IterableDataset):
                 index = int(rows[pos - lo])
                 local = index - info.first_index
                 view = choose_view(cfg.seed, self.plan.epoch, index, src.num_views)
-                img = render(_decode_image(images.pop(index)), targets.view_box(local, view), cfg.img_size,
-                             cfg.interpolation)
+                image = _decode_image(images.pop(index), index, manifest.shard_url(k))
+                img = render(image, targets.view_box(local, view), cfg.img_size, cfg.interpolation)
                 rec = targets.sample(local, view=view, index=index)
                 rec["image"] = (img.float() - mean) / std
                 rec["index"] = np.int64(index)

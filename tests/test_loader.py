@@ -19,7 +19,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from pipeline.data import iter_shard
-from pipeline.errors import ConfigError, StoreError
+from pipeline.errors import ConfigError, ShardError, StoreError
 from pipeline.loader import LoaderConfig, build_loader, choose_view, plan_epoch, steps_per_epoch
 from pipeline.manifest import Manifest, ShardInfo, read_manifest, sha256_of, write_manifest
 from pipeline.masking import random_keep
@@ -355,6 +355,23 @@ def test_incomplete_store_names_missing_shards_and_the_command(world, tmp_path):
     for part in (f"--teacher {MIM}", "--role mim", "--random-init", f"--out {copy}", "--views 2", "--tokens kept",
                  '--model-kwargs \'{"depth": 3, "img_size": 32, "patch_size": 8}\'', "--extra-targets attention"):
         assert part in str(err.value), part
+
+
+def test_tar_changed_after_extraction_names_the_image(world, tmp_path):
+    """Same manifest (digest unchanged) but a valid row's image no longer decodes: a ShardError, not a crash."""
+    src = Path(world["uneven"]).parent
+    shutil.copytree(src, tmp_path / "data")
+    tar_path = tmp_path / "data" / "toy-000000.tar"
+    with tarfile.open(src / "toy-000000.tar") as old, tarfile.open(tar_path, "w") as new:
+        for member in old.getmembers():
+            body = old.extractfile(member).read()
+            if member.name == "000000003.png":
+                body = b"\x89PNG\r\n\x1a\n damaged" + bytes(20)
+                member.size = len(body)
+            new.addfile(member, io.BytesIO(body))
+    cfg = cfg_for(str(tmp_path / "data" / "toy.json"), world["kept"], batch_size=1)
+    with pytest.raises(ShardError, match=r"image 000000003 in .*toy-000000.tar does not decode"):
+        run_epoch(cfg, epoch=0)
 
 
 def test_store_from_another_manifest_is_refused(world):
