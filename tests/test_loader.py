@@ -203,6 +203,30 @@ def test_batches_match_the_plan_and_workers_read_disjoint_shards(world):
         assert b["index"].tolist() == plan.indices(j).tolist()
 
 
+def test_batch_order_does_not_depend_on_worker_timing(world, monkeypatch):
+    """Slow down worker 0 so it finishes its pieces well after worker 1: the batches stay the same."""
+    import time
+
+    import pipeline.views
+    from torch.utils.data import get_worker_info
+
+    cfg = cfg_for(world["uneven"], world["kept"], batch_size=2, num_workers=2)
+    reference = run_epoch(cfg, epoch=6)
+    real_render = pipeline.views.render
+
+    def slow_render(*args, **kwargs):
+        info = get_worker_info()
+        if info is not None and info.id == 0:
+            time.sleep(0.05)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.views, "render", slow_render)  # forked workers inherit the patch
+    slowed = run_epoch(cfg, epoch=6)
+    for x, y in zip(reference, slowed, strict=True):
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
 # ---------------------------------------------------------------------------------------------
 # Values: images and targets against independent reads
 
