@@ -164,6 +164,7 @@ class TargetStore:
         self.precision: str = str(self.attrs["precision"])
         self.arrays: dict[str, ArraySpec] = {n: ArraySpec.from_json(d) for n, d in self.attrs["arrays"].items()}
         self._zarr: dict[str, zarr.Array] = {}
+        self._part_dtypes = {_part_name(n, p): np.dtype(d) for n, s in self.arrays.items() for p, (_, d) in _parts(s).items()}
 
     # --- making and opening ----------------------------------------------------------------------
 
@@ -359,7 +360,15 @@ class TargetStore:
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._zarr:
-            self._zarr[name] = self._group[name]
+            arr = self._group[name]
+            want = self._part_dtypes[name]
+            if arr.dtype != want:
+                # Parts written by another encoding of the precision would decode to garbage.
+                raise StoreError(
+                    f"target store {self.url}: array {name!r} is stored as {arr.dtype}, this hdpipe expects "
+                    f"{want} for precision {self.precision!r}; re-extract it with `hdpipe extract --overwrite`"
+                )
+            self._zarr[name] = arr
         return self._zarr[name]
 
     def _check(self, k: int, name: str, a: np.ndarray, count: int) -> np.ndarray:

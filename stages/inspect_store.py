@@ -63,7 +63,7 @@ def format_info(info: dict) -> str:
                      _kb(e["bytes_per_view"]), _err(e)])
     out += _table(["name", "shape", "dtype", "precision", "stored parts", "bytes/view", "rel. error vs fp32"], rows)
     out += ["", f"bytes per view {_kb(info['bytes_per_view'])} (on disk, finished shards)", "", "provenance"]
-    out += [f"  {k:<17}{v}" for k, v in info["provenance"].items()]
+    out += [f"  {k:<17}{'(not recorded)' if v is None else v}" for k, v in info["provenance"].items()]
     settings = {k: v for k, v in attrs.items() if k not in _SHOWN}
     if settings:
         out += ["", "settings"]

@@ -225,13 +225,19 @@ def test_open_expect_names_every_differing_field(tmp_path, targets):
 
 def test_schema_version_and_non_stores_refused(tmp_path, targets):
     url = str(tmp_path / "t.zarr")
-    _make(url, targets, "fp16", shards=())
+    _make(url, targets, "fp16", shards=(0,))
     g = zarr.open_group(url, mode="r+")
     g.attrs["hdpipe"] = {**g.attrs["hdpipe"], "schema_version": 99}
     with pytest.raises(StoreError, match="schema_version 99"):
         TargetStore.open(url)
     with pytest.raises(StoreError, match="no target store at"):
         TargetStore.open(str(tmp_path / "missing.zarr"))
+    # Parts in another encoding than this hdpipe's (e.g. an older q1pct) are refused, not misread.
+    g.attrs["hdpipe"] = {**g.attrs["hdpipe"], "schema_version": SCHEMA_VERSION}
+    del g["views"]
+    g.create_array("views", shape=(N, V, 5), chunks=(1, V, 5), dtype="float16")
+    with pytest.raises(StoreError, match="'views' is stored as float16, this hdpipe expects float32"):
+        TargetStore.open(url).read_rows([0], names=["views"])
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(StoreError, match="not an hdpipe target store"):
         TargetStore.open(str(tmp_path / "plain.zarr"))
