@@ -27,6 +27,7 @@ with the worker's index as local rank); on an external cluster start one worker 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -515,7 +516,7 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
         mim_views = keep_src = None
     else:
         plan = None
-        got = TargetStore.open(attrs["mim_store"]).read_shard(k, names=["views", "keep_progressive", "valid"])
+        got = TargetStore.open(mim_store_url(cfg)).read_shard(k, names=["views", "keep_progressive", "valid"])
         valid &= got["valid"].astype(bool)  # no views or masks exist for samples the MIM run skipped
         mim_views, keep_src = got["views"], got["keep_progressive"]  # [S, V, 5], int16 [S, V, n_keep]
     items = [(r, v) for r in range(S) if valid[r] for v in range(V)]
@@ -653,6 +654,27 @@ def _store_bytes(url: str) -> int:
         return 0
 
 
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def for_workers(cfg: ExtractConfig) -> ExtractConfig:
+    """`cfg` with local relative paths made absolute: a worker of an external cluster (--scheduler)
+    may run in another folder. Paths must still be visible to the workers (shared filesystem or an
+    fsspec URL such as s3://...)."""
+
+    def absolute(p: str | None) -> str | None:
+        if p is None or "://" in p:
+            return p
+        return os.path.abspath(p)
+
+    return dataclasses.replace(cfg, manifest=absolute(cfg.manifest), targets=absolute(cfg.targets),
+                               out=absolute(cfg.out), mim_store=absolute(mim_store_url(cfg)),
+                               checkpoint=absolute(cfg.checkpoint))
+
+
 def _log(cfg: ExtractConfig, msg: str) -> None:
     if cfg.progress:
         print(msg, file=sys.stderr, flush=True)
@@ -676,8 +698,9 @@ def run_dask(cfg: ExtractConfig, shards: list[int], on_done: Callable[[dict], No
                                dashboard_address=None)
         client = Client(cluster)
     futures = []
+    task_cfg = for_workers(cfg)
     try:
-        futures = client.map(extract_shard, [cfg] * len(shards), shards, retries=cfg.retries, pure=False,
+        futures = client.map(extract_shard, [task_cfg] * len(shards), shards, retries=cfg.retries, pure=False,
                              key=[f"extract-{store_name(cfg)}-{k:06d}-{os.getpid()}-{time.time_ns()}" for k in shards])
         for fut in as_completed(futures):
             on_done(fut.result())
@@ -717,7 +740,9 @@ def extract(cfg: ExtractConfig) -> str:
         if os.path.normpath(url) == os.path.normpath(mim_store_url(cfg)):
             raise ConfigError(f"the output {url} is the MIM store itself; pass --name or --out")
     check_writable(url)
-    teacher = get_teacher(cfg)
+    distributed = bool(cfg.scheduler) or cfg.workers > 0
+    # The driver needs the teacher only for its attributes when workers extract: keep it off the GPUs.
+    teacher = get_teacher(cfg, device=_cpu() if distributed else None)
     attrs, arrays = store_layout(cfg, role, teacher, mim_attrs)
     V = cfg.views if role == "mim" else int(mim_attrs["views"])
     try:
@@ -746,7 +771,6 @@ def extract(cfg: ExtractConfig) -> str:
             bar.update(summary["rows"] * V)
         bar.set_postfix(shards=f"{done_before + totals['shards']}/{len(manifest.shards)}")
 
-    distributed = bool(cfg.scheduler) or cfg.workers > 0
     try:
         if distributed:
             run_dask(cfg, missing, on_done)
