@@ -53,6 +53,7 @@ import torch
 from pipeline.checkpoint import CHECKPOINT_NAME, export_student, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.config import to_dict, write_resolved
 from pipeline.device import autocast, pick_device
+from pipeline.fsio import atomic_write_bytes
 from pipeline.errors import ConfigError, HdpipeError, NonFiniteError, StoreError
 from pipeline.losses import hybrid_loss
 from pipeline.optim import build_optimizer, clip_gradients, scaled_lr, WarmupCosine
@@ -528,7 +529,7 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
         write_resolved(cfg, run_dir / "config.yaml")
         env = environment() | {"world_size": d.world_size, "device": str(device), "global_batch": global_batch,
                                "lr": lr, "steps_per_epoch": steps_per, "resumed_from_step": state.step if ckpt else None}
-        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        atomic_write_bytes(str(run_dir / "env.json"), (json.dumps(env, indent=2) + "\n").encode())
 
     model: torch.nn.Module = student
     if d.world_size > 1:
@@ -561,8 +562,9 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
         state.batches_done = 0
         save()
     if d.main:
-        summary = {"epoch": cfg.epochs, "step": state.step} | {k: v for k, v in meters.items() if k != "steps"}
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if meters:  # (a resumed run that was already finished trains nothing and keeps its metrics)
+            summary = {"epoch": cfg.epochs, "step": state.step} | {k: v for k, v in meters.items() if k != "steps"}
+            atomic_write_bytes(str(run_dir / "metrics.json"), (json.dumps(summary, indent=2) + "\n").encode())
         export_student(student.encoder_state_dict(), cfg.model, cfg.model_kwargs, run_dir / "student",
                        preprocessing={"mean": list(lcfg.mean), "std": list(lcfg.std), "interpolation": lcfg.interpolation})
     _barrier(d)
