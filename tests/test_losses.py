@@ -136,3 +136,12 @@ def test_loss_decreases_on_real_teacher_targets():
         losses.append(l["loss"].item())
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.7 * first, (first, last)
+
+
+def test_block_features_target_is_whitened_per_layer():
+    g = torch.Generator().manual_seed(3)
+    out = {"block_features": {2: torch.randn(2, 5, 8, generator=g), 3: torch.randn(2, 5, 8, generator=g)}}
+    tgt = torch.randn(2, 2, 5, 8, generator=g) * 3 + 2
+    got = hybrid_loss(out, {"block_features": tgt}, blocks=(2, 3), target="block_features", teachers="mim_only")
+    want = _smooth_l1(torch.stack([out["block_features"][2], out["block_features"][3]], 1), whiten(tgt), 1.0)
+    torch.testing.assert_close(got["loss"], want)
