@@ -30,8 +30,10 @@ layers, scale convention, mask rule, token set, precision, view-plan digest, cod
 `codec`, `package_version`. `create` on an existing store with the same attribute dict resumes
 it; with a different one it refuses unless `overwrite=True`. `open(url, expect)` compares fields.
 
-Done marker (JSON): the caller's summary (e.g. `seconds`, `images`) plus `shard`, `first_index`,
-`rows`, `views`, `stored_bytes` {array: bytes on disk for this shard}, and, for lossy arrays,
+Done marker (JSON): the caller's summary (e.g. `seconds`, `views`, `skipped`) plus, set by the
+store (its values win on these keys), `shard`, `first_index`, `rows`, `views_per_sample`,
+`stored_bytes` {array: bytes on disk for this shard}, `bytes` (their sum), `seconds_store`,
+`written`, and, for lossy arrays,
 `error` {array: {"relative": ||x_hat-x||/||x|| over the shard, "max_view": worst view,
 "err_l2", "ref_l2"}} measured against the float32 input at write time.
 """
@@ -431,8 +433,9 @@ class TargetStore:
             "shard": int(k),
             "first_index": first,
             "rows": count,
-            "views": self.views,
+            "views_per_sample": self.views,
             "stored_bytes": stored_bytes,
+            "bytes": int(sum(stored_bytes.values())),
             "error": errors,
             "seconds_store": round(time.perf_counter() - t0, 4),
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -520,7 +523,7 @@ class TargetStore:
         """Everything `hdpipe inspect` shows: settings, counts, bytes per view, errors, provenance."""
         done = sorted(self.done_shards())
         markers = [self.done_marker(k) for k in done]
-        rows_done = sum(m["rows"] for m in markers)
+        rows_done = sum(self.shard_rows(k)[1] for k in done)
         bpv = self.bytes_per_view()
         arrays = {}
         for name, spec in sorted(self.arrays.items()):

@@ -143,7 +143,9 @@ def test_round_trip_per_precision(tmp_path, targets, precision):
             # The error the marker records is the one a reader really gets.
             x, d = want[name].astype(np.float64), got[name].astype(np.float64) - want[name]
             assert marker["error"][name]["relative"] == pytest.approx(np.linalg.norm(d) / np.linalg.norm(x), rel=1e-6)
-        assert marker["rows"] == again.shard_rows(k)[1] and marker["views"] == V and marker["seconds"] == 0.5
+        assert marker["rows"] == again.shard_rows(k)[1] and marker["views_per_sample"] == V and marker["seconds"] == 0.5
+        assert marker["images"] == marker["rows"]  # the caller's summary is kept
+        assert marker["bytes"] == sum(marker["stored_bytes"].values()) > 0
     # Spot reads across shards, any order, equal the whole-shard reads.
     idx = [9, 0, 5, 4]
     rows = again.read_rows(idx, names=["relations", "views"])
