@@ -175,10 +175,11 @@ class TargetStore:
                views: int, overwrite: bool = False) -> "TargetStore":
         """Make the store (driver side, before any task), or reopen it to resume.
 
-        Without `overwrite`, an existing store built with the same attributes (all but `created`) is
-        reopened as is, its done shards stay done (resume); one built with other settings is refused
-        with every differing field named. With `overwrite`, whatever is at `url` is deleted and the
-        store rebuilt empty. The `hdpipe` attribute is written last, so a create that died half-way
+        An existing store built with the same attributes (all but `created`) is reopened as is and
+        its done shards stay done (resume), with or without `overwrite`: re-running the same command
+        must never throw finished work away (DVC re-runs a stage with `overwrite: true` after an
+        interruption). One built with other settings is refused with every differing field named,
+        unless `overwrite`, which deletes it and rebuilds the store empty. The `hdpipe` attribute is written last, so a create that died half-way
         leaves a group without it, which is refused as "not an hdpipe target store" (use overwrite).
         """
         url = str(url).rstrip("/")
@@ -186,11 +187,12 @@ class TargetStore:
         fs, path = fs_and_path(url)
         if fs.exists(path):
             existing = cls._read_attrs(url)
-            if existing is not None and not overwrite:
+            if existing is not None:
                 old = {k: v for k, v in existing.items() if k != "created"}
                 diffs = _diff(old, {k: v for k, v in full.items() if k != "created"}, "")
                 if not diffs:
                     return cls.open(url)
+            if existing is not None and not overwrite:
                 raise StoreError(
                     f"target store {url} exists with other settings ({'; '.join(diffs)}); pass --overwrite "
                     "to delete and rebuild it, or choose another output"
