@@ -78,3 +78,24 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = resolve(Toy, {"epochs": 2})
     out = write_resolved(cfg, tmp_path / "run" / "config.yaml")
     assert resolve(Toy, yaml.safe_load(out.read_text())) == cfg
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "params-imagenet.yaml"])
+def test_shipped_params_files_resolve_for_every_stage(params_file):
+    """Every section of the shipped params files builds its stage config (no stale or misspelled key)."""
+    from pathlib import Path
+
+    from stages.analyze import AnalyzeConfig
+    from stages.distill import DistillConfig
+    from stages.evaluate import EvaluateConfig
+    from stages.extract import ExtractConfig
+    from stages.shard import ShardConfig
+
+    path = Path(__file__).resolve().parents[1] / params_file
+    sections = {"shard": ShardConfig, "extract_mim": ExtractConfig, "extract_disc": ExtractConfig,
+                "distill": DistillConfig, "evaluate": EvaluateConfig, "analyze": AnalyzeConfig}
+    doc = yaml.safe_load(path.read_text())
+    assert set(doc) == set(sections)
+    for section, cls in sections.items():
+        cfg = build_config(cls, f"{path}:{section}", section, {})
+        assert isinstance(cfg, cls)
