@@ -24,7 +24,7 @@ Reported per phase: wall-clock images/s and CPU seconds per image (this process 
 workers). The phases are interleaved over `--rounds` and the best round is kept; on a shared
 machine the CPU-time ratios are the steadier comparison (load averages are recorded).
 
-    python benchmarks/bench_distill.py [--images 96] [--batch 16] [--steps 12] [--workers 2] [--threads 1]
+    python benchmarks/bench_distill.py [--images 96] [--batch 16] [--steps 12] [--workers 0] [--threads 1]
                                        [--rounds 2] [--device auto] [--out benchmarks/results/distill.json]
 """
 from __future__ import annotations
@@ -234,7 +234,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=96, help="training images in the bundled sample")
     p.add_argument("--batch", type=int, default=16, help="images per step")
     p.add_argument("--steps", type=int, default=12, help="timed steps per phase (after one warm-up step)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the cached phase")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers of the cached phase (0: load between steps in the training process; on "
+                        "a 2-vCPU machine a worker process slows the step it runs beside, see results/distill-workers1.json)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (1: on a shared or small machine more threads oversubscribe)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the three phases (interleaved; best round kept)")
