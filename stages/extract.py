@@ -523,7 +523,11 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
     batches = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
 
     def prepare(batch):
-        """(x float32 [B, 3, size, size] normalized on the device, ok bool [B]) for (row, view) pairs."""
+        """([B] float32 [3, size, size] views in [0, 1], ok bool [B]) for (row, view) pairs.
+
+        Runs on the prefetch thread: only decoding and rendering (PIL) happen here; stacking and
+        normalizing stay on the main thread so the two threads do not both start torch's OpenMP
+        thread team (on a CPU host that oversubscribes the cores the forward pass needs)."""
         images = {}
         for r in dict.fromkeys(r for r, _ in batch):
             try:
@@ -549,10 +553,11 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
                 view = View.from_row(mim_views[r, v])
             xs.append(render(images[r], view, size, interp))
             ok.append(True)
-        return teacher.normalize(torch.stack(xs)), np.array(ok)
+        return xs, np.array(ok)
 
     with torch.inference_mode():
-        for batch, (x, ok) in _prefetched(batches, prepare):
+        for batch, (xs, ok) in _prefetched(batches, prepare):
+            x = teacher.normalize(torch.stack(xs))  # [B, 3, size, size] on the teacher's device
             with autocast(device):
                 if role == "mim":
                     res = mim_batch(teacher, x, layers, extras, float(attrs["mask"]["ratio"]), attrs["tokens"])
