@@ -30,7 +30,9 @@ loader's batch order), and then the lr is re-scaled to the new global batch.
 
 DDP: under torchrun (`RANK`/`WORLD_SIZE` in the environment) the process group is initialized
 with NCCL on GPU and gloo on CPU; each rank reads its own shards with the same number of steps;
-rank 0 alone writes files. The logged losses are averaged over ranks.
+rank 0 alone writes files, every rank reads the checkpoint on resume (so the run directory must be
+on a filesystem all nodes share; ranks that disagree stop with an error). The logged losses are
+averaged over ranks.
 
     torchrun --nproc_per_node=8 -m pipeline.cli distill --config params.yaml
 """
@@ -525,6 +527,7 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
         log.truncate(state.step)
     else:
         log.start()
+    _same_on_every_rank(d, state.step, run_dir)
     if d.main:
         write_resolved(cfg, run_dir / "config.yaml")
         env = environment() | {"world_size": d.world_size, "device": str(device), "global_batch": global_batch,
@@ -581,6 +584,21 @@ def _gather_rng(d: Dist) -> list:
     out = [None] * d.world_size
     dist.all_gather_object(out, mine)
     return out
+
+
+def _same_on_every_rank(d: Dist, step: int, run_dir: Path) -> None:
+    """Every rank must start from the same checkpoint (else their loaders and steps diverge and hang)."""
+    if d.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    steps: list = [None] * d.world_size
+    dist.all_gather_object(steps, step)
+    if len(set(steps)) != 1:
+        raise ConfigError(
+            f"ranks start from different steps {steps}: every rank reads {run_dir}/checkpoints/last.pt, so the run "
+            f"directory must be on a filesystem all nodes share (or an fsspec URL) for --resume"
+        )
 
 
 def _barrier(d: Dist) -> None:
