@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        cli.main(args=argv, prog_name="hdpipe", standalone_mode=False)
+        # Without standalone mode click returns a command's `ctx.exit(n)` status instead of exiting.
+        status = cli.main(args=argv, prog_name="hdpipe", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"hdpipe: error: {e}", err=True)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

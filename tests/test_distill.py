@@ -3,14 +3,12 @@ teachers), with a tiny timm student: outputs, export, no teacher built, resume a
 cached-vs-online loss equivalence, and every bad input the issue lists."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from pipeline.errors import ConfigError, HdpipeError, NonFiniteError, StoreError
-from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+from toydata import structured_jpeg, write_dataset
 from stages.distill import DistillConfig, distill
 
 TEACHER_KW = {"img_size": 64, "patch_size": 8, "depth": 6}  # 64 patches, 3 heads, 192-d, L = 6
@@ -32,37 +29,9 @@ SHARD = 8
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def _image(rng: np.random.Generator) -> bytes:
-    w, h = (int(v) for v in rng.integers(72, 110, size=2))
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx / w, yy / h, (np.sin(xx / rng.uniform(3, 9)) + 1) / 2], -1) * 200
-    for _ in range(3):
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 25)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _dataset(folder: Path, n: int = 24) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    shards = []
-    for k in range((n + SHARD - 1) // SHARD):
-        url = f"toy-{k:06d}.tar"
-        first = k * SHARD
-        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index in range(first, min(n, first + SHARD)):
-                meta = json.dumps({"index": index, "label": None, "name": f"i{index}.jpg", "source": "test"}).encode()
-                for ext, body in (("jpg", _image(rng)), ("json", meta)):
-                    info = tarfile.TarInfo(f"{index:09d}.{ext}")
-                    info.size = len(body)
-                    tar.addfile(info, io.BytesIO(body))
-        shards.append(ShardInfo(url, min(n, first + SHARD) - first, first, sha256_of(str(folder / url))))
-    path = folder / "toy.json"
-    write_manifest(Manifest(name="toy", shard_size=SHARD, total=n, shards=tuple(shards), class_map=None), path)
-    return str(path)
+    return write_dataset(folder, [structured_jpeg(rng, (72, 110)) for _ in range(n)], SHARD)
 
 
 def _extract(manifest: str, targets: Path, name: str, role: str, **kw) -> str:

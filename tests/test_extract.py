@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError, NonFiniteError, ShardError, StoreError
-from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+from toydata import BROKEN_JPEG, structured_jpeg, write_dataset
 from pipeline.store import TargetStore
 from stages.extract import ExtractConfig, extract
 
@@ -34,46 +34,11 @@ DISC_KW = {"img_size": 64, "patch_size": 8, "depth": 2}
 SHARD = 8  # samples per tar shard
 
 
-def _image(rng: np.random.Generator) -> bytes:
-    """A JPEG with structure (gradients + blobs + noise), 72-120 px per side."""
-    w, h = (int(v) for v in rng.integers(72, 121, size=2))
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx / w, yy / h, (np.sin(xx / rng.uniform(3, 9)) + 1) / 2], -1) * 200
-    for _ in range(4):
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 25)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def make_dataset(folder: Path, n: int = 24, seed: int = 0, corrupt: tuple[int, ...] = ()) -> str:
-    """Tars of SHARD samples (`<key>.jpg`, `<key>.json`) and their manifest; returns the manifest path.
-
-    Indices in `corrupt` get bytes that are not an image (as a damaged file would be)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Tars of SHARD JPEGs and their manifest; indices in `corrupt` hold bytes that do not decode."""
     rng = np.random.default_rng(seed)
-    shards = []
-    for k in range(0, (n + SHARD - 1) // SHARD):
-        url = f"toy-{k:06d}.tar"
-        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
-            first = k * SHARD
-            for index in range(first, min(n, first + SHARD)):
-                key = f"{index:09d}"
-                data = _image(rng)
-                if index in corrupt:
-                    data = b"\xff\xd8\xff\xe0 truncated" + bytes(40)
-                meta = json.dumps({"index": index, "label": None, "name": f"img{index}.jpg", "source": "test"}).encode()
-                for ext, body in (("jpg", data), ("json", meta)):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime = len(body), 0
-                    tar.addfile(info, io.BytesIO(body))
-        shards.append(ShardInfo(url, min(n, first + SHARD) - first, first, sha256_of(str(folder / url))))
-    manifest = Manifest(name="toy", shard_size=SHARD, total=n, shards=tuple(shards), class_map=None)
-    path = folder / "toy.json"
-    write_manifest(manifest, path)
-    return str(path)
+    payloads = [structured_jpeg(rng) for _ in range(n)]
+    return write_dataset(folder, [BROKEN_JPEG if i in corrupt else p for i, p in enumerate(payloads)], SHARD)
 
 
 def mim_cfg(manifest: str, targets: Path, **kw) -> ExtractConfig:

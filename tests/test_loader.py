@@ -7,7 +7,6 @@ with `TargetStore.read_rows` and gathered with `np.take`.
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -21,7 +20,8 @@ from PIL import Image
 from pipeline.data import iter_shard
 from pipeline.errors import ConfigError, ShardError, StoreError
 from pipeline.loader import LoaderConfig, build_loader, choose_view, plan_epoch, steps_per_epoch
-from pipeline.manifest import Manifest, ShardInfo, read_manifest, sha256_of, write_manifest
+from toydata import write_dataset
+from pipeline.manifest import read_manifest
 from pipeline.masking import random_keep
 from pipeline.store import TargetStore
 from pipeline.views import View, render
@@ -45,24 +45,10 @@ def _image(rng: np.random.Generator) -> bytes:
 
 
 def make_dataset(folder: Path, n: int, corrupt: tuple[int, ...] = (), seed: int = 0) -> str:
-    """Real webdataset tars of SHARD samples each and their manifest; returns the manifest path."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Real webdataset tars of SHARD PNGs each and their manifest; returns the manifest path."""
     rng = np.random.default_rng(seed)
-    shards = []
-    for k in range((n + SHARD - 1) // SHARD):
-        url, first = f"toy-{k:06d}.tar", k * SHARD
-        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index in range(first, min(n, first + SHARD)):
-                data = _image(rng) if index not in corrupt else b"\x89PNG\r\n\x1a\n broken" + bytes(30)
-                meta = json.dumps({"index": index, "label": None, "name": f"im{index}.png", "source": "test"}).encode()
-                for ext, body in (("png", data), ("json", meta)):
-                    info = tarfile.TarInfo(f"{index:09d}.{ext}")
-                    info.size = len(body)
-                    tar.addfile(info, io.BytesIO(body))
-        shards.append(ShardInfo(url, min(n, first + SHARD) - first, first, sha256_of(str(folder / url))))
-    path = folder / "toy.json"
-    write_manifest(Manifest(name="toy", shard_size=SHARD, total=n, shards=tuple(shards), class_map=None), path)
-    return str(path)
+    payloads = [_image(rng) if i not in corrupt else b"\x89PNG\r\n\x1a\n broken" + bytes(30) for i in range(n)]
+    return write_dataset(folder, payloads, SHARD, ext="png")
 
 
 def make_stores(manifest: str, out: Path, tokens: str, views: int, extras=(), seed: int = 0,

@@ -5,8 +5,7 @@ import json
 
 import click
 
-from pipeline.commands.common import build_config, config_option
-from pipeline.commands.evaluate import parse_model_kwargs
+from pipeline.commands.common import build_config, config_option, parse_mapping
 
 
 @click.command("analyze")
@@ -15,7 +14,7 @@ from pipeline.commands.evaluate import parse_model_kwargs
 @click.option("--label", "labels", multiple=True, help="Repeatable legend names, one per --model, in order. [default: derived from the spec]")
 @click.option("--checkpoint", default=None, help="Teacher only (needs exactly one teacher --model): local weights file.")
 @click.option("--random-init/--no-random-init", default=None, help="Teachers only: random weights (students keep theirs).")
-@click.option("--model-kwargs", default=None, metavar="JSON", help="Teachers only: constructor overrides, e.g. '{\"img_size\": 64}'.")
+@click.option("--model-kwargs", default=None, callback=parse_mapping, metavar="MAPPING", help="Teachers only: constructor overrides, YAML/JSON, e.g. '{img_size: 64}'.")
 @click.option("--manifest", default=None, help="Images to analyze. [default: manifests/sample-probe-test.json]")
 @click.option("--num-images", type=int, default=None, help="First N images of the manifest. [default: 64]")
 @click.option("--layers", default=None, help="1-based blocks, e.g. '1,6,12'. [default: every block]")
@@ -32,7 +31,7 @@ def command(config_path, models, labels, model_kwargs, **flags):
 
     flags["models"] = models or None  # click gives () when not given: keep the file's value
     flags["labels"] = labels or None
-    flags["model_kwargs"] = parse_model_kwargs(model_kwargs)
+    flags["model_kwargs"] = model_kwargs
     cfg = build_config(AnalyzeConfig, config_path, "analyze", flags)
     result = analyze(cfg)
     click.echo(json.dumps({"out_dir": result["out_dir"], "files": result["files"], "models": list(result["models"])}))

@@ -5,8 +5,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from pipeline.config import check_keys, load_section, resolve
+from pipeline.errors import ConfigError
 
 config_option = click.option(
     "--config",
@@ -40,3 +42,16 @@ def build_config(cls: type, config_path: str | None, section: str, flags: dict[s
     # Check the file layer alone first so an unknown key is reported against the file by name.
     check_keys(cls, file_layer, source=f"{path} [{section}]")
     return resolve(cls, file_layer, flags, source="command line")
+
+
+def parse_mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """Click callback: a YAML or JSON mapping ('{img_size: 64, patch_size: 8}') -> dict; None when not given."""
+    if value is None:
+        return None
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--{param.name.replace('_', '-')} is not a YAML/JSON mapping: {e}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"--{param.name.replace('_', '-')} must be a mapping like '{{img_size: 64}}', got {value!r}")
+    return parsed

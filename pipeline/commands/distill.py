@@ -5,23 +5,8 @@ Under torchrun it runs DDP: `torchrun --nproc_per_node=G -m pipeline.cli distill
 from __future__ import annotations
 
 import click
-import yaml
 
-from pipeline.commands.common import build_config, config_option
-from pipeline.errors import ConfigError
-
-
-def _mapping(ctx, param, value):
-    """--model-kwargs '{img_size: 64, patch_size: 8}' (YAML or JSON) -> dict."""
-    if value is None:
-        return None
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--model-kwargs is not a YAML/JSON mapping: {e}") from None
-    if not isinstance(parsed, dict):
-        raise ConfigError(f"--model-kwargs must be a mapping like '{{img_size: 64}}', got {value!r}")
-    return parsed
+from pipeline.commands.common import build_config, config_option, parse_mapping
 
 
 @click.command("distill")
@@ -30,7 +15,7 @@ def _mapping(ctx, param, value):
 @click.option("--mim-store", default=None, help="MIM teacher store URL (relations, masks).  [default: targets/mae.zarr]")
 @click.option("--disc-store", default=None, help="Discriminative teacher store URL (features).  [default: targets/clip.zarr]")
 @click.option("--model", default=None, help="timm ViT name of the student.  [default: vit_base_patch16_224]")
-@click.option("--model-kwargs", callback=_mapping, default=None, metavar="MAPPING",
+@click.option("--model-kwargs", callback=parse_mapping, default=None, metavar="MAPPING",
               help="timm.create_model arguments, YAML/JSON, e.g. '{img_size: 64, patch_size: 8, depth: 6}'.")
 @click.option("--relation-layers", default=None, metavar="B,B", help="Teacher blocks (1-based) to distill, a subset of the store's.  [default: all stored]")
 @click.option("--mim-target", type=click.Choice(["relations", "attention", "block_features"]), default=None,

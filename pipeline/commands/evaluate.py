@@ -5,21 +5,7 @@ import json
 
 import click
 
-from pipeline.commands.common import build_config, config_option
-from pipeline.errors import ConfigError
-
-
-def parse_model_kwargs(text: str | None) -> dict | None:
-    """--model-kwargs '{"img_size": 64}' -> dict (None when not given)."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-kwargs must be a JSON object, e.g. '{{\"img_size\": 64}}': {e}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"--model-kwargs must be a JSON object, got {text!r}")
-    return value
+from pipeline.commands.common import build_config, config_option, parse_mapping
 
 
 @click.command("evaluate")
@@ -27,7 +13,7 @@ def parse_model_kwargs(text: str | None) -> dict | None:
 @click.option("--model", default=None, help="student:runs/<name>/student, or a teacher: mae, clip, deit, dino, timm:NAME, open_clip:NAME[:TAG].")
 @click.option("--checkpoint", default=None, help="Teacher only: local weights file instead of the hub's pretrained tag.")
 @click.option("--random-init/--no-random-init", default=None, help="Teacher only: random weights (a baseline).")
-@click.option("--model-kwargs", default=None, metavar="JSON", help="Teacher only: constructor overrides, e.g. '{\"img_size\": 64}'.")
+@click.option("--model-kwargs", default=None, callback=parse_mapping, metavar="MAPPING", help="Teacher only: constructor overrides, YAML/JSON, e.g. '{img_size: 64}'.")
 @click.option("--train-manifest", default=None, help="Labeled manifest the probes are fit on. [default: manifests/sample-probe-train.json]")
 @click.option("--test-manifest", default=None, help="Labeled manifest accuracy is measured on. [default: manifests/sample-probe-test.json]")
 @click.option("--pooling", type=click.Choice(["cls", "mean"]), default=None, help="Image embedding: CLS token or mean of patch tokens. [default: cls]")
@@ -45,7 +31,7 @@ def command(config_path, model_kwargs, **flags):
     """k-NN (cosine, exp(sim/T) votes) and linear-probe top-1/top-5 of a frozen model; writes DVC metrics JSON."""
     from stages.evaluate import EvaluateConfig, evaluate
 
-    flags["model_kwargs"] = parse_model_kwargs(model_kwargs)
+    flags["model_kwargs"] = model_kwargs
     cfg = build_config(EvaluateConfig, config_path, "evaluate", flags)
     metrics = evaluate(cfg)
     click.echo(json.dumps(metrics))

@@ -2,23 +2,8 @@
 from __future__ import annotations
 
 import click
-import yaml
 
-from pipeline.commands.common import build_config, config_option
-from pipeline.errors import ConfigError
-
-
-def _mapping(ctx, param, value):
-    """--model-kwargs '{img_size: 64, patch_size: 8}' (YAML or JSON) -> dict."""
-    if value is None:
-        return None
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--model-kwargs is not a YAML/JSON mapping: {e}") from None
-    if not isinstance(parsed, dict):
-        raise ConfigError(f"--model-kwargs must be a mapping like '{{img_size: 64}}', got {value!r}")
-    return parsed
+from pipeline.commands.common import build_config, config_option, parse_mapping
 
 
 @click.command("extract")
@@ -29,7 +14,7 @@ def _mapping(ctx, param, value):
               help="mim: relations + masks; disc: features for the MIM store's views; auto: from the teacher table.")
 @click.option("--checkpoint", default=None, help="Local weights (.pth/.bin/.safetensors) for offline sites.")
 @click.option("--random-init/--no-random-init", default=None, help="Random weights seeded by --seed (demos, tests).")
-@click.option("--model-kwargs", callback=_mapping, default=None, metavar="MAPPING",
+@click.option("--model-kwargs", callback=parse_mapping, default=None, metavar="MAPPING",
               help="Model constructor arguments, YAML/JSON, e.g. '{img_size: 64, patch_size: 8, depth: 6}'.")
 @click.option("--targets", default=None, help="Folder or fsspec URL of the stores (<targets>/<name>.zarr).  [default: targets]")
 @click.option("--name", default=None, help="Store name (default: the teacher name).")

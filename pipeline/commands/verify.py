@@ -28,6 +28,6 @@ def command(store, config_path, as_json, **flags):
     report = verify(cfg)
     click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
     if not report["ok"]:
-        # SystemExit, not ctx.exit: pipeline.cli.main runs click with standalone_mode=False and
-        # returns 0 for click's Exit, while a SystemExit keeps its status up to the shell.
+        # A SystemExit reaches the shell with status 1 both through pipeline.cli.main and when
+        # this command is embedded in another click program.
         sys.exit(1)

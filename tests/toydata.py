@@ -1,0 +1,49 @@
+"""Tiny real datasets for tests: webdataset tars (`<key>.<ext>` + `<key>.json`) and their manifest."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+
+BROKEN_JPEG = b"\xff\xd8\xff\xe0 truncated" + bytes(40)  # a JPEG header and nothing decodable
+
+
+def structured_jpeg(rng: np.random.Generator, sizes: tuple[int, int] = (72, 121)) -> bytes:
+    """A JPEG with structure (gradients + blobs + noise) so that tokens differ, sides in [sizes)."""
+    w, h = (int(v) for v in rng.integers(*sizes, size=2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx / w, yy / h, (np.sin(xx / rng.uniform(3, 9)) + 1) / 2], -1) * 200
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 25)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_dataset(folder: Path, payloads: Sequence[bytes], shard_size: int, ext: str = "jpg") -> str:
+    """Tars of `shard_size` samples holding `payloads[i]` as image i, and their manifest; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(payloads)
+    shards = []
+    for k in range((n + shard_size - 1) // shard_size):
+        url, first = f"toy-{k:06d}.tar", k * shard_size
+        with tarfile.open(folder / url, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(first, min(n, first + shard_size)):
+                meta = json.dumps({"index": index, "label": None, "name": f"img{index}.{ext}", "source": "test"})
+                for member, body in ((ext, payloads[index]), ("json", meta.encode())):
+                    info = tarfile.TarInfo(f"{index:09d}.{member}")
+                    info.size, info.mtime = len(body), 0
+                    tar.addfile(info, io.BytesIO(body))
+        shards.append(ShardInfo(url, min(n, first + shard_size) - first, first, sha256_of(str(folder / url))))
+    path = folder / "toy.json"
+    write_manifest(Manifest(name="toy", shard_size=shard_size, total=n, shards=tuple(shards), class_map=None), path)
+    return str(path)
