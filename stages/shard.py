@@ -86,9 +86,13 @@ class ShardConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for k in ("sample_train", "sample_probe_train", "sample_probe_test"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+            # A sample size given for a folder or URL input would be silently ignored otherwise.
+            if not self.sample and getattr(self, k) != defaults[k]:
+                raise ConfigError(f"{k} only applies to --sample (the bundled sample); drop it for --input/--urls")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ConfigError(f"name {self.name!r} must be letters, digits, '_', '.', '-' (it names files)")
 

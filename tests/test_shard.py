@@ -511,3 +511,14 @@ def test_fsspec_urls_for_tars_and_manifest(tree):
     finally:
         if fs.exists("/hdpipe-test"):
             fs.rm("/hdpipe-test", recursive=True)
+
+
+def test_sample_sizes_without_sample_are_refused(tmp_path):
+    """A --sample-* size given with --input would be silently ignored: it is an error naming the key."""
+    from pipeline.config import resolve
+    from pipeline.errors import ConfigError
+    from stages.shard import ShardConfig
+
+    with pytest.raises(ConfigError, match="sample_train only applies to --sample"):
+        resolve(ShardConfig, {"input": str(tmp_path), "sample_train": 10})
+    assert resolve(ShardConfig, {"sample": True, "sample_train": 10}).sample_train == 10
