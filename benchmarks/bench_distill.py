@@ -78,11 +78,11 @@ def _setup(cfg):
 
     from pipeline.device import pick_device
     from pipeline.optim import WarmupCosine, build_optimizer, scaled_lr
-    from stages.distill import Dist, RunLog, TrainState, _loader_config, build_student, check_inputs
+    from stages.distill import Dist, RunLog, TrainState, _loader_config, build_student, target_sources
 
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, check_inputs(cfg)).to(device)
+    student = build_student(cfg, target_sources(cfg)).to(device)
     lr = scaled_lr(cfg.base_lr, cfg.batch_size)
     opt = build_optimizer(student, lr, cfg.weight_decay)
     sched = WarmupCosine(opt, lr, total_steps=10_000, warmup_steps=0)

@@ -83,6 +83,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{name}' must be a mapping, got {value!r}")
+        check_mapping(name, value)
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -107,6 +108,19 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if tp is str:
         return str(value)
     return value
+
+
+def check_mapping(name: str, mapping: Mapping) -> None:
+    """Refuse what a YAML flow mapping without spaces turns a typo into: `{img_size:32}` parses as
+    the key 'img_size:32' with value null, which a model constructor would silently drop."""
+    for key, value in mapping.items():
+        where = f"'{name}' key {key!r}"
+        if ":" in str(key):
+            raise ConfigError(f"{where} holds a ':' (YAML needs a space after it: {{img_size: 32}}, not {{img_size:32}})")
+        if value is None:
+            raise ConfigError(f"{where} has no value (null); write it as {{{key}: VALUE}}")
+        if isinstance(value, Mapping):
+            check_mapping(f"{name}.{key}", value)
 
 
 def check_keys(cls: type, layer: Mapping[str, Any] | None, source: str) -> None:

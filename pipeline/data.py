@@ -20,17 +20,17 @@ naming the counts instead of silently yielding nothing.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import json
+import os
 import re
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
-
-from pipeline.errors import ManifestError, ShardError
+from pipeline.errors import IntegrityError, ManifestError, ShardError
+from pipeline.images import decode_image
 from pipeline.fsio import fs_and_path
 from pipeline.manifest import Manifest, verify_shards
 
@@ -51,6 +51,11 @@ def tar_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
     current: dict[str, Any] | None = None
     try:
         for info in tar:
+            if info.name.startswith("/") or ".." in info.name.split("/"):
+                # A sample name is a relative path inside the dataset; such a member is either a
+                # hostile tar or a mistake, and would name files outside it when extracted.
+                raise ShardError(f"{url}: member {info.name!r} has an absolute path or a '..' component; "
+                                 "refusing the tar (sample names must be relative, without '..')")
             if not info.isreg() or _META_RE.match(info.name):
                 continue
             m = _KEY_RE.match(info.name)
@@ -93,26 +98,26 @@ def to_record(sample: dict[str, Any], index: int, url: str, decode: bool) -> dic
     if isinstance(stored, int) and stored != index:
         raise ManifestError(f"{url}: sample {sample['__key__']} says index {stored} but the manifest puts it at "
                             f"{index}; the tar does not belong to this manifest (re-run `hdpipe shard`)")
-    if "cls" in sample:
-        label = int(sample["cls"].decode("ascii").strip())
-    elif isinstance(meta.get("label"), int):
-        label = meta["label"]
-    else:
-        label = -1
+    label = sample_label(sample, meta, url)
     ext = _image_ext(sample)
     if ext is None:
         raise ShardError(f"{url}: sample {sample['__key__']} has no image member (looked for {IMAGE_EXTS})")
     data = sample[ext]
     name = meta.get("name") if isinstance(meta.get("name"), str) else sample["__key__"]
-    if decode:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                image = im.convert("RGB")
-        except Exception as e:
-            raise ShardError(f"{url}: sample {sample['__key__']} ({name}) does not decode: {e}") from None
-    else:
-        image = data
-    return {"index": index, "label": label, "name": name, "image": image}
+    image = decode_image(data, f"{url}: sample {sample['__key__']} ({name})") if decode else data
+    return {"index": index, "label": -1 if label is None else label, "name": name, "image": image}
+
+
+def sample_label(sample: dict[str, Any], meta: dict, url: str) -> int | None:
+    """The class label of a sample: its `.cls` member, else the `label` of its `.json`; None if neither."""
+    if "cls" in sample:
+        text = sample["cls"].decode("ascii", errors="replace").strip()
+        if not text.lstrip("-").isdigit():
+            raise ShardError(f"{url}: sample {sample['__key__']} has a .cls member {text[:20]!r} that is not an "
+                             "integer class label")
+        return int(text)
+    label = meta.get("label")
+    return label if isinstance(label, int) and not isinstance(label, bool) else None
 
 
 def _open(url: str):
@@ -125,27 +130,123 @@ def _open(url: str):
         raise ShardError(f"shard tar {url} is not readable (permission denied)") from None
 
 
-def _indexed_samples(url: str, first_index: int, count: int, decode: bool) -> Iterator[dict[str, Any]]:
+# ---- integrity: every tar is hashed while it is read -----------------------------------------
+#
+# A tar's sha256 is checked against the manifest the first time a process reads it, from the bytes
+# the reader consumes anyway (no second pass). The check completes when the tar has been read to
+# its end, so records are trustworthy once the iterator is exhausted: every hdpipe consumer reads a
+# whole shard before it uses any record of it (`read_shard_records`). Later reads in the same
+# process trust the tar while its stamp (size, mtime, inode / the object store's ETag) is the one
+# recorded at the check. DataLoader workers report the tars they verified back to the main process
+# (`verified_stamps` / `remember_verified`), so the next epoch's workers inherit the record.
+
+_VERIFIED: dict[tuple[str, str], tuple] = {}  # (url, sha256) -> stamp at the successful check
+
+
+def _stamp(url: str) -> tuple | None:
+    """(size, mtime, inode) of a local file, (size, ETag/mtime) of an object; None when unknown."""
+    fs, path = fs_and_path(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    try:
+        if "file" in protocols or "local" in protocols:
+            st = os.stat(path)
+            return (st.st_size, st.st_mtime_ns, st.st_ino)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise ManifestError(f"shard tar {url} is missing; re-run `hdpipe shard` or fix the manifest's URLs") from None
+    mark = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified") if info.get(k)), None)
+    return None if mark is None else (info.get("size"), str(mark))
+
+
+def verified_stamps() -> dict[tuple[str, str], tuple]:
+    """The tars this process verified: {(url, sha256): stamp} (sent from loader workers to the main process)."""
+    return dict(_VERIFIED)
+
+
+def remember_verified(stamps: dict[tuple[str, str], tuple]) -> None:
+    """Record tars another process of this run verified (they are re-checked if their stamp changes)."""
+    _VERIFIED.update(stamps)
+
+
+class _HashingReader:
+    """A read-only file wrapper that feeds every byte read into a hash."""
+
+    def __init__(self, f, h):
+        self._f, self._h = f, h
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(n)
+        self._h.update(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(1 << 20):  # the end-of-archive padding the tar reader did not consume
+            pass
+
+
+def integrity_error(url: str, got: str, want: str, where: str, fix: str) -> IntegrityError:
+    return IntegrityError(
+        f"tar {url} ({where}) has sha256 {got} but the manifest records {want}: the tar changed after it was "
+        f"indexed, or is another tar. Nothing was read from it. Restore the original tar, or re-index the "
+        f"dataset with `{fix}` (stores built from the old tar then refuse the new manifest: re-extract them)"
+    )
+
+
+def _indexed_samples(url: str, first_index: int, count: int, decode: bool, sha256: str | None = None,
+                     where: str = "", fix: str = "hdpipe shard ... --overwrite") -> Iterator[dict[str, Any]]:
+    stamp = _stamp(url) if sha256 else None
+    check = sha256 is not None and (stamp is None or _VERIFIED.get((url, sha256)) != stamp)
+    h = hashlib.sha256() if check else None
     n = 0
-    with _open(url) as f:
+    with _open(url) as raw:
+        f = _HashingReader(raw, h) if h is not None else raw
         for sample in tar_samples(f, url):
             if n >= count:
                 raise ManifestError(f"{url} holds more than the {count} samples its manifest records")
             yield to_record(sample, first_index + n, url, decode)
             n += 1
+        if h is not None:
+            f.drain()
+    if h is not None:
+        got = h.hexdigest()
+        if got != sha256:
+            raise integrity_error(url, got, sha256, where or f"first index {first_index}", fix)
+        if stamp is not None:
+            _VERIFIED[(url, sha256)] = stamp
     if n != count:
         raise ManifestError(f"{url} holds {n} samples but its manifest records {count}")
+
+
+def reindex_command(manifest: Manifest) -> str:
+    """The command that rebuilds or re-indexes `manifest`'s tars: the one recorded in it, overwriting."""
+    where = manifest.path or f"manifests/{manifest.name}.json"
+    if manifest.command.startswith("hdpipe shard"):
+        cmd = manifest.command
+        if "--manifest" not in cmd and manifest.path is not None:
+            cmd += f" --manifest {where}"
+        return cmd + " --overwrite"
+    return f"hdpipe shard --urls <the tars> --manifest {where} --overwrite"
 
 
 def iter_shard(manifest: Manifest, k: int, decode: bool = True) -> Iterator[dict[str, Any]]:
     """Every sample of shard k in index order: dicts {"index", "label", "name", "image"}.
 
-    `image` is a PIL RGB image, or the stored bytes (JPEG/PNG/WebP, untouched) with decode=False.
+    `image` is an upright PIL RGB image (`pipeline.images.decode_image`), or the stored bytes
+    (JPEG/PNG/WebP, untouched) with decode=False. The tar's sha256 is checked against the manifest
+    when the iterator reaches its end (`IntegrityError`): use `read_shard_records` to get a whole
+    verified shard before using any record.
     """
     if not 0 <= k < manifest.num_shards:
         raise ManifestError(f"shard {k} outside 0..{manifest.num_shards - 1} of manifest {manifest.path or manifest.name}")
     info = manifest.shards[k]
-    yield from _indexed_samples(manifest.shard_url(k), info.first_index, info.count, decode)
+    yield from _indexed_samples(manifest.shard_url(k), info.first_index, info.count, decode, info.sha256,
+                                where=f"shard {k} of manifest {manifest.path or manifest.name}",
+                                fix=reindex_command(manifest))
+
+
+def read_shard_records(manifest: Manifest, k: int, decode: bool = False) -> list[dict[str, Any]]:
+    """Every record of shard k, read to the end of the tar, so its sha256 has been checked."""
+    return list(iter_shard(manifest, k, decode=decode))
 
 
 # ---- webdataset pipeline -------------------------------------------------------------------
@@ -179,16 +280,12 @@ class _IndexedTarSamples:
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict[str, Any]]:
         for item in src:
-            yield from _indexed_samples(item["url"], item["first_index"], item["count"], decode=False)
+            yield from _indexed_samples(item["url"], item["first_index"], item["count"], decode=False,
+                                        sha256=item["sha256"])
 
 
 def _decode_record(rec: dict[str, Any]) -> dict[str, Any]:
-    try:
-        with Image.open(io.BytesIO(rec["image"])) as im:
-            image = im.convert("RGB")
-    except Exception as e:
-        raise ShardError(f"sample {rec['index']} ({rec['name']}) does not decode: {e}") from None
-    return {**rec, "image": image}
+    return {**rec, "image": decode_image(rec["image"], f"sample {rec['index']} ({rec['name']})")}
 
 
 class _ShardItems:
@@ -227,7 +324,7 @@ def shard_dataset(manifest: Manifest, shard_ids: Sequence[int] | None = None, sh
     if shuffle_shards:
         ids = [ids[i] for i in np.random.default_rng([seed, 1]).permutation(len(ids))]
     items = [{"url": manifest.shard_url(k), "first_index": manifest.shards[k].first_index,
-              "count": manifest.shards[k].count} for k in ids]
+              "count": manifest.shards[k].count, "sha256": manifest.shards[k].sha256} for k in ids]
     stages: list[Any] = [_ShardItems(items)]
     if split:
         stages += [split_by_node_checked, split_by_worker_checked]

@@ -28,3 +28,7 @@ class StoreError(HdpipeError):
 
 class NonFiniteError(HdpipeError):
     """A model produced NaN or Inf; the run stops rather than store or train on it."""
+
+
+class IntegrityError(ShardError):
+    """A tar's bytes differ from the sha256 its manifest records: it must not reach a store or a loss."""

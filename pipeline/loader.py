@@ -20,11 +20,14 @@ How an epoch is planned (a pure function of cfg, epoch, rank, world_size and the
 rows; see `plan_epoch`):
 1. Shard order: `default_rng([seed, epoch]).permutation(n_shards)`; rank r takes the shards at
    positions r, r + W, r + 2W, ... of that order (disjoint across ranks, whole shards).
-2. Within the rank, worker w (of max(1, num_workers)) takes the rank's shards w, w + nw, ...; its
-   sample stream is its shards in that order, each shard's valid rows permuted by
-   `default_rng([seed, epoch, k])`. Every shard is read whole by exactly one process:
-   `iter_shard` for the images and `store.read_shard(k)` for the targets (never one random Zarr
-   read per sample), joined on the global index.
+2. Within the rank, worker w (of max(1, num_workers)) takes the rank's shards w, w + nw, ...,
+   grouped in that order into windows of `mix_shards` shards; its sample stream is its windows in
+   order, the valid rows of each window's shards permuted together by
+   `default_rng([seed, epoch, *window])`, so one batch mixes rows of `mix_shards` shards (a
+   class-sorted tar does not make one-class batches). Every shard is read whole by exactly one
+   process: `read_shard_records` for the images (its sha256 checked before any row is used) and
+   `store.read_shard_views(k)` for the targets (never one random Zarr read per sample), joined
+   on the global index.
 3. Batches: each worker's stream is cut into full batches of B; the rank's batch order takes them
    round-robin over workers (w0's first, w1's first, ..., w0's second, ...); then the workers'
    leftovers (< B each), concatenated in worker order, make the last batches (assembled in the main
@@ -39,12 +42,13 @@ Guarantees:
   every rank's sample count in every epoch, since each rank gets at least m whole shards. The
   samples beyond it are dropped for that epoch (different ones each epoch).
 - Within an epoch, samples are disjoint across ranks and each sample is yielded at most once.
-- Memory: a worker holds one shard's targets at a time, decoded to float32 (S x V x per-view
-  bytes; shard size S is chosen at `hdpipe shard` time), plus `prefetch_factor` pieces.
+- Memory: a worker holds one window at a time: `mix_shards` shards' encoded images and, per row,
+  the chosen view's targets still encoded (S x one view's stored bytes per shard, whatever V is;
+  rows are decoded to float32 one sample at a time), plus `prefetch_factor` pieces.
 - Batch j depends only on (cfg, epoch, rank, world_size), never on worker timing: the main process
   reassembles worker output by its plan position. `build_loader(..., skip_batches=k)` yields exactly
   batches k, k+1, ... of the full epoch, bit for bit, so a run resumes mid-epoch from the number of
-  batches it consumed. The plan includes `num_workers` (the worker split decides the batches), so a
+  batches it consumed. The plan includes `num_workers` and `mix_shards` (they decide the batches), so a
   resume must use the same loader config and world size, which the checkpointed config ensures.
 
 Targets: a store built with `tokens: kept` holds [CLS] + keep_progressive rows already (only
@@ -56,9 +60,9 @@ kept tokens' rows and columns ([0] + 1 + keep_index) are gathered at load time. 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
+import posixpath
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
@@ -92,6 +96,7 @@ class LoaderConfig:
     mim_target: Literal["relations", "attention", "block_features"] = "relations"  # which MIM store array becomes the MIM target
     pin_memory: bool = True  # pin batches in page-locked memory when CUDA is available (ignored on CPU)
     prefetch_factor: int = 2  # items each worker prepares ahead (num_workers > 0 only)
+    mix_shards: int = 4  # shards whose rows each worker shuffles together (memory: this many shards' images and one view of targets per sample); part of the epoch plan
     drop_last: bool = True  # cut every rank to the same whole number of batches; False only for world_size 1 (adds the last partial batch)
 
     def validate(self) -> None:
@@ -99,6 +104,8 @@ class LoaderConfig:
             raise ConfigError(f"loader batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ConfigError(f"loader num_workers must be >= 0, got {self.num_workers}")
+        if self.mix_shards < 1:
+            raise ConfigError(f"loader mix_shards must be >= 1, got {self.mix_shards}")
         if self.prefetch_factor < 1:
             raise ConfigError(f"loader prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.img_size < 1:
@@ -118,50 +125,26 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
-class _Sources:
-    """What the checks found: which store provides what, and the token geometry."""
+class Sources:
+    """What the stores serve, checked once (`resolve_sources`): where views, masks and targets come
+    from, the token geometry, and the teacher shapes a student must match. No teacher is built."""
 
-    view_store: str  # URL of the store whose `views` / `keep_*` arrays are replayed
+    view_store: str  # URL of the MIM store whose `views` / `keep_*` arrays are replayed
+    mim_store: str | None  # URL of the MIM targets' store (None: no MIM term)
+    disc_store: str | None  # URL of the features' store (None: no feature term)
     tokens: str  # "kept" | "all": the stores' token set
+    grid: tuple[int, int]  # teacher patch grid (rows, cols)
     num_patches: int  # P: patch tokens of the teacher grid
     n_keep: int  # kept patches per view (from the stored masks)
     num_views: int  # V stored views per sample
-    layer_pos: tuple[int, ...]  # positions in the MIM store's layer axis of cfg's relation layers
-    mim_array: str | None  # MIM store array to load (None when no MIM targets are asked for)
+    relation_layers: tuple[int, ...]  # MIM teacher blocks (1-based) served, in batch order; () = none
+    layer_pos: tuple[int, ...]  # positions of `relation_layers` in the MIM store's layer axis
+    mim_array: str | None  # MIM store array served (relations|attention|block_features), None without MIM targets
+    mim_depth: int | None  # MIM teacher depth L_t and head count (for the student's layer and head rules)
+    mim_heads: int | None
+    mim_dim: int | None  # MIM teacher width (block_features targets)
+    feature_dim: int | None  # discriminative teacher width (features targets)
     valid_stores: tuple[str, ...]  # stores whose `valid` rows are ANDed
-
-
-def _extract_hint(cfg: LoaderConfig, attrs: dict, url: str, overwrite: bool = False, **change: str) -> str:
-    """The `hdpipe extract` command that (re)builds the store at `url` as its attributes describe,
-    with the flags in `change` (e.g. tokens="all") swapped in: the user copies it as it is."""
-    role = attrs.get("role", "mim")
-    flags: dict[str, str | None] = {"teacher": attrs.get("teacher", "<teacher>"), "role": role,
-                                    "manifest": cfg.manifest, "out": url}
-    if attrs.get("checkpoint"):
-        flags["checkpoint"] = str(attrs["checkpoint"])
-    if attrs.get("random_init"):
-        flags["random-init"] = None
-        flags["seed"] = str(attrs.get("init_seed", 0))
-    if attrs.get("model_kwargs"):
-        flags["model-kwargs"] = "'" + json.dumps(attrs["model_kwargs"], sort_keys=True) + "'"
-    if role == "mim":
-        plan = attrs.get("view_plan") or {}
-        if "seed" in plan:
-            flags["seed"] = str(plan["seed"])
-        if "views" in plan:
-            flags["views"] = str(plan["views"])
-        flags["tokens"] = str(attrs.get("tokens", "kept"))
-        if attrs.get("relation_layers"):
-            flags["relation-layers"] = ",".join(str(x) for x in attrs["relation_layers"])
-        if attrs.get("extra_targets"):
-            flags["extra-targets"] = ",".join(attrs["extra_targets"])
-    elif attrs.get("mim_store"):
-        flags["mim-store"] = str(attrs["mim_store"])
-    if attrs.get("precision"):
-        flags["precision"] = str(attrs["precision"])
-    flags.update({k.replace("_", "-"): v for k, v in change.items()})
-    parts = ["hdpipe extract"] + [f"--{k}" if v is None else f"--{k} {v}" for k, v in flags.items()]
-    return " ".join(parts + (["--overwrite"] if overwrite else []))
 
 
 def _open_store(url: str):
@@ -170,47 +153,63 @@ def _open_store(url: str):
     return TargetStore.open(url)
 
 
-def _teacher(attrs: dict) -> str:
-    return str(attrs.get("teacher", "<teacher>"))
+def _after(commands: list[str], options: str) -> str:
+    """`a`, then `b`, ... then run with OPTIONS: one sentence a user can follow step by step."""
+    return ", then ".join(f"`{c}`" for c in commands) + f", then run with {options}"
 
 
-def _relation_layers(attrs: dict) -> tuple[int, ...]:
-    """The MIM store's relation layers (resolved 1-based block numbers, in stored axis order)."""
-    return tuple(int(x) for x in attrs.get("relation_layers", ()))
+@functools.lru_cache(maxsize=32)
+def resolve_sources(manifest_path: str, mim_store: str | None, disc_store: str | None,
+                    masking: str = "progressive", relation_layers: tuple[int, ...] | None = None,
+                    mim_target: str = "relations") -> Sources:
+    """Open the stores and check them against the manifest, each other and what the run asks for.
 
-
-@functools.lru_cache(maxsize=16)
-def _check(cfg: LoaderConfig) -> _Sources:
-    """Open the stores, refuse incomplete or disagreeing ones (one StoreError naming the field)."""
+    Every refusal is one StoreError naming the field; the fix-it commands come from
+    `pipeline.hints` and never rebuild a store in place (stage two made none of them): a store with
+    other settings is written beside the old one and the run pointed at it.
+    """
+    from pipeline.hints import extract_command, sibling_url
     from pipeline.manifest import read_manifest
 
-    cfg.validate()
-    manifest = read_manifest(cfg.manifest)
+    manifest = read_manifest(manifest_path)
     digest = manifest.digest()
-    mim_url = cfg.mim_store
-    if mim_url is None and cfg.disc_store is not None:
+    mim_url = mim_store
+    if mim_url is None and disc_store is not None:
         # Views and masks always come from a MIM store: a features-only run (CLIP-only ablation)
         # replays the one the disc store was built against (recorded in its attributes).
-        mim_url = _open_store(cfg.disc_store).attrs.get("mim_store")
+        mim_url = _open_store(disc_store).attrs.get("mim_store")
         if mim_url is None:
-            raise StoreError(f"disc_store {cfg.disc_store} does not record its mim_store; set mim_store")
+            raise StoreError(f"disc_store {disc_store} does not record its mim_store; set mim_store")
     opened = {}
-    for role, url in (("mim_store", mim_url), ("disc_store", cfg.disc_store)):
+    for role, url in (("mim_store", mim_url), ("disc_store", disc_store)):
         if url is None:
             continue
         store = _open_store(url)
-        teacher = _teacher(store.attrs)
-        store.require_complete(_extract_hint(cfg, store.attrs, url))
         want_role = "mim" if role == "mim_store" else "disc"
         got_role = store.attrs.get("role", want_role)
         if got_role != want_role:
-            raise StoreError(f"{role} {url} is a {got_role!r} store (teacher {teacher}); {role} needs a {want_role!r} one")
+            raise StoreError(f"{role} {url} is a {got_role!r} store (teacher {store.attrs.get('teacher')}); "
+                             f"{role} needs a {want_role!r} one")
         got = store.attrs.get("manifest_digest")
         if got != digest:
+            if role == "mim_store":  # a new MIM store for this manifest, and a disc store against it
+                new_mim = sibling_url(url, manifest.name)
+                steps = [extract_command(store.attrs, manifest=manifest_path, out=new_mim)]
+                options = f"--mim-store {new_mim}"
+                if disc_store is not None:
+                    new_disc = sibling_url(disc_store, manifest.name)
+                    steps.append(extract_command(_open_store(disc_store).attrs, manifest=manifest_path,
+                                                 out=new_disc, mim_store=new_mim))
+                    options += f" --disc-store {new_disc}"
+            else:  # the MIM store fits: a disc store for this manifest against it
+                new_disc = sibling_url(url, manifest.name)
+                steps = [extract_command(store.attrs, manifest=manifest_path, out=new_disc, mim_store=mim_url)]
+                options = f"--disc-store {new_disc}"
             raise StoreError(
-                f"{role} {url} was built from another manifest: manifest_digest {got!r} != {digest!r} "
-                f"of {cfg.manifest}; rebuild it with `{_extract_hint(cfg, store.attrs, url, overwrite=True)}`"
-            )
+                f"{role} {url} was built from another manifest: manifest_digest {got!r} != {digest!r} of "
+                f"{manifest_path}; pass the manifest it was built from, or make stores for this one: "
+                + _after(steps, options))
+        store.require_complete(extract_command(store.attrs, manifest=manifest_path, out=url))
         opened[role] = store
     mim, disc = opened["mim_store"], opened.get("disc_store")
     if disc is not None:
@@ -219,59 +218,70 @@ def _check(cfg: LoaderConfig) -> _Sources:
         for mim_key, disc_key in pairs:
             a, b = mim.attrs.get(mim_key), disc.attrs.get(disc_key)
             if a != b:
+                fresh = sibling_url(disc_store, "for-" + posixpath.basename(mim_url.rstrip("/"))[:-5])
                 raise StoreError(
-                    f"stores disagree on {disc_key}: mim_store {mim_url} has {a!r}, disc_store "
-                    f"{cfg.disc_store} has {b!r}; rebuild the disc store against this MIM store with "
-                    f"`{_extract_hint(cfg, disc.attrs, cfg.disc_store, overwrite=True, mim_store=mim_url)}`"
-                )
+                    f"stores disagree on {disc_key}: mim_store {mim_url} has {a!r}, disc_store {disc_store} has "
+                    f"{b!r}; make a disc store against this MIM store: "
+                    + _after([extract_command(disc.attrs, manifest=manifest_path, out=fresh, mim_store=mim_url)],
+                             f"--disc-store {fresh}"))
     attrs = mim.attrs
     tokens = str(attrs.get("tokens"))
     if tokens not in ("kept", "all"):
         raise StoreError(f"mim_store {mim_url} has token set {tokens!r}; expected 'kept' or 'all'")
-    if tokens == "kept" and cfg.masking != "progressive":
+    if tokens == "kept" and masking != "progressive":
+        new_mim = sibling_url(mim_url, "tokens-all")
+        steps = [extract_command(attrs, manifest=manifest_path, out=new_mim, tokens="all")]
+        options = f"--mim-store {new_mim}"
+        if disc is not None:
+            new_disc = sibling_url(disc_store, "tokens-all")
+            steps.append(extract_command(disc.attrs, manifest=manifest_path, out=new_disc, mim_store=new_mim))
+            options += f" --disc-store {new_disc}"
         raise StoreError(
-            f"masking {cfg.masking!r} needs targets for every token, but {mim_url} holds only the "
-            f"progressive-kept tokens (tokens: kept); re-extract with "
-            f"`{_extract_hint(cfg, attrs, mim_url, overwrite=True, tokens='all')}` (then rebuild the disc store against it)"
-        )
-    grid = attrs.get("grid")
-    num_patches = int(np.prod(grid))
-    n_keep = int(attrs["mask"]["n_keep"])
-    num_views = int(attrs["view_plan"]["views"])
-
+            f"masking {masking!r} needs targets for every token, but {mim_url} holds only the progressive-kept "
+            f"tokens (tokens: kept); make stores of every token: " + _after(steps, options))
+    grid = tuple(int(g) for g in attrs.get("grid"))
+    stored = tuple(int(x) for x in attrs.get("relation_layers", ()))
+    asked: tuple[int, ...] = ()
     layer_pos: tuple[int, ...] = ()
     mim_array = None
-    if cfg.mim_store is not None:
-        stored = _relation_layers(attrs)
-        asked = stored if cfg.relation_layers is None else tuple(cfg.relation_layers)
+    if mim_store is not None:
+        asked = stored if relation_layers is None else tuple(relation_layers)
         missing = [layer for layer in asked if layer not in stored]
         if missing:
-            want = ",".join(str(x) for x in sorted(set(stored) | set(asked)))
+            want = sorted(set(stored) | set(asked))
+            fresh = sibling_url(mim_url, "layers-" + "-".join(map(str, want)))
             raise StoreError(
-                f"relation layers {missing} are not in mim_store {mim_url} (it holds {list(stored)}); re-extract "
-                f"with `{_extract_hint(cfg, attrs, mim_url, overwrite=True, relation_layers=want)}`"
-            )
+                f"relation layers {missing} are not in mim_store {mim_url} (it holds {list(stored)}); make a MIM "
+                "store with them (the disc store stays valid): "
+                + _after([extract_command(attrs, manifest=manifest_path, out=fresh, relation_layers=want)],
+                         f"--mim-store {fresh}"))
         layer_pos = tuple(stored.index(layer) for layer in asked)
         if asked:
             have = set(MIM_TARGETS) & set(mim.arrays)
-            if cfg.mim_target not in have:
-                extras = sorted((set(have) - {"relations"}) | {cfg.mim_target})
+            if mim_target not in have:
+                extras = sorted((have - {"relations"}) | {mim_target})
+                fresh = sibling_url(mim_url, "-".join(extras))
                 raise StoreError(
-                    f"mim_target {cfg.mim_target!r} is not stored in {mim_url} (it holds {sorted(have)}); re-extract "
-                    f"with `{_extract_hint(cfg, attrs, mim_url, overwrite=True, extra_targets=','.join(extras))}`"
-                )
-            mim_array = cfg.mim_target
-    valid_stores = tuple(u for u in (mim_url, cfg.disc_store) if u is not None)
-    return _Sources(
-        view_store=mim_url,
-        tokens=tokens,
-        num_patches=num_patches,
-        n_keep=n_keep,
-        num_views=num_views,
-        layer_pos=layer_pos,
-        mim_array=mim_array,
-        valid_stores=valid_stores,
+                    f"mim_target {mim_target!r} is not stored in {mim_url} (it holds {sorted(have)}); make a MIM "
+                    "store with it (the disc store stays valid): "
+                    + _after([extract_command(attrs, manifest=manifest_path, out=fresh, extra_targets=extras)],
+                             f"--mim-store {fresh}"))
+            mim_array = mim_target
+    mim_dim = int(mim.arrays["block_features"].shape_tail[-1]) if "block_features" in mim.arrays else None
+    return Sources(
+        view_store=mim_url, mim_store=mim_store, disc_store=disc_store, tokens=tokens, grid=grid,
+        num_patches=int(np.prod(grid)), n_keep=int(attrs["mask"]["n_keep"]),
+        num_views=int(attrs["view_plan"]["views"]), relation_layers=asked, layer_pos=layer_pos,
+        mim_array=mim_array, mim_depth=int(attrs["depth"]), mim_heads=int(attrs["num_heads"]), mim_dim=mim_dim,
+        feature_dim=None if disc is None else int(disc.arrays["features"].shape_tail[-1]),
+        valid_stores=tuple(u for u in (mim_url, disc_store) if u is not None),
     )
+
+
+def _check(cfg: LoaderConfig) -> Sources:
+    cfg.validate()
+    return resolve_sources(cfg.manifest, cfg.mim_store, cfg.disc_store, cfg.masking,
+                           None if cfg.relation_layers is None else tuple(cfg.relation_layers), cfg.mim_target)
 
 
 @functools.lru_cache(maxsize=16)
@@ -332,9 +342,13 @@ def steps_per_epoch(cfg: LoaderConfig, world_size: int) -> int:
 
 @dataclass(frozen=True)
 class _WorkerStream:
-    shards: tuple[int, ...]  # shard ids in stream order
-    offsets: tuple[int, ...]  # stream position where each shard starts (len(shards) + 1 entries)
+    windows: tuple[tuple[int, ...], ...]  # shard ids of each mixing window, in stream order
+    offsets: tuple[int, ...]  # stream position where each window starts (len(windows) + 1 entries)
     rows: np.ndarray  # int64 [n] global indices in stream order (valid rows only)
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        return tuple(k for window in self.windows for k in window)
 
 
 @dataclass(frozen=True)
@@ -380,16 +394,18 @@ def plan_epoch(cfg: LoaderConfig, epoch: int, rank: int, world_size: int, skip_b
     nw = max(1, cfg.num_workers)
     workers = []
     for w in range(nw):
-        shards = tuple(mine[w::nw])
+        shards = mine[w::nw]
+        windows = tuple(tuple(shards[i:i + cfg.mix_shards]) for i in range(0, len(shards), cfg.mix_shards))
         rows, offsets = [], [0]
-        for k in shards:
-            first = manifest.shards[k].first_index
-            local = np.flatnonzero(valid[k])
-            perm = np.random.default_rng([cfg.seed, epoch, k]).permutation(local.size)
-            rows.append(first + local[perm])
-            offsets.append(offsets[-1] + local.size)
+        for window in windows:
+            # The valid rows of every shard in the window, shuffled together: a class-sorted shard
+            # then meets the other shards' classes inside one batch.
+            rows_in = np.concatenate([manifest.shards[k].first_index + np.flatnonzero(valid[k]) for k in window])
+            perm = np.random.default_rng([cfg.seed, epoch, *window]).permutation(rows_in.size)
+            rows.append(rows_in[perm])
+            offsets.append(offsets[-1] + rows_in.size)
         flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-        workers.append(_WorkerStream(shards=shards, offsets=tuple(offsets), rows=flat))
+        workers.append(_WorkerStream(windows=windows, offsets=tuple(offsets), rows=flat))
     B = cfg.batch_size
     full = [ws.rows.size // B for ws in workers]
     batches: list[tuple[tuple[int, int, int], ...]] = []
@@ -424,30 +440,42 @@ def plan_epoch(cfg: LoaderConfig, epoch: int, rank: int, world_size: int, skip_b
 
 
 class _ShardTargets:
-    """One shard's arrays from every store, with the per-sample gather."""
+    """One shard's targets from every store: each row's view of this epoch, decoded per sample.
 
-    def __init__(self, cfg: LoaderConfig, src: _Sources, k: int, first: int, count: int):
+    Only the chosen view of every row is kept, still encoded (fp16 / int8 / q1pct parts), so a
+    worker holding `mix_shards` shards holds S x (one view's stored bytes) per shard, whatever V is.
+    """
+
+    def __init__(self, cfg: LoaderConfig, src: Sources, k: int, first: int, count: int, epoch: int):
         self.cfg, self.src, self.first = cfg, src, first
-        # Only the arrays this masking reads: each costs one Zarr request per shard.
+        self.view_of_row = np.array([choose_view(cfg.seed, epoch, first + r, src.num_views) for r in range(count)],
+                                    dtype=np.int64)
+        # Only the arrays this masking reads: each costs one Zarr read per shard.
         view_names = ["views"] + {"progressive": ["keep_progressive"], "direct": ["keep_direct"]}.get(cfg.masking, [])
-        self.view_arrays = _store(src.view_store).read_shard(k, names=view_names)
-        self.mim = None
+        self.parts = {name: (src.view_store, parts) for name, parts in
+                      _store(src.view_store).read_shard_views(k, view_names, self.view_of_row).items()}
         if src.mim_array is not None:
-            self.mim = _store(cfg.mim_store).read_shard(k, names=[src.mim_array])[src.mim_array]
-        self.features = None
+            got = _store(cfg.mim_store).read_shard_views(k, [src.mim_array], self.view_of_row)
+            self.parts["mim"] = (cfg.mim_store, got[src.mim_array])
         if cfg.disc_store is not None:
-            self.features = _store(cfg.disc_store).read_shard(k, names=["features"])["features"]
-        for name, arr in [*self.view_arrays.items(), ("mim", self.mim), ("features", self.features)]:
-            if arr is not None and arr.shape[0] != count:
-                raise StoreError(f"store shard {k} array {name} has {arr.shape[0]} rows, manifest says {count}")
+            got = _store(cfg.disc_store).read_shard_views(k, ["features"], self.view_of_row)
+            self.parts["features"] = (cfg.disc_store, got["features"])
+        for name, (_, parts) in self.parts.items():
+            rows = next(iter(parts.values())).shape[0]
+            if rows != count:
+                raise StoreError(f"store shard {k} array {name} has {rows} rows, manifest says {count}")
+
+    def _row(self, key: str, local: int) -> np.ndarray:
+        """Row `local` of one array (its epoch view), decoded."""
+        url, parts = self.parts[key]
+        name = {"mim": self.src.mim_array}.get(key, key)
+        return _store(url).decode_rows(name, {p: a[local] for p, a in parts.items()})
 
     def keep(self, local: int, index: int, view: int) -> np.ndarray:
         """int64 [n_keep] (or [P] for masking none) sorted kept patch indices."""
         masking = self.cfg.masking
-        if masking == "progressive":
-            return np.asarray(self.view_arrays["keep_progressive"][local, view], dtype=np.int64)
-        if masking == "direct":
-            return np.asarray(self.view_arrays["keep_direct"][local, view], dtype=np.int64)
+        if masking in ("progressive", "direct"):
+            return np.asarray(self._row(f"keep_{masking}", local), dtype=np.int64)
         if masking == "random":
             from pipeline.masking import random_keep
 
@@ -462,8 +490,8 @@ class _ShardTargets:
         out = {"keep_index": keep}
         # Token positions inside the stored token axis: a kept-token store is [CLS]+kept already.
         tok = None if self.src.tokens == "kept" else np.concatenate([[0], keep + 1])
-        if self.mim is not None:
-            arr = self.mim[local, view][list(self.src.layer_pos)]  # [L, H, Ts, Ts] or [L, Ts, D]
+        if self.src.mim_array is not None:
+            arr = self._row("mim", local)[list(self.src.layer_pos)]  # [L, H, Ts, Ts] or [L, Ts, D]
             if tok is not None:
                 if self.src.mim_array == "block_features":
                     arr = arr[:, tok]
@@ -475,17 +503,17 @@ class _ShardTargets:
                     # store holds (and what a student seeing only those tokens can match).
                     arr = arr / arr.sum(axis=-1, keepdims=True)
             out[self.src.mim_array] = np.asarray(arr, dtype=np.float32)
-        if self.features is not None:
-            arr = self.features[local, view]  # [Ts, D]
+        if "features" in self.parts:
+            arr = self._row("features", local)  # [Ts, D]
             if tok is not None:
                 arr = arr[tok]
             out["features"] = np.asarray(arr, dtype=np.float32)
         return out
 
-    def view_box(self, local: int, view: int):
+    def view_box(self, local: int):
         from pipeline.views import View
 
-        return View.from_row(self.view_arrays["views"][local, view])
+        return View.from_row(self._row("views", local))
 
 
 def _store(url: str):
@@ -500,19 +528,15 @@ def _store_in(url: str, pid: int):
 
 
 def _decode_image(data: bytes, index: int, url: str):
-    """PIL RGB image from the tar's stored bytes (JPEG/PNG/WebP)."""
-    from PIL import Image
+    """Upright PIL RGB image from the tar's stored bytes (the decoder every stage shares)."""
+    from pipeline.images import decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return decode_image(data, f"image {index:09d} in {url}")
+    except ShardError as e:
         # The stores marked this row valid, so their teachers read it: the tar changed since.
-        raise ShardError(
-            f"image {index:09d} in {url} does not decode ({type(e).__name__}: {e}) although the target "
-            "stores hold it as valid; the tar no longer matches the one extracted (re-run `hdpipe shard` "
-            "and `hdpipe extract`)"
-        ) from None
+        raise ShardError(f"{e} although the target stores hold it as valid; the tar no longer matches the one "
+                         "extracted (re-run `hdpipe shard` and `hdpipe extract`)") from None
 
 
 def _stack(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -530,7 +554,7 @@ def _stack(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 class _PlanDataset(IterableDataset):
     """Each DataLoader worker streams its own shards and emits the plan's pieces in order."""
 
-    def __init__(self, cfg: LoaderConfig, src: _Sources, plan: EpochPlan):
+    def __init__(self, cfg: LoaderConfig, src: Sources, plan: EpochPlan):
         super().__init__()
         self.cfg, self.src, self.plan = cfg, src, plan
 
@@ -539,7 +563,7 @@ class _PlanDataset(IterableDataset):
         yield from self._pieces(0 if info is None else info.id)
 
     def _pieces(self, w: int) -> Iterator[dict[str, Any]]:
-        from pipeline.data import iter_shard
+        from pipeline.data import read_shard_records, verified_stamps
         from pipeline.manifest import read_manifest
         from pipeline.views import render
 
@@ -553,29 +577,28 @@ class _PlanDataset(IterableDataset):
         std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
         piece = 0
         samples: list[dict[str, Any]] = []
-        for si, k in enumerate(stream.shards):
-            lo, hi = stream.offsets[si], stream.offsets[si + 1]
-            # Positions of this shard's stream range that some piece needs.
+        reported: set = set()
+        for wi, window in enumerate(stream.windows):
+            lo, hi = stream.offsets[wi], stream.offsets[wi + 1]
+            # Positions of this window's stream range that some piece needs.
             need = [(max(s, lo), min(e, hi)) for s, e in wanted[piece:] if s < hi and e > lo]
             if not need:
                 continue
-            info = manifest.shards[k]
             rows = stream.rows[lo:hi]
             needed_idx = set(int(i) for a, b in need for i in stream.rows[a:b])
-            # Raw bytes for the whole shard, decoded only for the rows this worker needs (rows
-            # that extraction marked invalid may not decode at all).
-            images = {}
-            expect = info.first_index
-            for rec in iter_shard(manifest, k, decode=False):
-                idx = int(rec["index"])
-                if idx != expect:
-                    raise ShardError(f"tar shard {k} yields index {idx} where {expect} was expected: join broken")
-                expect += 1
-                if idx in needed_idx:
-                    images[idx] = rec["image"]
-            if expect != info.first_index + info.count:
-                raise ShardError(f"tar shard {k} holds {expect - info.first_index} samples, manifest says {info.count}")
-            targets = _ShardTargets(cfg, src, k, info.first_index, info.count)
+            # Every shard of the window is read whole (its tar's sha256 checked) before any of its
+            # rows is used; images are decoded only for the rows a piece needs (rows extraction
+            # marked invalid may not decode at all).
+            images: dict[int, bytes] = {}
+            targets: dict[int, _ShardTargets] = {}
+            for k in window:
+                info = manifest.shards[k]
+                if not any(info.first_index <= i < info.first_index + info.count for i in needed_idx):
+                    continue
+                for rec in read_shard_records(manifest, k):
+                    if rec["index"] in needed_idx:
+                        images[rec["index"]] = rec["image"]
+                targets[k] = _ShardTargets(cfg, src, k, info.first_index, info.count, self.plan.epoch)
             for pos in range(lo, hi):
                 while piece < len(wanted) and wanted[piece][1] <= pos:
                     piece += 1
@@ -585,11 +608,13 @@ class _PlanDataset(IterableDataset):
                 if pos < s:
                     continue
                 index = int(rows[pos - lo])
-                local = index - info.first_index
-                view = choose_view(cfg.seed, self.plan.epoch, index, src.num_views)
+                k = manifest.shard_of(index)
+                shard = targets[k]
+                local = index - shard.first
+                view = int(shard.view_of_row[local])
                 image = _decode_image(images.pop(index), index, manifest.shard_url(k))
-                img = render(image, targets.view_box(local, view), cfg.img_size, cfg.interpolation)
-                rec = targets.sample(local, view=view, index=index)
+                img = render(image, shard.view_box(local), cfg.img_size, cfg.interpolation)
+                rec = shard.sample(local, view=view, index=index)
                 rec["image"] = (img.float() - mean) / std
                 rec["index"] = np.int64(index)
                 rec["view"] = np.int64(view)
@@ -597,6 +622,11 @@ class _PlanDataset(IterableDataset):
                 if pos + 1 == e:
                     out = _stack(samples)
                     out["_piece"] = torch.tensor([w, s, e], dtype=torch.int64)
+                    # Tell the main process which tars this worker verified: the next epoch's
+                    # workers (forked from it) then trust them while their stamps are unchanged.
+                    fresh = {key: stamp for key, stamp in verified_stamps().items() if key not in reported}
+                    reported |= set(fresh)
+                    out["_verified"] = json.dumps([[u, h, list(st)] for (u, h), st in fresh.items()])
                     yield out
                     samples = []
             del images, targets
@@ -609,7 +639,7 @@ class _PlanDataset(IterableDataset):
 class EpochLoader:
     """Iterable over one rank's batches of one epoch; `len()` is the number it will yield."""
 
-    def __init__(self, cfg: LoaderConfig, plan: EpochPlan, src: _Sources):
+    def __init__(self, cfg: LoaderConfig, plan: EpochPlan, src: Sources):
         self.cfg, self.plan, self.src = cfg, plan, src
         cuda = torch.cuda.is_available()
         self.pin = cfg.pin_memory and cuda
@@ -629,6 +659,8 @@ class EpochLoader:
         return len(self.plan.batches)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from pipeline.data import remember_verified
+
         if not self.plan.batches:
             return
         queues: dict[int, deque] = {w: deque() for w in range(len(self.plan.workers))}
@@ -640,6 +672,7 @@ class EpochLoader:
                     item = next(it)
                     queues[int(item["_piece"][0])].append(item)
                 item = queues[w].popleft()
+                remember_verified({(u, h): tuple(st) for u, h, st in json.loads(item.pop("_verified"))})
                 got = tuple(int(x) for x in item.pop("_piece"))
                 if got != (w, s, e):
                     raise AssertionError(f"loader piece {got} arrived where {(w, s, e)} was planned")

@@ -17,7 +17,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.errors import ShardError
 from pipeline.fsio import atomic_write_bytes, fs_and_path
@@ -91,7 +91,10 @@ def encode_for_shard(data: bytes, name: str, reencode: str = "png", jpeg_quality
     im = check_image(data, name, max_pixels)
     fmt = sniff_format(data)
     if fmt == "jpeg":
-        return data, "jpg"
+        return data, "jpg"  # its EXIF orientation stays in the bytes; `decode_image` applies it
+    if fmt not in ("png", "webp") or reencode == "jpeg":
+        # Re-encoding drops EXIF: bake the orientation into the pixels first.
+        im = ImageOps.exif_transpose(im) or im
     if reencode == "png":
         if fmt in ("png", "webp"):
             return data, "png" if fmt == "png" else "webp"
@@ -178,16 +181,31 @@ class TarShardWriter:
             self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self.count += 1
 
-    def close(self) -> None:
+    def close(self, publish: bool = True) -> None:
+        """Finish the tar. publish=False keeps a local tar under its temporary name until `publish()`
+        (a dataset publishes all its tars only once every input was good)."""
         self._tar.close()
         self.sha256 = self._hash.hexdigest()
         if self.local:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            os.replace(self._tmp, self.path)
-        else:
+            if publish:
+                self.publish()
+        else:  # object stores have no rename; a single PUT is atomic
             atomic_write_bytes(self.url, self._file.getvalue())
+
+    def publish(self) -> None:
+        if self.local and os.path.exists(self._tmp):
+            os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        """Remove a closed but unpublished tar (local: its temporary file; remote: the object)."""
+        if self.local:
+            if os.path.exists(self._tmp):
+                os.remove(self._tmp)
+        elif self.fs.exists(self.path):
+            self.fs.rm(self.path)
 
     def abort(self) -> None:
         try:
@@ -234,13 +252,19 @@ class Skipped:
     reason: str  # the error message
 
 
+MAX_LISTED_BAD = 20  # bad inputs named in one `--on-error fail` error
+
+
 def write_dataset(records, *, name: str, out_dir: str, shard_size: int, total_inputs: int | None = None,
                   overwrite: bool = False, on_error: str = "fail", progress: bool = True):
     """Write `records` (a SampleRecord per good input, a Skipped per bad one) as tar shards.
 
     Samples get contiguous global indices 0, 1, ... in the order given; shard k receives indices
     [k*shard_size, (k+1)*shard_size) and is called `<out_dir>/<name>-{k:06d}.tar`. A `Skipped` item
-    stops the run with its reason (`on_error="fail"`) or is collected (`"skip"`).
+    is collected (`on_error="skip"`) or (`"fail"`) stops the writing: the remaining inputs are still
+    checked so that one error lists every bad file (up to MAX_LISTED_BAD), and nothing of the run
+    is left behind. Local tars are published (renamed from their temporary names) only once every
+    input was read, so a failed run leaves an existing dataset's tars as they were.
 
     Returns (shards, skipped, nbytes): a list of (url, count, first_index, sha256) per shard, the
     skipped inputs, and the total tar bytes written.
@@ -249,9 +273,13 @@ def write_dataset(records, *, name: str, out_dir: str, shard_size: int, total_in
 
     shards: list[tuple[str, int, int, str]] = []
     skipped: list[Skipped] = []
+    bad: list[Skipped] = []
+    closed: list[TarShardWriter] = []
     nbytes = 0
     writer: TarShardWriter | None = None
     index = 0
+    folder_existed = _folder_exists(out_dir)
+    finished = False
     bar = tqdm(total=total_inputs, unit="img", desc=f"shard {name}", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
     try:
@@ -259,11 +287,16 @@ def write_dataset(records, *, name: str, out_dir: str, shard_size: int, total_in
             bar.update(1)
             if isinstance(item, Skipped):
                 if on_error == "fail":
-                    raise ShardError(f"{item.reason} (pass --on-error skip to leave such inputs out and list "
-                                     "them in the manifest)")
+                    bad.append(item)
+                    bar.set_postfix(bad=len(bad), refresh=False)
+                    if len(bad) >= MAX_LISTED_BAD:
+                        break
+                    continue
                 skipped.append(item)
                 bar.set_postfix(skipped=len(skipped), refresh=False)
                 continue
+            if bad:
+                continue  # the run will fail: only look for more bad inputs
             if writer is None:
                 k = index // shard_size
                 writer = TarShardWriter(join_url(out_dir, shard_filename(name, k)), overwrite=overwrite)
@@ -271,20 +304,46 @@ def write_dataset(records, *, name: str, out_dir: str, shard_size: int, total_in
             writer.add(key_of(index), sample_members(index, item))
             index += 1
             if writer.count == shard_size:
-                writer.close()
+                writer.close(publish=False)
+                closed.append(writer)
                 shards.append((writer.url, writer.count, first, writer.sha256))
-                nbytes += writer.fs.size(writer.path)
                 writer = None
+        if bad:
+            more = " (and possibly more: the check stopped there)" if len(bad) >= MAX_LISTED_BAD else ""
+            listed = "; ".join(b.reason for b in bad)
+            raise ShardError(f"{len(bad)} bad input file(s){more}: {listed}. Nothing was written; fix or remove "
+                             "them, or pass --on-error skip to leave such inputs out and list them in the manifest")
         if writer is not None:
-            writer.close()
+            writer.close(publish=False)
+            closed.append(writer)
             shards.append((writer.url, writer.count, first, writer.sha256))
-            nbytes += writer.fs.size(writer.path)
             writer = None
+        for w in closed:
+            w.publish()
+            nbytes += w.fs.size(w.path)
+        finished = True
     finally:
-        if writer is not None:
-            writer.abort()
         bar.close()
+        if not finished:  # nothing of a failed run stays: open and finished tars, a folder it made
+            if writer is not None:
+                writer.abort()
+            for w in closed:
+                w.discard()
+            if not folder_existed:
+                _remove_if_empty(out_dir)
     return shards, skipped, nbytes
+
+
+def _folder_exists(folder: str) -> bool:
+    """Whether a local output folder exists already (remote prefixes are never removed: True)."""
+    return "://" in str(folder) or os.path.isdir(folder)
+
+
+def _remove_if_empty(folder: str) -> None:
+    if not _folder_exists(folder) or "://" in str(folder):
+        return
+    if not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def join_url(folder: str, filename: str) -> str:

@@ -481,6 +481,37 @@ class TargetStore:
             out[name] = self._decode(name, parts)
         return out
 
+    def read_shard_views(self, k: int, names: Iterable[str], view_of_row: np.ndarray,
+                         block: int = 64) -> dict[str, dict[str, np.ndarray]]:
+        """One view per row of a finished shard, still encoded: {name: {part: [count_k, *tail]}}.
+
+        `view_of_row` int [count_k] names the view each row keeps. Rows are read `block` at a time
+        (chunks hold every view of a sample), so memory holds one view per row plus one block of all
+        views, never the whole shard's V views; decode rows with `decode_rows`. Per-view arrays only.
+        """
+        self._require_done(k)
+        first, count = self.shard_rows(k)
+        views = np.asarray(view_of_row, dtype=np.int64).reshape(-1)
+        if views.shape != (count,) or (count and (views.min() < 0 or views.max() >= self.views)):
+            raise StoreError(f"shard {k}: view_of_row must hold {count} view ids in [0, {self.views})")
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for name in self._names(names):
+            if not self.arrays[name].per_view:
+                raise StoreError(f"array {name!r} of {self.url} is per sample, not per view")
+            out[name] = {}
+            for p in _parts(self.arrays[name]):
+                arr = self._array(_part_name(name, p))
+                pieces = []
+                for a in range(0, count, block):
+                    rows = arr[first + a : first + min(count, a + block)]  # [b, V, ...]
+                    pieces.append(rows[np.arange(len(rows)), views[a : a + len(rows)]])
+                out[name][p] = np.concatenate(pieces) if pieces else np.zeros((0,) + arr.shape[2:], arr.dtype)
+        return out
+
+    def decode_rows(self, name: str, parts: Mapping[str, np.ndarray]) -> np.ndarray:
+        """float32 (lossy arrays) or stored dtype of encoded `parts` of array `name` (any leading selection)."""
+        return self._decode(name, dict(parts))
+
     def read_rows(self, indices: Iterable[int], names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """{name: [len(indices), V, *tail]} for global sample indices (any order) in finished shards."""
         idx = np.asarray(list(indices), dtype=np.int64).reshape(-1)

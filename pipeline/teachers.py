@@ -144,15 +144,23 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise HdpipeError(f"checkpoint '{path}' does not exist; pass --checkpoint PATH to a local weights file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise HdpipeError(f"checkpoint '{path}' is not a readable safetensors file ({type(err).__name__}: "
+                              f"{err}); pass --checkpoint PATH to a weights file") from None
     elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise HdpipeError(f"checkpoint '{path}' cannot be read as a weights-only torch file: {err}") from err
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+            # A text or HTML file (a failed download) fails inside the unpickler with a KeyError
+            # of its first byte; anything here means "not a torch weights file".
+            raise HdpipeError(f"checkpoint '{path}' cannot be read as a weights-only torch file "
+                              f"({type(err).__name__}: {str(err)[:200]}); pass --checkpoint PATH to a weights file") from None
     else:
         raise HdpipeError(f"checkpoint '{path}': unsupported suffix '{path.suffix}' (use .pth, .pt, .bin, .ckpt "
                           f"or .safetensors)")

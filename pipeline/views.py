@@ -26,8 +26,12 @@ from torchvision.transforms import functional as TF
 
 from pipeline.errors import ConfigError
 
-# Bump when the sampling rule changes: stores built with the old rule then refuse the new code.
-ALGORITHM_VERSION = 1
+# Bump when the sampling or rendering rule changes: stores built with the old rule then refuse the
+# new code. 2: images are decoded upright (EXIF orientation applied, `pipeline.images`).
+ALGORITHM_VERSION = 2
+
+# A MIM extraction's view plan when its config leaves a setting unset (`hdpipe extract`).
+VIEW_DEFAULTS = {"views": 1, "seed": 0, "scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": True}
 
 INTERPOLATIONS = {
     "bicubic": InterpolationMode.BICUBIC,

@@ -13,7 +13,7 @@ Run directory `<runs_dir>/<name>/`:
     log.jsonl            one JSON line per optimizer step: step, epoch, lr, loss, loss_features,
                          loss_relations, images_per_s (global, this step), elapsed_s (wall seconds
                          since this process started the run), and one line per epoch end
-    plots/loss.csv       the same per step, for `dvc plots`
+    plots/loss.csv       step, epoch, lr and the three losses per step, for `dvc plots`
     metrics.json         last epoch's averaged meters (DVC metrics)
     checkpoints/last.pt  atomic checkpoint, every `checkpoint_every` optimizer steps and at each
                          epoch end (model + heads, optimizer, scheduler, loader position, RNG states)
@@ -56,7 +56,7 @@ from pipeline.checkpoint import CHECKPOINT_NAME, export_student, load_checkpoint
 from pipeline.config import to_dict, write_resolved
 from pipeline.device import autocast, pick_device
 from pipeline.fsio import atomic_write_bytes
-from pipeline.errors import ConfigError, HdpipeError, NonFiniteError, StoreError
+from pipeline.errors import ConfigError, HdpipeError, NonFiniteError
 from pipeline.losses import hybrid_loss
 from pipeline.optim import build_optimizer, clip_gradients, scaled_lr, WarmupCosine
 from pipeline.student import MaskedStudent
@@ -85,6 +85,7 @@ class DistillConfig:
     clip_grad: float | None = None  # max global grad norm; None = no clipping
     compile: bool = False  # torch.compile the student (GPU runs; first steps are slow while compiling)
     workers: int = 2  # DataLoader worker processes per rank (0 = load in the main process)
+    mix_shards: int = 4  # tar shards whose rows each loader worker shuffles together (memory: that many shards at once)
     seed: int = 0  # seed for student init, view choice per epoch, shuffling, random masks
     runs_dir: str = "runs"  # parent folder of run directories
     name: str = "hybrid"  # run name: outputs go to <runs_dir>/<name>/
@@ -92,17 +93,18 @@ class DistillConfig:
     resume: bool = False  # continue from <run>/checkpoints/last.pt (none there: start fresh)
     device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
     log_every: int = 1  # optimizer steps between log.jsonl/plots rows (losses averaged over ranks)
+    print_every: int = 50  # optimizer steps between progress lines on stderr (loss, images/s, ETA); 0 = epoch ends only
 
     def validate(self) -> None:
         if self.teachers in ("hybrid", "mim_only") and not self.mim_store:
             raise ConfigError(f"teachers '{self.teachers}' needs mim_store (the MIM teacher's store URL)")
         if self.teachers in ("hybrid", "disc_only") and not self.disc_store:
             raise ConfigError(f"teachers '{self.teachers}' needs disc_store (the discriminative teacher's store URL)")
-        for key in ("epochs", "batch_size", "accum_steps", "log_every"):
+        for key in ("epochs", "batch_size", "accum_steps", "log_every", "mix_shards"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.checkpoint_every < 0 or self.workers < 0:
-            raise ConfigError("checkpoint_every and workers must be >= 0")
+        if self.checkpoint_every < 0 or self.workers < 0 or self.print_every < 0:
+            raise ConfigError("checkpoint_every, print_every and workers must be >= 0")
         if self.alpha < 0 or self.smoothl1_beta <= 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ConfigError("alpha >= 0, smoothl1_beta > 0, base_lr > 0 and warmup_epochs >= 0 are required")
 
@@ -112,9 +114,10 @@ class DistillConfig:
 
 
 # Fields that may differ between a checkpoint's config and the resuming run's (they change neither
-# the math nor the batch order). `workers` and the world size decide the loader's batch order, so
-# they may change only when the checkpoint is at an epoch boundary.
-RESUME_FREE = {"resume", "device", "log_every", "checkpoint_every", "compile", "runs_dir"}
+# the math nor the batch order). `workers`, `mix_shards` and the world size decide the loader's batch
+# order, so they may change only when the checkpoint is at an epoch boundary.
+RESUME_FREE = {"resume", "device", "log_every", "print_every", "checkpoint_every", "compile", "runs_dir"}
+EPOCH_BOUNDARY_FREE = {"workers", "mix_shards"}  # decide the loader's batch order: free at epoch ends only
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -160,103 +163,41 @@ def all_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- stores and checks
-@dataclass(frozen=True)
-class TargetInfo:
-    """What the stores can serve, read from their attributes and array shapes (no teacher built)."""
-
-    relation_layers: tuple[int, ...]  # MIM store's layers (1-based teacher blocks), () without one
-    mim_depth: int | None
-    mim_heads: int | None
-    mim_dim: int | None
-    mim_targets: tuple[str, ...]  # which of relations/attention/block_features the MIM store holds
-    feature_dim: int | None
-    tokens: str  # store token set: kept | all
-    grid: tuple[int, int]  # teacher token grid (patches)
+def _loader_roles(cfg: DistillConfig) -> tuple[str | None, tuple[int, ...] | None]:
+    """(disc store the loader reads, relation layers it serves) for the teachers mode: disc_only
+    still replays the MIM store's views and masks but loads no MIM target."""
+    disc = cfg.disc_store if cfg.teachers != "mim_only" else None
+    layers = () if cfg.teachers == "disc_only" else (tuple(cfg.relation_layers) or None)
+    return disc, layers
 
 
-def _open_store(url: str, key: str, cfg: DistillConfig):
-    """Open a store and require every shard done (the error names missing shards and the command)."""
-    from pipeline.store import TargetStore
-
-    store = TargetStore.open(url)
-    teacher = store.attrs.get("teacher", "mae" if key == "mim_store" else "clip")
-    hint = f"hdpipe extract --manifest {cfg.manifest} --teacher {teacher} --out {url}"
-    if key == "disc_store" and cfg.mim_store:
-        hint += f" --mim-store {cfg.mim_store}"
-    store.require_complete(hint)
-    return store
-
-
-def check_inputs(cfg: DistillConfig) -> TargetInfo:
-    """Checks that need only the stores' attributes, before the student is built: the stores open,
-    are complete, hold the relation layers and MIM target asked for; returns what they serve.
-
-    The stores' agreement with each other and the manifest (manifest digest, view plan, token set,
-    grid, roles) is checked by the loader (`pipeline.loader`), which `distill` asks for the epoch
-    length before the first step; each error is a `StoreError` naming the field and the command.
-    """
+def target_sources(cfg: DistillConfig):
+    """What the stores serve, checked against the manifest, each other and this run's settings
+    (`pipeline.loader.resolve_sources`, the one owner of those checks), before a student is built."""
+    from pipeline.loader import resolve_sources
     from pipeline.manifest import read_manifest
 
     read_manifest(cfg.manifest)  # a missing or malformed manifest is reported first, by name
-    mim = _open_store(cfg.mim_store, "mim_store", cfg) if cfg.teachers != "disc_only" else None
-    disc = _open_store(cfg.disc_store, "disc_store", cfg) if cfg.teachers != "mim_only" else None
-    rel_layers: tuple[int, ...] = ()
-    depth = heads = mdim = fdim = None
-    targets: tuple[str, ...] = ()
-    grid = None
-    tokens = "kept"
-    if mim is not None:
-        a = mim.attrs
-        if a.get("role", "mim") != "mim":
-            raise StoreError(f"mim_store {cfg.mim_store} holds {a.get('role')!r} targets of {a.get('teacher')}, not MIM relations")
-        rel_layers = tuple(int(x) for x in a["relation_layers"])
-        depth, heads, grid, tokens = int(a["depth"]), int(a["num_heads"]), tuple(a["grid"]), a["tokens"]
-        targets = tuple(t for t in ("relations", "attention", "block_features") if t in mim.arrays)
-        if "block_features" in mim.arrays:
-            mdim = int(mim.arrays["block_features"].shape_tail[-1])
-        missing = [l for l in cfg.relation_layers if l not in rel_layers]
-        if missing:
-            want = ",".join(map(str, sorted(set(rel_layers) | set(cfg.relation_layers))))
-            raise StoreError(
-                f"relation_layers {missing} are not in mim_store {cfg.mim_store} (it holds {list(rel_layers)}); "
-                f"re-extract with `hdpipe extract --manifest {cfg.manifest} --teacher {a.get('teacher')} "
-                f"--out {cfg.mim_store} --relation-layers {want} --overwrite`"
-            )
-        if cfg.mim_target not in targets:
-            extras = ",".join(sorted((set(targets) - {"relations"}) | {cfg.mim_target}))
-            raise StoreError(
-                f"mim_target '{cfg.mim_target}' is not stored in {cfg.mim_store} (it holds {list(targets)}); "
-                f"re-extract with `hdpipe extract --manifest {cfg.manifest} --teacher {a.get('teacher')} "
-                f"--out {cfg.mim_store} --extra-targets {extras} --overwrite`"
-            )
-    if disc is not None:
-        a = disc.attrs
-        if a.get("role", "disc") != "disc":
-            raise StoreError(f"disc_store {cfg.disc_store} holds {a.get('role')!r} targets of {a.get('teacher')}, not features")
-        fdim = int(disc.arrays["features"].shape_tail[-1])
-        grid = grid or tuple(a["grid"])
-        tokens = tokens if mim is not None else a["tokens"]
-    return TargetInfo(rel_layers, depth, heads, mdim, targets, fdim, tokens, tuple(grid))
+    disc, layers = _loader_roles(cfg)
+    return resolve_sources(cfg.manifest, cfg.mim_store, disc, cfg.masking, layers, cfg.mim_target)
 
 
-def build_student(cfg: DistillConfig, info: TargetInfo) -> MaskedStudent:
+def build_student(cfg: DistillConfig, src) -> MaskedStudent:
     """The student for these stores; a student that cannot serve them is a ConfigError."""
-    layers = cfg.relation_layers or info.relation_layers
-    use_mim = cfg.teachers != "disc_only"
     student = MaskedStudent(
         cfg.model,
         cfg.model_kwargs,
-        feature_dim=info.feature_dim if cfg.teachers != "mim_only" else None,
-        relation_layers=layers if use_mim else (),
-        teacher_depth=info.mim_depth,
-        teacher_heads=info.mim_heads,
+        feature_dim=src.feature_dim if cfg.teachers != "mim_only" else None,
+        relation_layers=src.relation_layers,
+        teacher_depth=src.mim_depth,
+        teacher_heads=src.mim_heads,
         mim_target=cfg.mim_target,
-        mim_dim=info.mim_dim,
+        mim_dim=src.mim_dim,
     )
-    if tuple(student.grid) != tuple(info.grid):
+    if tuple(student.grid) != tuple(src.grid):
         raise ConfigError(
             f"student '{cfg.model}' with model_kwargs {cfg.model_kwargs} has a {student.grid} patch grid but the "
-            f"stores were extracted on a {info.grid} grid; set model_kwargs img_size/patch_size to match the teachers"
+            f"stores were extracted on a {src.grid} grid; set model_kwargs img_size/patch_size to match the teachers"
         )
     return student
 
@@ -304,13 +245,31 @@ def environment() -> dict:
 class RunLog:
     """log.jsonl + plots/loss.csv, appended per step by rank 0; truncated to a step on resume."""
 
-    CSV_FIELDS = ("step", "epoch", "lr", "loss", "loss_features", "loss_relations", "images_per_s")
+    # No timings here: the plot table is a pure function of the run, so a resumed run's equals an
+    # uninterrupted one's byte for byte (speed stays in log.jsonl).
+    CSV_FIELDS = ("step", "epoch", "lr", "loss", "loss_features", "loss_relations")
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, name: str = "distill"):
         self.jsonl = run_dir / "log.jsonl"
         self.csv = run_dir / "plots" / "loss.csv"
         self.enabled = enabled
+        self.name = name
         self.t_start = time.perf_counter()  # `elapsed_s` of each row counts from here (this process)
+        self.first_step = 0  # the step this process started from (a resume starts later)
+
+    def say(self, row: dict, total_steps: int, epochs: int) -> None:
+        """One progress line on stderr (rank 0): where the run is, its losses, speed and ETA."""
+        if not self.enabled:
+            return
+        from pipeline.progress import eta
+
+        done = row["step"] - self.first_step
+        rate = done / max(time.perf_counter() - self.t_start, 1e-9)
+        left = (total_steps - row["step"]) / rate if rate > 0 else None
+        what = "epoch end" if row.get("event") == "epoch_end" else f"lr {row['lr']:.3g}, {row['images_per_s']:.1f} img/s"
+        print(f"{self.name}: epoch {row['epoch'] + 1}/{epochs} step {row['step']}/{total_steps} loss {row['loss']:.4f} "
+              f"(features {row['loss_features']:.4f}, relations {row['loss_relations']:.4f}), {what}, "
+              f"ETA {eta(left)}", file=sys.stderr, flush=True)
 
     def truncate(self, step: int) -> None:
         """Keep rows of steps <= `step` (those after the checkpoint are redone on resume)."""
@@ -340,11 +299,14 @@ class RunLog:
 # ----------------------------------------------------------------------------- training
 @dataclass
 class TrainState:
-    """Counters a checkpoint restores: global optimizer step and the loader position."""
+    """Counters a checkpoint restores: global step, loader position, and the epoch's meters so far
+    (a mid-epoch resume then reports the same epoch averages as an uninterrupted run)."""
 
     step: int = 0  # optimizer steps done in the whole run
     epoch: int = 0  # current epoch (0-based)
     batches_done: int = 0  # micro-batches of `epoch` already consumed
+    epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # sums of (loss, features, relations) over this epoch's steps
+    epoch_steps: int = 0  # optimizer steps of `epoch` already summed
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -377,8 +339,7 @@ def train_one_epoch(
     """
     loss_fn = loss_fn or hybrid_loss
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64)
-    n_steps = 0
+    sums = torch.tensor(state.epoch_sums, dtype=torch.float64)  # restored mid-epoch on resume
     micro = 0
     acc = torch.zeros(3, device=device)
     t0 = time.perf_counter()
@@ -417,25 +378,28 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
-        n_steps += 1
         sums += meters.double()
+        state.epoch_sums, state.epoch_steps = sums.tolist(), state.epoch_steps + 1
         acc.zero_()
         micro = 0
         dt = time.perf_counter() - t0
+        row = {
+            "step": state.step, "epoch": state.epoch, "lr": lr,
+            "loss": meters[0].item(), "loss_features": meters[1].item(), "loss_relations": meters[2].item(),
+            "images_per_s": round(images * dist_info.world_size / max(dt, 1e-9), 2),
+            "elapsed_s": round(time.perf_counter() - log.t_start, 4),
+        }
         if state.step % cfg.log_every == 0:
-            log.write({
-                "step": state.step, "epoch": state.epoch, "lr": lr,
-                "loss": meters[0].item(), "loss_features": meters[1].item(), "loss_relations": meters[2].item(),
-                "images_per_s": round(images * dist_info.world_size / max(dt, 1e-9), 2),
-                "elapsed_s": round(time.perf_counter() - log.t_start, 4),
-            })
+            log.write(row)
+        if cfg.print_every and state.step % cfg.print_every == 0:
+            log.say(row, steps_in_epoch * cfg.epochs, cfg.epochs)
         t0 = time.perf_counter()
         images = 0
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             save()
-    n = max(n_steps, 1)
+    n = max(state.epoch_steps, 1)
     return {"loss": sums[0].item() / n, "loss_features": sums[1].item() / n,
-            "loss_relations": sums[2].item() / n, "steps": n_steps}
+            "loss_relations": sums[2].item() / n, "steps": state.epoch_steps}
 
 
 def _last_saved(cfg: DistillConfig) -> int | str:
@@ -454,16 +418,14 @@ def _loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.dev
     h, w = student.vit.patch_embed.img_size  # the built size (model_kwargs img_size), not the family's default
     if h != w:
         raise ConfigError(f"student img_size {(h, w)} is not square; the stored views are square crops")
-    if cfg.teachers == "disc_only":
-        layers: tuple[int, ...] | None = ()  # views and masks only
-    else:
-        layers = tuple(cfg.relation_layers) or None  # None: every stored layer
+    disc, layers = _loader_roles(cfg)
     return LoaderConfig(
         manifest=cfg.manifest,
         mim_store=cfg.mim_store,
-        disc_store=cfg.disc_store if cfg.teachers != "mim_only" else None,
+        disc_store=disc,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
+        mix_shards=cfg.mix_shards,
         seed=cfg.seed,
         img_size=int(h),
         mean=tuple(float(v) for v in data_cfg["mean"]),
@@ -495,9 +457,9 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
     ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
     if d.main:
         prepare_run_dir(run_dir)
-    info = check_inputs(cfg)
+    src = target_sources(cfg)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, info).to(device)
+    student = build_student(cfg, src).to(device)
     lcfg = _loader_config(cfg, student, device)
     batches = steps_per_epoch(lcfg, d.world_size)
     steps_per = batches // cfg.accum_steps  # optimizer steps per epoch; trailing micro-batches are dropped
@@ -512,7 +474,7 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
     scheduler = WarmupCosine(optimizer, lr, total_steps=steps_per * cfg.epochs,
                              warmup_steps=round(cfg.warmup_epochs * steps_per), min_lr=cfg.min_lr)
     state = TrainState()
-    log = RunLog(run_dir, d.main)
+    log = RunLog(run_dir, d.main, name=f"distill {cfg.name}")
 
     ckpt = load_checkpoint(str(ckpt_path)) if cfg.resume else None
     if ckpt is None and not cfg.resume and ckpt_path.exists():
@@ -525,6 +487,7 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
         state = TrainState(**ckpt["state"])
         set_rng_state(ckpt["rng"][d.rank] if d.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         log.truncate(state.step)
+        log.first_step = state.step
     else:
         log.start()
     _same_on_every_rank(d, state.step, run_dir)
@@ -560,9 +523,11 @@ def _distill(cfg, d: Dist, device, build_loader, steps_per_epoch) -> Path:
         loader = build_loader(lcfg, state.epoch, d.rank, d.world_size, skip_batches=state.batches_done)
         meters = train_one_epoch(model, student, loader, optimizer, scheduler, device, state, cfg, d,
                                  steps_per, log, save)
-        log.write({"event": "epoch_end", "epoch": state.epoch, "step": state.step} | meters)
+        end = {"event": "epoch_end", "epoch": state.epoch, "step": state.step} | meters
+        log.write(end)
+        log.say(end, steps_per * cfg.epochs, cfg.epochs)
         state.epoch += 1
-        state.batches_done = 0
+        state.batches_done, state.epoch_sums, state.epoch_steps = 0, [0.0, 0.0, 0.0], 0
         save()
     if d.main:
         if meters:  # (a resumed run that was already finished trains nothing and keeps its metrics)
@@ -611,14 +576,12 @@ def _barrier(d: Dist) -> None:
 def _check_resume(cfg: DistillConfig, ckpt: dict, path: Path, world_size: int) -> None:
     """A resumed run must train the same thing; mid-epoch it must also replay the same batches."""
     saved, now = ckpt["config"], to_dict(cfg)
-    diff = [k for k in now if k not in RESUME_FREE | {"workers"} and saved.get(k) != now[k]]
+    diff = [k for k in now if k not in RESUME_FREE | EPOCH_BOUNDARY_FREE and saved.get(k) != now[k]]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
         raise ConfigError(f"--resume with settings that differ from {path}: {detail}; use the run's config.yaml or another --name")
     if ckpt["state"]["batches_done"]:
-        moved = []
-        if saved.get("workers") != now["workers"]:
-            moved.append(f"workers {saved.get('workers')} -> {now['workers']}")
+        moved = [f"{k} {saved.get(k)} -> {now[k]}" for k in sorted(EPOCH_BOUNDARY_FREE) if saved.get(k) != now[k]]
         if ckpt.get("world_size", 1) != world_size:
             moved.append(f"world size {ckpt.get('world_size', 1)} -> {world_size}")
         if moved:

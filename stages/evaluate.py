@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,7 +44,7 @@ class EvaluateConfig:
     train_manifest: str = "manifests/sample-probe-train.json"  # labeled manifest the probes are fit on
     test_manifest: str = "manifests/sample-probe-test.json"  # labeled manifest accuracy is measured on
     pooling: Literal["cls", "mean"] = "cls"  # image embedding: the CLS token, or the mean of the patch tokens
-    k: int = 20  # k-NN neighbours (capped at the train size)
+    k: int = 20  # k-NN neighbours; more than the train manifest's images is an error
     temperature: float = 0.07  # k-NN vote weight exp(cosine / T), DINO's T
     linear_weight_decay: float = 1e-4  # linear probe L2 strength λ (mean CE + λ/2·‖W‖²)
     linear_max_iter: int = 500  # linear probe L-BFGS iterations (full batch)
@@ -111,22 +110,24 @@ def img_side(teacher) -> int:
 
 
 def iter_images(manifest_path: str, limit: int | None = None, progress: bool = True, desc: str = "images"):
-    """Yield (image PIL, label int|None, index) in index order over the manifest's shards, at most `limit`."""
-    from tqdm import tqdm
-
-    from pipeline.data import iter_shard
+    """Yield (upright RGB image, label int (-1 unlabeled), index) in index order over the manifest's shards, at most `limit`."""
+    from pipeline.data import read_shard_records
+    from pipeline.images import decode_image
     from pipeline.manifest import read_manifest
+    from pipeline.progress import Progress
 
     manifest = read_manifest(manifest_path)
     total = manifest.total if limit is None else min(limit, manifest.total)
-    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False)
+    bar = Progress(total, desc, unit="img", bar=progress)
     seen = 0
     try:
         for k in range(manifest.num_shards):
-            for rec in iter_shard(manifest, k):
+            # Whole shard first (its sha256 is checked at the end of the tar), decoded one by one.
+            for rec in read_shard_records(manifest, k):
                 if seen >= total:
                     return
-                yield rec["image"], rec["label"], rec["index"]
+                image = decode_image(rec["image"], f"image {rec['index']:09d} ({rec['name']}) of {manifest_path}")
+                yield image, rec["label"], rec["index"]
                 seen += 1
                 bar.update(1)
     finally:
@@ -163,7 +164,7 @@ def embed_manifest(teacher, manifest_path: str, cfg: EvaluateConfig, device: tor
         batch_labels.clear()
 
     for image, label, index in iter_images(manifest_path, progress=cfg.progress, desc=f"embed {Path(manifest_path).name}"):
-        if label is None:
+        if label < 0:
             raise ManifestError(f"sample {index} of {manifest_path} has no label; evaluate needs labeled "
                                 "manifests (hdpipe shard --sample writes manifests/sample-probe-*.json)")
         batch.append(center_view(image, side, cfg.crop_pct, cfg.interpolation))
@@ -194,7 +195,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if not m.labeled:
             raise ManifestError(f"{path} is unlabeled (class_map null); evaluate needs a labeled split such as "
                                 "manifests/sample-probe-train.json (written by hdpipe shard --sample)")
-    num_classes = read_manifest(cfg.train_manifest).num_classes
+    train = read_manifest(cfg.train_manifest)
+    if cfg.k > train.total:
+        raise ConfigError(f"evaluate: k={cfg.k} neighbours but {cfg.train_manifest} holds {train.total} reference "
+                          f"images; pass --k {train.total} or fewer (or a larger train manifest)")
+    num_classes = train.num_classes
     teacher = load_subject(cfg.model, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device)
     xtr, ytr = embed_manifest(teacher, cfg.train_manifest, cfg, device)
     xte, yte = embed_manifest(teacher, cfg.test_manifest, cfg, device)

@@ -28,7 +28,6 @@ with the worker's index as local rank); on an external cluster start one worker 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -38,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
-from PIL import Image
 
 from pipeline.errors import ConfigError, NonFiniteError, ShardError, StoreError
 
@@ -60,11 +58,13 @@ class ExtractConfig:
     name: str | None = None  # store name; default: the teacher name (':' and '/' become '-')
     out: str | None = None  # full store URL; overrides targets/name
     mim_store: str | None = None  # disc teachers: the MIM store to read views/masks from; default <targets>/mae.zarr
-    views: int = 1  # views (crops) per image, V
-    seed: int = 0  # view-plan seed: crop box and flip of view (index, v) come from rng([seed, index, v])
-    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range, fraction of the image (MAE's default)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (width/height)
-    hflip: bool = True  # horizontal flip with p=0.5 per view
+    # View plan (MIM teachers; None = VIEW_DEFAULTS). Discriminative teachers take the MIM store's
+    # plan: left None they inherit it, and a value that differs from it is an error.
+    views: int | None = None  # views (crops) per image, V; MIM default 1
+    seed: int | None = None  # view-plan seed: crop box and flip of view (index, v) come from rng([seed, index, v]); MIM default 0
+    scale: tuple[float, float] | None = None  # RandomResizedCrop area range, fraction of the image; MIM default (0.2, 1.0), MAE's
+    ratio: tuple[float, float] | None = None  # RandomResizedCrop aspect-ratio range (width/height); MIM default (3/4, 4/3)
+    hflip: bool | None = None  # horizontal flip with p=0.5 per view; MIM default true
     relation_layers: tuple[int, ...] = (-2, -1)  # 1-based blocks; values <= 0 count back from the last block L (0 = L, -1 = L-1), so the default is (L-2, L-1) = (10, 11) for L = 12
     extra_targets: tuple[str, ...] = ()  # MIM only: any of attention (softmax(R·d^-0.5) over the token set), block_features (block outputs at relation layers)
     mask_ratio: float = 0.3  # K: fraction of kept patch tokens dropped at each of the layers (0, L/3, 2L/3)
@@ -81,16 +81,15 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Range checks that need no files or models (called by `pipeline.config.resolve`)."""
-        if self.views < 1:
+        if self.views is not None and self.views < 1:
             raise ConfigError(f"views must be >= 1, got {self.views}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        lo, hi = self.scale
-        if not 0.0 < lo <= hi <= 1.0:
+        if self.scale is not None and not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
             raise ConfigError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+        if self.ratio is not None and not 0.0 < self.ratio[0] <= self.ratio[1]:
             raise ConfigError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
         if not self.relation_layers:
             raise ConfigError("relation_layers must name at least one block (e.g. -2,-1 for L-2, L-1)")
@@ -155,30 +154,12 @@ def resolve_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def mim_command_hint(cfg: ExtractConfig) -> str:
-    """The command that builds the MIM store a discriminative run needs."""
-    parts = ["hdpipe extract --teacher mae", f"--manifest {cfg.manifest}"]
-    if cfg.mim_store:
-        parts.append(f"--out {cfg.mim_store}")
-    else:
-        parts.append(f"--targets {cfg.targets}")
-    parts += [f"--views {cfg.views}", f"--seed {cfg.seed}", f"--scale {cfg.scale[0]},{cfg.scale[1]}"]
-    return " ".join(parts)
+def view_setting(cfg: ExtractConfig, key: str):
+    """A MIM run's view-plan setting: the config's value, or VIEW_DEFAULTS[key] when left unset."""
+    from pipeline.views import VIEW_DEFAULTS
 
-
-def command_hint(cfg: ExtractConfig) -> str:
-    """This run's own command (printed for incomplete stores)."""
-    parts = [f"hdpipe extract --teacher {cfg.teacher}", f"--manifest {cfg.manifest}"]
-    parts.append(f"--out {cfg.out}" if cfg.out else f"--targets {cfg.targets}" + (f" --name {cfg.name}" if cfg.name else ""))
-    if cfg.role != "auto":
-        parts.append(f"--role {cfg.role}")
-    if cfg.random_init:
-        parts.append("--random-init")
-    if cfg.checkpoint:
-        parts.append(f"--checkpoint {cfg.checkpoint}")
-    if cfg.model_kwargs:
-        parts.append(f"--model-kwargs '{json.dumps(cfg.model_kwargs, sort_keys=True)}'")
-    return " ".join(parts)
+    value = getattr(cfg, key)
+    return VIEW_DEFAULTS[key] if value is None else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,23 +228,13 @@ class Row:
     error: str | None = None  # why the image could not be decoded (set when on_error=skip)
 
 
-# What PIL raises for damaged, non-image or oversized (decompression bomb) bytes.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def decode_image(data: bytes):
-    """PIL RGB image from encoded bytes; raises one of _DECODE_ERRORS for damaged data."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decode fully now: a truncated file fails here, not later inside a resize
-        return im.convert("RGB")
-
-
 def read_rows(manifest, k: int) -> list[Row]:
     """Every sample of tar shard k, in index order, still encoded (checked against the manifest)."""
-    from pipeline.data import iter_shard
+    from pipeline.data import read_shard_records
 
     info = manifest.shards[k]
-    rows = [Row(int(s["index"]), str(s.get("name", "")), s["image"]) for s in iter_shard(manifest, k, decode=False)]
+    # The whole tar is read (and its sha256 checked) before any of it reaches a teacher.
+    rows = [Row(int(s["index"]), str(s.get("name", "")), s["image"]) for s in read_shard_records(manifest, k)]
     got = [r.index for r in rows]
     if got != list(info.indices):
         raise ShardError(
@@ -358,8 +329,9 @@ def disc_batch(teacher, x, keep, tokens: str) -> dict:
 def plan_for(cfg: ExtractConfig, teacher):
     from pipeline.views import ViewPlan
 
-    return ViewPlan(seed=cfg.seed, views=cfg.views, size=teacher.img_size, scale=tuple(cfg.scale),
-                    ratio=tuple(cfg.ratio), hflip=cfg.hflip, interpolation=teacher.interpolation)
+    return ViewPlan(seed=view_setting(cfg, "seed"), views=view_setting(cfg, "views"), size=teacher.img_size,
+                    scale=tuple(view_setting(cfg, "scale")), ratio=tuple(view_setting(cfg, "ratio")),
+                    hflip=view_setting(cfg, "hflip"), interpolation=teacher.interpolation)
 
 
 def effective_tokens(cfg: ExtractConfig, role: str, mim_attrs: dict | None) -> str:
@@ -496,6 +468,7 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
     import torch
 
     from pipeline.device import autocast
+    from pipeline.images import decode_image
     from pipeline.manifest import read_manifest
     from pipeline.store import TargetStore
     from pipeline.views import View, ViewPlan, render
@@ -541,15 +514,12 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
         images = {}
         for r in dict.fromkeys(r for r, _ in batch):
             try:
-                images[r] = decode_image(rows[r].data)
-            except _DECODE_ERRORS as e:
-                reason = f"{type(e).__name__}: {e}"
+                images[r] = decode_image(rows[r].data, f"image {rows[r].index:09d} ({rows[r].name}) in shard {k} "
+                                                       f"({info.url})")
+            except ShardError as e:
                 if cfg.on_error == "fail":
-                    raise ShardError(
-                        f"image {rows[r].index:09d} ({rows[r].name}) in shard {k} ({info.url}) cannot be decoded: "
-                        f"{reason}; re-run with --on-error skip to store it as valid=false"
-                    ) from None
-                rows[r].error = reason
+                    raise ShardError(f"{e}; re-run with --on-error skip to store it as valid=false") from None
+                rows[r].error = str(e)
         xs, ok = [], []
         for r, v in batch:
             if r not in images:
@@ -624,38 +594,44 @@ def check_writable(url: str) -> None:
 
 
 def open_mim_store(cfg: ExtractConfig, manifest):
-    """The complete MIM store a discriminative run reads, checked against this run's manifest and
-    view plan; every refusal names the command that (re)builds it."""
+    """The complete MIM store a discriminative run reads, checked against this run's manifest; the
+    run inherits its view plan (a restated setting that differs is an error). Hints never rebuild
+    that store: this command did not make it."""
+    from pipeline.hints import extract_command, sibling_url
     from pipeline.store import TargetStore
     from pipeline.views import ViewPlan
 
     url = mim_store_url(cfg)
-    hint = mim_command_hint(cfg)
     try:
         mim = TargetStore.open(url)
     except StoreError as e:
-        raise StoreError(f"teacher {cfg.teacher} needs the MIM store {url}, which cannot be opened ({e}); "
-                         f"make it first with: {hint}") from None
+        # No runnable command here: which MIM teacher the user wants is not known.
+        raise StoreError(f"teacher {cfg.teacher} needs the MIM store {url}, which cannot be opened ({e}); make it "
+                         f"first with hdpipe extract --role mim --teacher <your MIM teacher, e.g. mae> --manifest "
+                         f"{cfg.manifest} --out {url}, or point --mim-store at an existing one") from None
     attrs = mim.attrs
     if attrs.get("role") != "mim":
         raise StoreError(f"{url} holds {attrs.get('role')} targets of teacher {attrs.get('teacher')}, not a MIM "
-                         f"store; make one with: {hint}")
+                         "store; point --mim-store at the MIM teacher's store")
     if attrs.get("manifest_digest") != manifest.digest():
-        raise StoreError(f"the MIM store {url} was built from another manifest (digest "
-                         f"{str(attrs.get('manifest_digest'))[:12]} vs {manifest.digest()[:12]} of {cfg.manifest}); "
-                         f"rebuild it with: {hint} --overwrite")
+        fresh = sibling_url(url, manifest.name)
+        raise StoreError(
+            f"the MIM store {url} was built from another manifest (digest {str(attrs.get('manifest_digest'))[:12]} "
+            f"vs {manifest.digest()[:12]} of {cfg.manifest}); pass the manifest it was built from, or make a MIM "
+            f"store for this one with `{extract_command(attrs, manifest=cfg.manifest, out=fresh)}` and pass "
+            f"--mim-store {fresh}")
     plan = ViewPlan.from_attrs(attrs["view_plan"])
-    want = {"seed": cfg.seed, "views": cfg.views, "scale": tuple(map(float, cfg.scale)),
-            "ratio": tuple(map(float, cfg.ratio)), "hflip": cfg.hflip}
-    have = {"seed": plan.seed, "views": plan.views, "scale": tuple(map(float, plan.scale)),
-            "ratio": tuple(map(float, plan.ratio)), "hflip": plan.hflip}
-    diff = [f"{key}: store {have[key]} vs asked {want[key]}" for key in want
-            if not np.allclose(np.atleast_1d(have[key]), np.atleast_1d(want[key]))]
+    diff = []
+    for key in ("views", "seed", "scale", "ratio", "hflip"):
+        asked, have = getattr(cfg, key), getattr(plan, key)
+        if asked is not None and not np.allclose(np.atleast_1d(asked).astype(float), np.atleast_1d(have).astype(float)):
+            diff.append(f"--{key} {asked} (the store has {have})")
     if diff:
-        raise StoreError(f"the MIM store {url} was built with another view plan ({'; '.join(diff)}); every "
-                         f"teacher must see the same views: pass the same --seed/--views/--scale, or rebuild it "
-                         f"with: {hint} --overwrite")
-    mim.require_complete(hint)
+        raise ConfigError(
+            f"{', '.join(diff)}: a discriminative teacher renders exactly the views of its MIM store {url}, "
+            "so it takes that store's view plan; drop these options (or point --mim-store at a MIM store "
+            "made with them)")
+    mim.require_complete(extract_command(attrs, manifest=cfg.manifest, out=url))
     return mim
 
 
@@ -690,9 +666,9 @@ def for_workers(cfg: ExtractConfig) -> ExtractConfig:
                                checkpoint=absolute(cfg.checkpoint))
 
 
-def _log(cfg: ExtractConfig, msg: str) -> None:
-    if cfg.progress:
-        print(msg, file=sys.stderr, flush=True)
+def _log(msg: str) -> None:
+    """A start or end line on stderr, printed with or without progress bars (DVC logs show it)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run_in_process(cfg: ExtractConfig, shards: list[int], on_done: Callable[[dict], None], progress) -> None:
@@ -733,11 +709,10 @@ def extract(cfg: ExtractConfig) -> str:
     store (disc teachers), the output path, and an existing store's settings (resume when equal,
     refused unless `overwrite` when not).
     """
-    from tqdm import tqdm
-
     from pipeline.config import to_dict
     from pipeline.fsio import atomic_write_bytes
     from pipeline.manifest import read_manifest, verify_shards
+    from pipeline.progress import Progress
     from pipeline.store import TargetStore
 
     t0 = time.perf_counter()
@@ -759,7 +734,7 @@ def extract(cfg: ExtractConfig) -> str:
     # The driver needs the teacher only for its attributes when workers extract: keep it off the GPUs.
     teacher = get_teacher(cfg, device=_cpu() if distributed else None)
     attrs, arrays = store_layout(cfg, role, teacher, mim_attrs)
-    V = cfg.views if role == "mim" else int(mim_attrs["views"])
+    V = view_setting(cfg, "views") if role == "mim" else int(mim_attrs["views"])
     try:
         store = TargetStore.create(url, attrs, arrays, manifest, V, overwrite=cfg.overwrite)
     except PermissionError as e:
@@ -769,22 +744,21 @@ def extract(cfg: ExtractConfig) -> str:
     missing = list(store.missing_shards())
     done_before = len(manifest.shards) - len(missing)
     if not missing:
-        _log(cfg, f"extract: {url} is complete ({len(manifest.shards)} shards); nothing to do")
+        _log(f"extract: {url} is complete ({len(manifest.shards)} shards); nothing to do")
         return url
-    _log(cfg, f"extract: {cfg.teacher} ({role}) -> {url}: {len(missing)} of {len(manifest.shards)} shards to do"
+    _log(f"extract: {cfg.teacher} ({role}) -> {url}: {len(missing)} of {len(manifest.shards)} shards to do"
          + (f" ({done_before} done before)" if done_before else ""))
     images = sum(manifest.shards[k].count for k in missing)
-    bar = tqdm(total=images * V, unit="img" if V == 1 else "view", dynamic_ncols=True,
-               disable=not cfg.progress, file=sys.stderr, desc=f"extract {store_name(cfg)}")
+    bar = Progress(images * V, f"extract {store_name(cfg)}", unit="img" if V == 1 else "view", bar=cfg.progress)
     totals = {"shards": 0, "views": 0, "skipped": 0}
 
     def on_done(summary: dict) -> None:
         totals["shards"] += 1
         totals["views"] += summary["views"]
         totals["skipped"] += len(summary["skipped"])
-        if distributed:  # in-process runs advance the bar per batch instead
-            bar.update(summary["rows"] * V)
-        bar.set_postfix(shards=f"{done_before + totals['shards']}/{len(manifest.shards)}")
+        shards = f"shards {done_before + totals['shards']}/{len(manifest.shards)}"
+        # in-process runs advance per batch; dask tasks report whole shards
+        bar.update(summary["rows"] * V if distributed else 0, note=shards)
 
     try:
         if distributed:
@@ -794,7 +768,7 @@ def extract(cfg: ExtractConfig) -> str:
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    _log(cfg, f"extract: done {totals['shards']} shards, {images} images, {totals['views']} views "
+    _log(f"extract: done {totals['shards']} shards, {images} images, {totals['views']} views "
          f"({totals['skipped']} skipped as unreadable), store {_store_bytes(url) / 2**20:.1f} MiB, "
          f"{seconds:.1f} s ({totals['views'] / max(seconds, 1e-9):.1f} views/s) -> {url}")
     return url

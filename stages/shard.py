@@ -58,7 +58,7 @@ class ShardConfig:
     out_dir: str = "data/shards"  # tars go to <out_dir>/<name>/ (local path or fsspec URL)
     manifest: str | None = None  # manifest path; default manifests/<name>.json
     shard_size: int | None = None  # images per tar; None = 1024 (folders), 128 (sample), as found (urls)
-    shuffle: bool = False  # seeded shuffle of the input order instead of sorted paths
+    shuffle: bool = True  # seeded shuffle of the input order (class folders would otherwise give one-class tars); False: sorted paths
     seed: int = 0  # seed of `shuffle` and of the sample's crops
     on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop, or leave it out and list it in the manifest
     reencode: Literal["png", "jpeg"] = "png"  # non-JPEG inputs: lossless (PNG/WebP kept, others -> PNG) or JPEG
@@ -403,9 +403,34 @@ def expand_urls(spec: str) -> list[str]:
     return [u if "://" in u else os.path.abspath(u) for u in urls]
 
 
-def _count_and_hash(url: str) -> tuple[int, str]:
-    """Samples in a tar (webdataset key grouping) and its sha256, in one streamed read."""
-    from pipeline.data import tar_samples
+@dataclass
+class _TarIndex:
+    """What indexing one tar learns in its single streamed read."""
+
+    count: int  # samples (webdataset key groups)
+    sha256: str  # hex digest of the whole file
+    labels: list  # per sample: int class label (.cls, or the .json's "label"), None when it has none
+    names: dict  # {label: class names seen for it}: .json class_name/wnid, the first folder of .json
+                 # filename/name, or the key's prefix before "_" (ImageNet keys: n01440764_10026)
+
+
+def _class_names(sample: dict, meta: dict) -> list[str]:
+    out = [str(meta[k]) for k in ("class_name", "wnid", "synset") if isinstance(meta.get(k), str) and meta[k]]
+    for k in ("filename", "name"):
+        path = meta.get(k)
+        if isinstance(path, str) and "/" in path.strip("/"):
+            out.append(path.strip("/").split("/")[0])
+    key = os.path.basename(sample["__key__"])
+    if re.fullmatch(r"[A-Za-z]+\d*_\d+", key):
+        out.append(key.rsplit("_", 1)[0])
+    return out[:1]
+
+
+def _count_and_hash(url: str) -> _TarIndex:
+    """Samples in a tar (webdataset key grouping), their labels and its sha256, in one streamed read."""
+    import json
+
+    from pipeline.data import IMAGE_EXTS, sample_label, tar_samples
 
     fs, path = fs_and_path(url)
     if not fs.exists(path):
@@ -421,19 +446,61 @@ def _count_and_hash(url: str) -> tuple[int, str]:
             h.update(b)
             return b
 
+    labels: list = []
+    names: dict = {}
     try:
         with fs.open(path, "rb") as f:
             tee = _Tee(f)
-            n = 0
             for sample in tar_samples(tee, url):
-                if not any(ext in sample for ext in ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")):
+                if not any(ext in sample for ext in IMAGE_EXTS):
                     raise ShardError(f"tar {url}: sample {sample['__key__']} has no image member")
-                n += 1
+                try:
+                    meta = json.loads(sample["json"]) if "json" in sample else {}
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    meta = {}
+                meta = meta if isinstance(meta, dict) else {}
+                label = sample_label(sample, meta, url)
+                if label is not None and label < 0:
+                    raise ShardError(f"tar {url}: sample {sample['__key__']} has a negative class label {label}")
+                labels.append(label)
+                if label is not None:
+                    names.setdefault(label, set()).update(_class_names(sample, meta))
             while tee.read(1 << 20):  # hash the end-of-archive padding the tar reader did not consume
                 pass
     except PermissionError:
         raise ShardError(f"tar {url} is not readable (permission denied)") from None
-    return n, h.hexdigest()
+    return _TarIndex(len(labels), h.hexdigest(), labels, names)
+
+
+def _class_map(indexed: list[_TarIndex], urls: list[str]) -> dict[str, int] | None:
+    """{class name: label} from the tars' labels (None when no sample has one).
+
+    Labels must be on every sample or on none. Names come from the samples (`_class_names`) when
+    each label has exactly one and no two labels share one; otherwise the label's decimal string.
+    Labels absent from these tars (a subset of a larger label set) still get an entry, so the
+    map covers 0..max label as a manifest requires.
+    """
+    has = [lab is not None for t in indexed for lab in t.labels]
+    if not any(has):
+        return None
+    if not all(has):
+        for t, url in zip(indexed, urls):
+            if None in t.labels:
+                raise ShardError(f"tar {url}: sample {t.labels.index(None)} has no class label (.cls or a .json "
+                                 "'label') while others have one; label every sample or none")
+    names: dict[int, set] = {}
+    for t in indexed:
+        for label, seen in t.names.items():
+            names.setdefault(label, set()).update(seen)
+    present = {lab for t in indexed for lab in t.labels}
+    top = max(present)
+    chosen = {label: next(iter(names[label])) for label in present if len(names.get(label, ())) == 1}
+    if len(chosen) != len(present) or len(set(chosen.values())) != len(chosen):
+        chosen = {}  # no consistent names: every class is called by its label
+    chosen = {label: chosen.get(label, str(label)) for label in range(top + 1)}
+    if len(set(chosen.values())) != len(chosen):
+        chosen = {label: str(label) for label in range(top + 1)}
+    return {name: label for label, name in chosen.items()}
 
 
 def _index_urls(cfg: ShardConfig) -> Path:
@@ -447,13 +514,14 @@ def _index_urls(cfg: ShardConfig) -> Path:
     if not cfg.overwrite and mfs.exists(mpath):
         raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it or choose --manifest")
     t0 = time.perf_counter()
-    counts, hashes = [], []
+    indexed = []
     for url in tqdm(urls, unit="tar", desc=f"index {name}", disable=not cfg.progress):
-        n, sha = _count_and_hash(url)
-        if n == 0:
+        t = _count_and_hash(url)
+        if t.count == 0:
             raise ShardError(f"tar {url} holds no samples")
-        counts.append(n)
-        hashes.append(sha)
+        indexed.append(t)
+    counts, hashes = [t.count for t in indexed], [t.sha256 for t in indexed]
+    class_map = _class_map(indexed, urls)
     size = cfg.shard_size or counts[0]
     for k, (url, n) in enumerate(zip(urls, counts)):
         last = k == len(urls) - 1
@@ -466,8 +534,9 @@ def _index_urls(cfg: ShardConfig) -> Path:
         name=name, shard_size=size, total=int(sum(counts)),
         shards=tuple(ShardInfo(url=_manifest_url(u, manifest_path), count=n, first_index=int(f), sha256=h)
                      for u, n, f, h in zip(urls, counts, starts, hashes)),
-        class_map=None, skipped=(),
-        source=f"indexed existing tars {cfg.urls} (indices by position: tars in list order, samples in tar order)",
+        class_map=class_map, skipped=(),
+        source=f"indexed existing tars {cfg.urls} (indices by position: tars in list order, samples in tar order"
+               f"{'; labels from .cls/.json' if class_map else ''})",
         command=_command(cfg), created=_now(),
     )
     try:

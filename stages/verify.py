@@ -68,7 +68,8 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     """Compare N stored views with a fresh teacher run; returns a report whose `ok` says all passed."""
     import torch
 
-    from pipeline.data import iter_shard
+    from pipeline.data import read_shard_records
+    from pipeline.images import decode_image
     from pipeline.device import autocast
     from pipeline.manifest import read_manifest
     from pipeline.store import TargetStore
@@ -124,9 +125,9 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
 
     images = {}
     for k in sorted({manifest.shard_of(i) for i in indices}):
-        for sample in iter_shard(manifest, k):
+        for sample in read_shard_records(manifest, k, decode=False):
             if sample["index"] in row_of:
-                images[sample["index"]] = sample["image"].convert("RGB")
+                images[sample["index"]] = decode_image(sample["image"], f"image {sample['index']:09d} of {manifest_path}")
 
     plan = ViewPlan.from_attrs(attrs["view_plan"])
     fresh: dict[str, list] = {}

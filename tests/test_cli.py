@@ -82,6 +82,9 @@ def test_user_error_is_one_line_with_exit_2_and_debug_shows_traceback(tmp_path):
     (["shard"], "exactly one of --input FOLDER, --urls LIST_OR_PATTERN, --sample"),
     (["shard", "--input", "x", "--jpeg-quality", "0"], "jpeg_quality must be in 1..95"),
     (["shard", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["extract", "--model-kwargs", "{img_size:32}"], "'--model-kwargs' key 'img_size:32' holds a ':'"),
+    (["extract", "--model-kwargs", "{img_size: 32, depth:}"], "'--model-kwargs' key 'depth' has no value"),
+    (["evaluate", "--model-kwargs", "{vision_cfg: {image_size:32}}"], "'--model-kwargs.vision_cfg' key 'image_size:32'"),
 ])
 def test_user_errors_in_process(capsys, tmp_path, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)

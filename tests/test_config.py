@@ -55,6 +55,15 @@ def test_bad_values_name_the_key(layer, message):
         resolve(Toy, layer)
 
 
+def test_mapping_typos_from_yaml_are_refused(tmp_path):
+    """`{img_size:32}` (no space) is YAML for the key 'img_size:32' with value null."""
+    from stages.extract import ExtractConfig
+
+    (tmp_path / "p.yaml").write_text("extract:\n  model_kwargs: {img_size:32}\n")
+    with pytest.raises(ConfigError, match="'model_kwargs' key 'img_size:32' holds a ':'"):
+        build_config(ExtractConfig, str(tmp_path / "p.yaml"), "extract", {})
+
+
 def test_strings_from_the_command_line_are_coerced():
     cfg = resolve(Toy, {"layers": "10,11", "epochs": "3", "lr": "1e-4", "path": "x"})
     assert cfg.layers == (10, 11) and cfg.epochs == 3 and cfg.lr == 1e-4 and cfg.path == "x"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def data(tmp_path_factory):
         (root / cls / f"img{i:02d}.jpg").write_bytes(buf.getvalue())
         want[f"{cls}/img{i:02d}.jpg"] = (int(cls[1]), buf.getvalue())
     path = shard(ShardConfig(input=str(root), name="d", out_dir=str(base / "shards"),
-                             manifest=str(base / "d.json"), shard_size=SHARD_SIZE, progress=False))
+                             manifest=str(base / "d.json"), shard_size=SHARD_SIZE, shuffle=False, progress=False))
     return read_manifest(path), want
 
 
@@ -195,3 +196,71 @@ def test_plain_webdataset_reads_our_tars(data):
     for s in samples:
         assert s["cls"] == want[s["json"]["name"]][0] == s["json"]["label"]
         assert s["json"]["index"] == int(s["__key__"])
+
+
+def test_sha256_is_checked_once_per_process_while_reading(data, tmp_path, monkeypatch):
+    """The first read hashes the tar (from the bytes it reads anyway); later reads trust its
+    (size, mtime, inode) stamp; a changed stamp hashes again, and a changed byte is an
+    IntegrityError naming the tar and both hashes."""
+    import hashlib
+    import shutil
+
+    import pipeline.data
+    from pipeline.data import read_shard_records
+    from pipeline.errors import IntegrityError
+
+    m, _ = data
+    shutil.copytree(os.path.dirname(m.shard_url(0)), tmp_path / "tars")
+    shards = tuple(type(s)(url=str(tmp_path / "tars" / os.path.basename(s.url)), count=s.count,
+                           first_index=s.first_index, sha256=s.sha256) for s in m.shards)
+    local = Manifest(**{**m.__dict__, "shards": shards})
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(pipeline.data.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    first = read_shard_records(local, 1)
+    assert len(calls) == 1
+    assert read_shard_records(local, 1) == first and len(calls) == 1  # stamp unchanged: trusted
+    url = local.shard_url(1)
+    os.utime(url, ns=(1, 1))  # same bytes, other mtime: hashed again, still fine
+    assert read_shard_records(local, 1) == first and len(calls) == 2
+    blob = bytearray(open(url, "rb").read())
+    blob[700] ^= 0xFF  # one byte inside the first image: same size, same member layout
+    open(url, "wb").write(bytes(blob))
+    got = hashlib.sha256(bytes(blob)).hexdigest()
+    with pytest.raises(IntegrityError) as err:
+        read_shard_records(local, 1)
+    msg = str(err.value)
+    assert url in msg and got in msg and m.shards[1].sha256 in msg and "shard 1 of manifest" in msg
+    assert "hdpipe shard --input" in msg and "--overwrite" in msg  # the recorded command, re-run
+
+
+@pytest.mark.parametrize("member", ["../escape.jpg", "/abs/x.jpg", "a/../../x.jpg"])
+def test_tar_member_outside_the_dataset_is_refused(tmp_path, member):
+    import tarfile
+
+    from pipeline.data import tar_samples
+
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with open(path, "rb") as f, pytest.raises(ShardError, match=rf"evil.tar: member '{re.escape(member)}' has an absolute"):
+        list(tar_samples(f, str(path)))
+
+
+def test_decode_image_applies_exif_orientation():
+    from PIL import ImageOps
+
+    from pipeline.images import decode_image
+
+    im = Image.fromarray(np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", exif=exif.tobytes())
+    got = decode_image(buf.getvalue())
+    want = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
+    assert got.size == (6, 10) and np.array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ShardError, match=r"img7 does not decode \("):
+        decode_image(b"\x89PNG\r\n\x1a\n broken", "img7")

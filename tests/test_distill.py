@@ -80,7 +80,7 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     from safetensors.torch import load_file
 
     from pipeline.checkpoint import load_checkpoint
-    from stages.distill import build_student, check_inputs
+    from stages.distill import build_student, target_sources
 
     cfg = _cfg(world, tmp_path)
     run = distill(cfg)
@@ -112,7 +112,7 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     res = fresh.load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
     assert not res.missing_keys and not res.unexpected_keys
 
-    student = build_student(cfg, check_inputs(cfg))
+    student = build_student(cfg, target_sources(cfg))
     student.load_state_dict(load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"])
     student.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -130,10 +130,10 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
 
 def _initial_student(cfg):
     """The student as initialized (seeded like distill), to show training moved the weights."""
-    from stages.distill import build_student, check_inputs
+    from stages.distill import build_student, target_sources
 
     torch.manual_seed(cfg.seed)
-    return build_student(cfg, check_inputs(cfg))
+    return build_student(cfg, target_sources(cfg))
 
 
 def test_distill_never_builds_a_teacher(world, tmp_path, monkeypatch):
@@ -180,8 +180,14 @@ def test_ablation_options_train(world, tmp_path, kw):
         assert all(r["loss_features"] == 0 and r["loss"] == r["loss_relations"] > 0 for r in rows)
 
 
-def test_loss_decreases_without_nan(world, tmp_path):
-    rows = _steps(distill(_cfg(world, tmp_path, epochs=6, base_lr=0.1, warmup_epochs=1, checkpoint_every=0)))
+def test_loss_decreases_without_nan(world, tmp_path, capfd):
+    rows = _steps(distill(_cfg(world, tmp_path, epochs=6, base_lr=0.1, warmup_epochs=1, checkpoint_every=0,
+                                print_every=4)))
+    # Never silent for minutes: a progress line every 4 steps and one per epoch end, with ETA.
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("distill t: epoch")]
+    assert len(lines) == 36 // 4 + 6, lines
+    assert "step 4/36 loss " in lines[0] and "img/s" in lines[0] and "ETA " in lines[0]
+    assert sum("epoch end" in ln for ln in lines) == 6
     assert len(rows) == 36 and all(np.isfinite(r["loss"]) for r in rows)
     first = np.mean([r["loss"] for r in rows[:6]])
     last = np.mean([r["loss"] for r in rows[-6:]])
@@ -242,6 +248,13 @@ def test_resume_after_sigkill_continues_the_loss_curve(world, tmp_path):
     env = json.loads((run_dir / "env.json").read_text())
     # killed after step 9: the last checkpoint is step 8 (mid-epoch 1, steps 7..12) or a later even step
     assert env["resumed_from_step"] % 2 == 0 and 8 <= env["resumed_from_step"] < 18
+    # What DVC records after a resume equals the uninterrupted run's: epoch averages over all of the
+    # epoch's steps (not only those run after the resume), metrics.json and the plot table.
+    full_dir = tmp_path / "runs" / "full"
+    ends = [[{k: v for k, v in r.items()} for r in _log(d) if r.get("event") == "epoch_end"] for d in (full_dir, run_dir)]
+    assert [r["steps"] for r in ends[1]] == [6, 6, 6] and ends[0] == ends[1]
+    assert (run_dir / "metrics.json").read_text() == (full_dir / "metrics.json").read_text()
+    assert (run_dir / "plots" / "loss.csv").read_bytes() == (full_dir / "plots" / "loss.csv").read_bytes()
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -303,11 +316,11 @@ def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
     from pipeline.store import TargetStore
     from pipeline.teachers import load_teacher
     from pipeline.views import View, render
-    from stages.distill import _loader_config, build_student, check_inputs
+    from stages.distill import _loader_config, build_student, target_sources
 
     cfg = _cfg(world, tmp_path)
     torch.manual_seed(0)
-    student = build_student(cfg, check_inputs(cfg)).eval()
+    student = build_student(cfg, target_sources(cfg)).eval()
     batch = next(iter(build_loader(_loader_config(cfg, student, torch.device("cpu")), 0)))
     with torch.no_grad():
         out = student(batch["image"], batch["keep_index"])
@@ -361,7 +374,7 @@ def test_mismatched_stores_refused(world, tmp_path):
 @pytest.mark.parametrize(
     "kw, error, match",
     [
-        (dict(relation_layers=(2,)), StoreError, r"relation_layers \[2\] are not in .*--relation-layers 2,4,5"),
+        (dict(relation_layers=(2,)), StoreError, r"relation layers \[2\] are not in .*--relation-layers 2,4,5"),
         (dict(mim_target="block_features"), StoreError, "block_features.*--extra-targets"),
         (dict(model_kwargs=dict(STUDENT_KW, depth=1)), ConfigError, "too shallow"),
         (dict(model_kwargs=dict(STUDENT_KW, num_heads=4)), ConfigError, "4 attention heads and the MIM teacher 3"),

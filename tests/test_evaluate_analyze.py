@@ -300,3 +300,14 @@ def test_user_errors_are_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_more_neighbours_than_reference_images_is_an_error(split):
+    from pipeline.errors import ConfigError
+    from stages.evaluate import EvaluateConfig, evaluate
+
+    n = 6 * NUM_CLASSES
+    cfg = EvaluateConfig(model="timm:vit_tiny_patch16_224", random_init=True, model_kwargs={"img_size": 32},
+                         train_manifest=split["train"], test_manifest=split["test"], k=n + 1, progress=False)
+    with pytest.raises(ConfigError, match=f"k={n + 1} neighbours but .*probe-train.json holds {n} reference images"):
+        evaluate(cfg)

@@ -252,26 +252,33 @@ def test_overwrite_rebuilds(world, tmp_path):
 
 
 def test_disc_refuses_missing_incomplete_or_mismatched_mim_store(world, tmp_path):
-    cmd = "hdpipe extract --teacher mae"
+    """A discriminative run inherits the MIM store's view plan; a restated setting that differs is
+    an error that never proposes to rebuild the MIM store, and no hint overwrites a store."""
     base = disc_cfg(world["manifest"], tmp_path, random_init=False, checkpoint=str(world["disc_ckpt"]),
                     mim_store=world["mim"])
-    with pytest.raises(StoreError, match=f"cannot be opened.*make it first with: {cmd} --manifest"):
+    with pytest.raises(StoreError, match="cannot be opened.*make it first with hdpipe extract --role mim"):
         extract(replace(base, mim_store=str(tmp_path / "nowhere.zarr")))
-    with pytest.raises(StoreError, match=f"another view plan \\(seed: store 0 vs asked 5\\).*{cmd}"):
+    with pytest.raises(ConfigError, match=r"--seed 5 \(the store has 0\): .*drop these options") as err:
         extract(replace(base, seed=5))
-    with pytest.raises(StoreError, match=f"another view plan \\(views: store 1 vs asked 2\\).*{cmd}"):
+    with pytest.raises(ConfigError, match=r"--views 2 \(the store has 1\)"):
         extract(replace(base, views=2))
+    assert "overwrite" not in str(err.value) and "hdpipe extract" not in str(err.value)
+    extract(replace(base, views=1, seed=0, hflip=True, name="same-plan"))  # restating the same plan is fine
     other = make_dataset(tmp_path / "other", n=24, seed=7)
-    with pytest.raises(StoreError, match=f"another manifest.*{cmd} --manifest {other}"):
+    with pytest.raises(StoreError, match=f"another manifest.*`hdpipe extract --teacher {TINY} --role mim "
+                                         f"--manifest {other} --out .*mim-toy.zarr") as err:
         extract(replace(base, manifest=other))
+    assert "--overwrite" not in str(err.value)
     # An incomplete MIM store: a copy with one done marker removed.
     import shutil
 
     partial = tmp_path / "partial.zarr"
     shutil.copytree(world["mim"], partial)
     (partial / "done" / "000001.json").unlink()
-    with pytest.raises(StoreError, match=f"incomplete: 1 of 3 shards not finished \\(1\\); run `{cmd}"):
+    with pytest.raises(StoreError, match=f"incomplete: 1 of 3 shards not finished \\(1\\); run `hdpipe extract "
+                                         f"--teacher {TINY} --role mim --manifest .* --out {partial} ") as err:
         extract(replace(base, mim_store=str(partial)))
+    assert "--overwrite" not in str(err.value)
     assert not (tmp_path / "disc.zarr").exists()  # refused before anything was created
 
 
@@ -299,8 +306,38 @@ def test_corrupt_image_fail_then_skip(tmp_path, world):
     assert got["valid"].tolist() == [i != 11 for i in range(16)]
     assert not got["relations"][11].any() and got["relations"][10].any()
     skipped = store.done_marker(1)["skipped"]
-    assert [s["index"] for s in skipped] == [11] and skipped[0]["reason"].startswith("OSError")
+    assert [s["index"] for s in skipped] == [11] and "does not decode (OSError" in skipped[0]["reason"]
     assert store.done_marker(0)["skipped"] == []
+
+
+@pytest.mark.parametrize("how", ["manifest records another sha256", "tar changed in place, same size"])
+def test_tar_not_matching_its_sha256_never_reaches_the_store(tmp_path, how):
+    """A wrong hash, or one byte changed in a tar, stops extraction at that shard with the tar and
+    both hashes named; shards done before stay done, and the bad shard gets no done marker."""
+    import hashlib
+
+    from pipeline.errors import IntegrityError
+    from pipeline.manifest import read_manifest, write_manifest
+
+    manifest = make_dataset(tmp_path / "data", n=24, seed=5)
+    m = read_manifest(manifest)
+    tar = m.shard_url(1)
+    want = m.shards[1].sha256
+    if how.startswith("manifest"):
+        shards = list(m.shards)
+        shards[1] = replace(shards[1], sha256="0" * 64)
+        write_manifest(replace(m, shards=tuple(shards)), manifest)
+        want, got = "0" * 64, m.shards[1].sha256
+    else:
+        blob = bytearray(open(tar, "rb").read())
+        blob[900] ^= 0x55
+        open(tar, "wb").write(bytes(blob))
+        got = hashlib.sha256(bytes(blob)).hexdigest()
+    cfg = mim_cfg(manifest, tmp_path / "t")
+    with pytest.raises(IntegrityError) as err:
+        extract(cfg)
+    assert tar in str(err.value) and got in str(err.value) and want in str(err.value)
+    assert TargetStore.open(str(tmp_path / "t" / "mim.zarr")).done_shards() == {0}
 
 
 def test_non_finite_teacher_output_is_refused(world, tmp_path):

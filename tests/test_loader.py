@@ -18,7 +18,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from pipeline.data import iter_shard
-from pipeline.errors import ConfigError, ShardError, StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.loader import LoaderConfig, build_loader, choose_view, plan_epoch, steps_per_epoch
 from toydata import write_dataset
 from pipeline.manifest import read_manifest
@@ -144,6 +144,39 @@ def test_equal_steps_across_ranks_with_uneven_shards(world, world_size, workers)
         assert set(flat) <= valid
 
 
+@pytest.fixture(scope="module")
+def sorted_classes(tmp_path_factory):
+    """48 images of 4 classes in class order, 8 tars of one class each (what sorted class folders
+    give), with MIM + disc stores; class of index i is i // 12."""
+    root = tmp_path_factory.mktemp("sorted")
+    manifest = make_dataset(root / "data", n=48, seed=3)
+    stores = make_stores(manifest, root / "stores", "kept", views=1)
+    return manifest, stores
+
+
+def _iid_distinct(labels: np.ndarray, batch: int) -> float:
+    rng = np.random.default_rng(0)
+    return float(np.mean([len(set(rng.choice(labels, batch, replace=False))) for _ in range(4000)]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_class_sorted_shards_give_mixed_batches(sorted_classes, workers):
+    """Distinct classes per batch reach >= 80% of an iid draw's with the default mix_shards; one shard
+    at a time (mix_shards=1) makes nearly one-class batches, so the measure can fail."""
+    manifest, stores = sorted_classes
+    labels = np.arange(48) // 12
+
+    def mean_distinct(**kw) -> float:
+        cfg = cfg_for(manifest, stores, batch_size=4, num_workers=workers, **kw)
+        counts = [len(set(labels[b["index"].numpy()])) for epoch in range(3) for b in run_epoch(cfg, epoch)]
+        return float(np.mean(counts))
+
+    iid = _iid_distinct(labels, 4)
+    assert LoaderConfig(manifest="m", mim_store="s").mix_shards == 4
+    assert mean_distinct() >= 0.8 * iid
+    assert mean_distinct(mix_shards=1) < 0.6 * iid
+
+
 def test_same_epoch_same_batches_other_epoch_other_order_and_views(world):
     cfg = cfg_for(world["uneven"], world["all"], batch_size=3, num_workers=2, masking="random")
     a, b = run_epoch(cfg, epoch=1), run_epoch(cfg, epoch=1)
@@ -227,6 +260,39 @@ def _images(manifest: str) -> dict[int, Image.Image]:
             except OSError:
                 pass  # the deliberately broken image; it must never be asked for
     return out
+
+
+def test_exif_rotated_photos_are_seen_upright_by_teachers_and_student(tmp_path):
+    """Phone photos store pixels sideways plus an EXIF Orientation tag. Extraction (crop boxes) and
+    the loader (rendered batch) must both use the upright image, as an independent
+    ImageOps.exif_transpose decode gives it."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(11)
+    payloads, upright = [], {}
+    for i in range(12):
+        small = rng.integers(0, 255, size=(6, 9, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((72, 48), Image.BILINEAR)  # stored landscape
+        exif = Image.Exif()
+        exif[0x0112] = (6, 8, 3, 1)[i % 4]  # rotate 90 CW / 90 CCW / 180 / none
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+        payloads.append(buf.getvalue())
+        upright[i] = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
+    assert upright[0].size == (48, 72)  # portrait once turned upright
+    manifest = write_dataset(tmp_path / "data", payloads, SHARD)
+    stores = make_stores(manifest, tmp_path / "stores", "kept", views=2)
+    cfg = cfg_for(manifest, stores, batch_size=4)
+    rows = TargetStore.open(stores[0]).read_rows(range(12), names=["views"])["views"]
+    for i in range(12):
+        for v in range(2):  # the stored boxes are the view plan's boxes for the upright size
+            from pipeline.views import ViewPlan
+            plan = ViewPlan.from_attrs(TargetStore.open(stores[0]).attrs["view_plan"])
+            assert np.array_equal(rows[i, v], plan.view(i, v, *upright[i].size).as_row())
+    for batch in run_epoch(cfg, epoch=0):
+        for j, index in enumerate(batch["index"].tolist()):
+            want = expected(cfg, index, int(batch["view"][j]), upright)["image"]
+            np.testing.assert_allclose(batch["image"][j].numpy(), want, atol=1e-6)
 
 
 def expected(cfg: LoaderConfig, index: int, view: int, images: dict) -> dict[str, np.ndarray]:
@@ -367,11 +433,17 @@ def test_incomplete_store_names_missing_shards_and_the_command(world, tmp_path):
         assert part in str(err.value), part
 
 
-def test_tar_changed_after_extraction_names_the_image(world, tmp_path):
-    """Same manifest (digest unchanged) but a valid row's image no longer decodes: a ShardError, not a crash."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_tar_changed_after_extraction_is_refused_before_any_batch(world, tmp_path, workers):
+    """Same manifest (digest unchanged) but one image of tar 0 replaced: its sha256 no longer matches,
+    and no batch holding any row of that tar is yielded, whichever worker reads it."""
+    from pipeline.errors import IntegrityError
+    from pipeline.manifest import sha256_of
+
     src = Path(world["uneven"]).parent
     shutil.copytree(src, tmp_path / "data")
     tar_path = tmp_path / "data" / "toy-000000.tar"
+    want = sha256_of(str(tar_path))
     with tarfile.open(src / "toy-000000.tar") as old, tarfile.open(tar_path, "w") as new:
         for member in old.getmembers():
             body = old.extractfile(member).read()
@@ -379,9 +451,16 @@ def test_tar_changed_after_extraction_names_the_image(world, tmp_path):
                 body = b"\x89PNG\r\n\x1a\n damaged" + bytes(20)
                 member.size = len(body)
             new.addfile(member, io.BytesIO(body))
-    cfg = cfg_for(str(tmp_path / "data" / "toy.json"), world["kept"], batch_size=1)
-    with pytest.raises(ShardError, match=r"image 000000003 in .*toy-000000.tar does not decode"):
-        run_epoch(cfg, epoch=0)
+    got = sha256_of(str(tar_path))
+    cfg = cfg_for(str(tmp_path / "data" / "toy.json"), world["kept"], batch_size=1, num_workers=workers,
+                  mix_shards=1)
+    seen = []
+    with pytest.raises(IntegrityError) as err:
+        for batch in build_loader(cfg, 0):
+            seen += batch["index"].tolist()
+    msg = str(err.value)
+    assert f"tar {tar_path}" in msg and got in msg and want in msg and "--overwrite" in msg
+    assert not [i for i in seen if i < SHARD], "a row of the changed tar reached a batch"
 
 
 def test_store_from_another_manifest_is_refused(world):

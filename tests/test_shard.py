@@ -61,7 +61,7 @@ def tree(tmp_path):
 def test_tree_round_trip_every_sample(tree, tmp_path):
     root, want = tree
     mpath = shard(_cfg(input=str(root), name="toy", out_dir=str(tmp_path / "out"),
-                       manifest=str(tmp_path / "m" / "toy.json"), shard_size=4))
+                       manifest=str(tmp_path / "m" / "toy.json"), shard_size=4, shuffle=False))
     m = read_manifest(mpath)
     assert m.class_map == {"n01": 0, "n02": 1, "n03": 2}  # sorted folder names
     assert (m.total, m.num_shards, [s.count for s in m.shards]) == (11, 3, [4, 4, 3])
@@ -93,7 +93,7 @@ def test_tree_round_trip_every_sample(tree, tmp_path):
         meta = json.loads(t.extractfile("000000001.json").read())
     assert meta == {"index": 1, "label": 0, "name": "n01/n01_0.JPEG", "source": "train"}
     assert not [p for p in os.listdir(tmp_path / "out" / "toy") if p.endswith(".tmp")]
-    assert "hdpipe shard --input" in m.command and "--shard-size 4" in m.command
+    assert "hdpipe shard --input" in m.command and "--shard-size 4" in m.command and "--no-shuffle" in m.command
 
 
 def test_same_input_twice_gives_identical_tars(tree, tmp_path):
@@ -116,6 +116,7 @@ def test_seeded_shuffle(tree, tmp_path):
                                      manifest=str(tmp_path / f"{tag}.json"), shuffle=True, seed=seed)))
         return [r["name"] for r in iter_shard(m, 0, decode=False)], m
 
+    assert ShardConfig(input="x").shuffle  # the default: class folders must not become one-class tars
     first, m = names(3, "s1")
     again, _ = names(3, "s2")
     other, _ = names(4, "s3")
@@ -168,9 +169,30 @@ def test_bad_input_file_fails_naming_it(tmp_path, bad):
     with pytest.raises(ShardError, match=fragment) as e:
         shard(_cfg(input=str(folder), out_dir=str(out), manifest=str(tmp_path / "m.json")))
     assert bad in str(e.value) and "--on-error skip" in str(e.value)
-    # nothing half-written is left looking complete
+    # nothing of the run is left: no manifest, no tar, no empty output folder
     assert not (tmp_path / "m.json").exists()
-    assert not [p for p in out.rglob("*") if p.is_file()]
+    assert not out.exists() or not any(out.rglob("*"))
+    assert not (out / "in").exists()
+
+
+def test_on_error_fail_lists_every_bad_file_and_keeps_the_old_dataset(tmp_path):
+    """Three bad files spread over several shards are all named in one error; tars already written
+    by the failed run are removed, and an --overwrite run that fails leaves the old tars intact."""
+    folder = tmp_path / "in"
+    for i in range(9):
+        _save(_photo(i), folder / f"img{i}.jpg", "JPEG")
+    out, manifest = tmp_path / "out", str(tmp_path / "m.json")
+    first = read_manifest(shard(_cfg(input=str(folder), out_dir=str(out), manifest=manifest, shard_size=2)))
+    before = {p.name: p.read_bytes() for p in (out / "in").iterdir()}
+    for name in ("img2.jpg", "img5.jpg", "img8.jpg"):
+        (folder / name).write_text("not an image")
+    with pytest.raises(ShardError, match="3 bad input file") as e:
+        shard(_cfg(input=str(folder), out_dir=str(out), manifest=manifest, shard_size=2, overwrite=True))
+    for name in ("img2.jpg", "img5.jpg", "img8.jpg"):
+        assert name in str(e.value)
+    assert {p.name: p.read_bytes() for p in (out / "in").iterdir()} == before  # nothing replaced or left over
+    verify_shards(read_manifest(manifest))  # the old manifest still describes its tars
+    assert read_manifest(manifest) == first
 
 
 def _run_as_nobody(fn) -> str:
@@ -239,7 +261,7 @@ def test_on_error_skip_reconciles_counts(tmp_path):
     for s in m.skipped:
         assert re.search(broken[s["name"]][1], s["reason"]), s
     names = [r["name"] for k in range(m.num_shards) for r in iter_shard(m, k, decode=False)]
-    assert names == [f"img{i}.jpg" for i in range(5)]
+    assert sorted(names) == [f"img{i}.jpg" for i in range(5)]
     assert [s.count for s in m.shards] == [2, 2, 1]
 
 
@@ -366,6 +388,44 @@ def test_index_existing_tars_by_pattern_and_list(tmp_path):
     finally:
         os.chdir(cwd)
     assert m2.digest() == m.digest()
+
+
+def test_index_imagenet_webdataset_release_reads_labels_and_class_map(tmp_path):
+    """The ImageNet webdataset layout (keys n01440764_10026, members .jpg/.cls/.json with the
+    original filename): labels and the class map come from the tars, so `evaluate` accepts them."""
+    import webdataset as wds
+
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    (tmp_path / "tars").mkdir()
+    want = []
+    for k in range(2):
+        with wds.TarWriter(str(tmp_path / "tars" / f"imagenet-val-{k:04d}.tar")) as w:
+            for i in range(4):
+                label = (2 * k + i) % 3
+                key = f"{wnids[label]}_{100 * k + i}"
+                buf = io.BytesIO()
+                _photo(k * 10 + i).save(buf, format="JPEG")
+                meta = {"filename": f"{wnids[label]}/{key}.JPEG", "label": label, "width": 40, "height": 32}
+                w.write({"__key__": key, "jpg": buf.getvalue(), "cls": str(label), "json": json.dumps(meta)})
+                want.append(label)
+    m = read_manifest(shard(_cfg(urls=str(tmp_path / "tars" / "imagenet-val-{0000..0001}.tar"), name="val",
+                                 manifest=str(tmp_path / "val.json"))))
+    assert m.class_map == {w: i for i, w in enumerate(wnids)} and m.labeled
+    assert [r["label"] for k in range(2) for r in iter_shard(m, k, decode=False)] == want
+    assert "labels from .cls/.json" in m.source
+
+
+def test_index_refuses_half_labeled_tars(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "tars").mkdir()
+    with wds.TarWriter(str(tmp_path / "tars" / "y-000000.tar")) as w:
+        for i in range(3):
+            buf = io.BytesIO()
+            _photo(i).save(buf, format="JPEG")
+            w.write({"__key__": f"s{i}", "jpg": buf.getvalue(), **({"cls": "1"} if i != 1 else {})})
+    with pytest.raises(ShardError, match="y-000000.tar: sample 1 has no class label"):
+        shard(_cfg(urls=str(tmp_path / "tars" / "y-000000.tar"), manifest=str(tmp_path / "y.json")))
 
 
 def test_index_refuses_uneven_tars_and_missing_ones(tmp_path):
@@ -503,7 +563,7 @@ def test_fsspec_urls_for_tars_and_manifest(tree):
         verify_shards(m)
         assert m.shards[1].sha256 == hashlib.sha256(fs.cat("/hdpipe-test/shards/mem/mem-000001.tar")).hexdigest()
         names = [r["name"] for r in shard_dataset(m, decode=False)]
-        assert names == sorted(want)
+        assert sorted(names) == sorted(want)
         # index the same tars by URL pattern into a second manifest: same content digest
         m2 = read_manifest(shard(_cfg(urls="memory://hdpipe-test/shards/mem/mem-{000000..000002}.tar",
                                       manifest="memory://hdpipe-test/mem2.json")))

@@ -259,6 +259,16 @@ def test_checkpoint_file_problems(tmp_path):
         load_teacher(TIMM, checkpoint=tmp_path / "opt.pth", random_init=True)
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
+def test_text_file_as_checkpoint_is_one_error_naming_it(tmp_path, suffix):
+    """A failed download (an HTML page saved as weights) is a user error naming the file, not a traceback."""
+    bad = tmp_path / f"weights{suffix}"
+    bad.write_text("<html><body>404 Not Found</body></html>\n")
+    with pytest.raises(HdpipeError, match=f"checkpoint '{bad}' (cannot be read as a weights-only torch file|"
+                                          "is not a readable safetensors file)"):
+        load_teacher(TIMM, checkpoint=bad, model_kwargs=TINY, device="cpu")
+
+
 def test_student_dir_loads_like_timm(tmp_path):
     model = _reference_model(seed=9)
     folder = tmp_path / "student"

@@ -7,7 +7,7 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.config import check_keys, load_section, resolve
+from pipeline.config import check_keys, check_mapping, load_section, resolve
 from pipeline.errors import ConfigError
 
 config_option = click.option(
@@ -54,4 +54,5 @@ def parse_mapping(ctx: click.Context, param: click.Parameter, value: str | None)
         raise ConfigError(f"--{param.name.replace('_', '-')} is not a YAML/JSON mapping: {e}") from None
     if not isinstance(parsed, dict):
         raise ConfigError(f"--{param.name.replace('_', '-')} must be a mapping like '{{img_size: 64}}', got {value!r}")
+    check_mapping(f"--{param.name.replace('_', '-')}", parsed)
     return parsed

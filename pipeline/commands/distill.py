@@ -35,6 +35,8 @@ from pipeline.commands.common import build_config, config_option, parse_mapping
 @click.option("--clip-grad", type=float, default=None, help="Max global gradient norm (off unless given).")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the student.  [default: off]")
 @click.option("--workers", type=int, default=None, help="DataLoader workers per rank.  [default: 2]")
+@click.option("--mix-shards", type=int, default=None, help="Tar shards each loader worker shuffles together.  [default: 4]")
+@click.option("--print-every", type=int, default=None, help="Optimizer steps between progress lines on stderr (0 = epoch ends).  [default: 50]")
 @click.option("--seed", type=int, default=None, help="Seed for init, shuffling, view choice, random masks.  [default: 0]")
 @click.option("--runs-dir", default=None, help="Parent folder of runs.  [default: runs]")
 @click.option("--name", default=None, help="Run name: outputs in <runs-dir>/<name>/.  [default: hybrid]")

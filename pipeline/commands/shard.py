@@ -24,7 +24,8 @@ from pipeline.commands.common import build_config, config_option
 @click.option("--shard-size", type=int, default=None,
               help="Images per tar.  [default: 1024 for folders, 128 for --sample, as found for --urls]")
 @click.option("--shuffle/--no-shuffle", default=None,
-              help="Seeded shuffle of the input order instead of sorted paths.  [default: no-shuffle]")
+              help="Seeded shuffle of the input order (default), or sorted paths: sorted class folders make "
+                   "one-class tars, and the loader can mix only a few tars per batch.  [default: shuffle]")
 @click.option("--seed", type=int, default=None, help="Seed for --shuffle and the sample's crops.  [default: 0]")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None,
               help="A bad input file stops the run (fail) or is left out and listed in the manifest (skip).  "

@@ -1,0 +1,82 @@
+"""Fix-it commands: the one place that writes "run this" for a target store.
+
+Every command is built from the store's own `hdpipe` attributes, so it reproduces exactly the
+settings the store was made with (a resumed extraction must match them field for field), with the
+flags a caller asks to change swapped in. Two rules keep hints safe to paste:
+
+- `--overwrite` appears only in hints for the store the failing command itself writes
+  (`extract_command(..., overwrite=True)` is for `hdpipe extract` refusing its own output);
+- a store some other command made (a MIM store read by a discriminative extraction, the stores
+  read by `distill`) is never rebuilt in place: hints that change its settings write a new store
+  beside it (`sibling_url`) and say which option to point at it.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import shlex
+from typing import Any, Mapping
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def extract_command(attrs: Mapping[str, Any], *, manifest: str, out: str, overwrite: bool = False,
+                    **changes: Any) -> str:
+    """`hdpipe extract ...` that (re)makes the store described by `attrs` at `out` from `manifest`.
+
+    `changes` overrides flags by config name (`tokens="all"`, `relation_layers=[1, 2, 3]`,
+    `mim_store=URL`, `extra_targets=[...]`); a value of None drops the flag.
+    """
+    role = attrs.get("role", "mim")
+    flags: dict[str, Any] = {"teacher": attrs.get("teacher"), "role": role, "manifest": manifest, "out": out}
+    if attrs.get("checkpoint"):
+        flags["checkpoint"] = attrs["checkpoint"]
+    if attrs.get("random_init"):
+        flags["random_init"] = True
+    if attrs.get("model_kwargs"):
+        flags["model_kwargs"] = dict(attrs["model_kwargs"])
+    if role == "mim":
+        # Every setting that enters the store's attributes is spelled out (no reliance on today's
+        # defaults), so the command resumes this very store or makes its exact sibling.
+        plan = attrs.get("view_plan") or {}
+        for key in ("views", "seed", "scale", "ratio", "hflip"):
+            if key in plan:
+                flags[key] = plan[key]
+        if attrs.get("relation_layers"):
+            flags["relation_layers"] = list(attrs["relation_layers"])
+        if attrs.get("extra_targets"):
+            flags["extra_targets"] = list(attrs["extra_targets"])
+        if "ratio" in (attrs.get("mask") or {}):
+            flags["mask_ratio"] = attrs["mask"]["ratio"]
+        flags["tokens"] = attrs.get("tokens", "kept")
+    elif attrs.get("mim_store"):
+        flags["mim_store"] = attrs["mim_store"]
+    if attrs.get("precision"):
+        flags["precision"] = attrs["precision"]
+    flags.update(changes)
+    parts = ["hdpipe extract"]
+    for key, value in flags.items():
+        if value is None or value is False and key != "hflip":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "hflip":
+            parts.append("--hflip" if value else "--no-hflip")
+        elif value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {shlex.quote(_fmt(value))}")
+    return " ".join(parts + (["--overwrite"] if overwrite else []))
+
+
+def sibling_url(url: str, suffix: str) -> str:
+    """A new store beside `url` for changed settings: targets/mae.zarr -> targets/mae-<suffix>.zarr."""
+    base = url.rstrip("/")
+    head, tail = posixpath.split(base)
+    stem = tail[:-5] if tail.endswith(".zarr") else tail
+    return posixpath.join(head, f"{stem}-{suffix}.zarr") if head else f"{stem}-{suffix}.zarr"
