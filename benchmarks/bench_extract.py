@@ -8,6 +8,8 @@
     same views and batch size, pre-rendered in memory. Target: <= 1.10x.
 (b) Scaling: the same run over 4x the images. Targets: time <= 4.2x, peak RSS <= 1.1x (peak RSS
     from a subprocess per size that only extracts, so it is that run's alone).
+(c) Integrity: the sha256 check of every tar against its manifest while extraction reads it
+    (`benchmarks/integrity.py`), as a share of extraction time per image. Target: <= 3%.
 
 (a') Interleaved estimate, robust to load drift: (extraction time / time inside its own teacher
     forwards) x (forward with the Q·Kᵀ and hidden-state hooks / plain forward, alternated batch by
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "extract.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from integrity import integrity_cost  # noqa: E402
 
 
 def make_dataset(folder: Path, n: int, shard_size: int, seed: int = 0) -> str:
@@ -204,7 +208,9 @@ def main() -> None:
                     runs[label].update({"rss_peak_mib": got["rss_peak_mib"], "rss_run_extract_s": got["extract_s"]})
                 else:
                     runs[label].update(got)
+            runs[label]["integrity"] = integrity_cost(manifest)
     small, large = runs["1x"], runs[f"{args.factor}x"]
+    hash_share = large["integrity"]["hash_s_per_image"] / (large["extract_s"] / large["images"])
     summary = {
         "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "shard_size": args.shard_size,
         "device": small["device"], "torch_threads": small["threads"], "repeats": args.repeats,
@@ -214,6 +220,8 @@ def main() -> None:
         "overhead_interleaved": large["ratio_interleaved"], "overhead_target": 1.10,
         "time_scaling": large["extract_s"] / small["extract_s"], "time_scaling_target": 4.2,
         "rss_scaling": large["rss_peak_mib"] / small["rss_peak_mib"], "rss_scaling_target": 1.1,
+        # sha256 of every tar while extraction reads it, as a share of extraction time per image
+        "integrity_share": hash_share, "integrity_target": 0.03,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
@@ -232,6 +240,8 @@ def main() -> None:
           "(target <= 1.10)")
     print(f"time scaling {args.factor}x images: {summary['time_scaling']:.2f}x (target <= 4.2x); "
           f"peak RSS scaling: {summary['rss_scaling']:.3f}x (target <= 1.1x)")
+    print(f"integrity check (sha256 of each tar while it is read): {1e3 * large['integrity']['hash_s_per_image']:.3f} "
+          f"ms per image = {100 * hash_share:.2f}% of extraction time (target <= 3%)")
     print(f"wrote {RESULTS}")
 
 
