@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline import analysis
+from pipeline.eval import analysis
 from pipeline.device import pick_device
-from pipeline.teachers import load_teacher
+from pipeline.targets.teachers import load_teacher
 
 
 def _timed(fn, device, repeats):

@@ -3,7 +3,7 @@
 One run, one machine, the same models, views and batch:
   (a) ceiling  - the distill training step (`stages.distill.train_one_epoch`: forward on the kept
                  tokens, hybrid loss, backward, AdamW) on batches already in memory: no loading.
-  (b) cached   - the same step fed by the real stage-two loader (`pipeline.loader.build_loader` as
+  (b) cached   - the same step fed by the real stage-two loader (`pipeline.train.loader.build_loader` as
                  `distill` configures it): DataLoader workers decoding the tar shards, replaying the
                  stored views, reading whole Zarr target shards, epoch after epoch (a new plan and
                  worker start-up at every boundary included).
@@ -79,7 +79,7 @@ def _setup(cfg):
     import torch
 
     from pipeline.device import pick_device
-    from pipeline.optim import WarmupCosine, build_optimizer, scaled_lr
+    from pipeline.train.optim import WarmupCosine, build_optimizer, scaled_lr
     from stages.distill import Dist, RunLog, TrainState, _loader_config, build_student, target_sources
 
     device = pick_device(cfg.device)
@@ -93,7 +93,7 @@ def _setup(cfg):
 
 
 def _batches_in_memory(lcfg, n: int) -> list[dict]:
-    from pipeline.loader import build_loader
+    from pipeline.train.loader import build_loader
 
     out: list[dict] = []
     epoch = 0
@@ -151,7 +151,7 @@ def phase_ceiling(args, data) -> dict:
 def phase_cached(args, data) -> dict:
     """The real loader (tar decode, view replay, Zarr shard reads, `workers` processes) feeding the
     same step, epoch after epoch (a new epoch plan and worker start-up at each boundary)."""
-    from pipeline.loader import build_loader, steps_per_epoch
+    from pipeline.train.loader import build_loader, steps_per_epoch
 
     cfg = distill_config(args, data, "cached")
     _, _, _, _, lcfg, *_ = _setup(cfg)
@@ -172,7 +172,7 @@ def phase_cached(args, data) -> dict:
 def phase_online(args, data) -> dict:
     import torch
 
-    from pipeline.teachers import load_teacher
+    from pipeline.targets.teachers import load_teacher
     from stages.extract import disc_batch, mim_batch
 
     cfg = distill_config(args, data, "online")
@@ -198,7 +198,7 @@ def phase_online(args, data) -> dict:
 def phase_loader(args, data) -> dict:
     """The stage-two loader alone (no training) over the same number of images as the other phases:
     its CPU cost per image is what the cached phase adds to the ceiling's step."""
-    from pipeline.loader import build_loader
+    from pipeline.train.loader import build_loader
 
     cfg = distill_config(args, data, "loader")
     _, _, _, _, lcfg, *_ = _setup(cfg)

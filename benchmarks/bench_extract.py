@@ -45,7 +45,7 @@ def make_dataset(folder: Path, n: int, shard_size: int, seed: int = 0) -> str:
     from PIL import Image
     from skimage import data as skd
 
-    from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+    from pipeline.data.manifest import Manifest, ShardInfo, sha256_of, write_manifest
 
     photos = [skd.astronaut(), skd.coffee(), skd.chelsea(), skd.rocket(), skd.immunohistochemistry()]
     rng = np.random.default_rng(seed)
@@ -82,9 +82,9 @@ def child(args) -> dict:
     """
     import torch
 
-    from pipeline.data import iter_shard
-    from pipeline.manifest import read_manifest
-    from pipeline.views import render
+    from pipeline.data.reading import iter_shard
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.views import render
     from stages.extract import ExtractConfig, extract, get_teacher, plan_for
 
     def cfg_for(out: str) -> ExtractConfig:

@@ -1,9 +1,9 @@
 """Bytes per view and relative error vs fp32 for each store precision, at ViT-B defaults.
 
 Targets are produced the way `hdpipe extract` makes them, by the pipeline's own modules: views from
-`pipeline.views` (RandomResizedCrop + flip) of scikit-image's bundled photographs, MIM relations
+`pipeline.data.views` (RandomResizedCrop + flip) of scikit-image's bundled photographs, MIM relations
 (raw Q·Kᵀ, blocks 10 and 11 of 12, 12 heads) from `load_teacher("mae")`, progressive masks
-(`pipeline.masking`, K = 0.3: 196 -> 67 kept, T = 68 tokens with CLS), and final-norm features
+(`pipeline.targets.masking`, K = 0.3: 196 -> 67 kept, T = 68 tokens with CLS), and final-norm features
 (768-d, same 68 tokens) from `load_teacher("clip")`. Weights are RANDOM INIT (no hub here), so the
 numbers describe random-init transformers, not pretrained MAE/CLIP, whose targets are more
 structured. Each precision is written through a real `TargetStore` on local disk; bytes are what
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import quant
-from pipeline.manifest import Manifest, ShardInfo
-from pipeline.masking import kept_count, mask_layers, progressive_keep
-from pipeline.store import ArraySpec, TargetStore
-from pipeline.teachers import load_teacher
-from pipeline.views import ViewPlan, render
+from pipeline.targets import quant
+from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.targets.masking import kept_count, mask_layers, progressive_keep
+from pipeline.targets.store import ArraySpec, TargetStore
+from pipeline.targets.teachers import load_teacher
+from pipeline.data.views import ViewPlan, render
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "colorwheel", "camera", "coins", "moon", "clock", "brick", "grass", "gravel", "horse")

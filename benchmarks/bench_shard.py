@@ -48,8 +48,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from pipeline.data import iter_shard, shard_dataset
-    from pipeline.manifest import read_manifest
+    from pipeline.data.reading import iter_shard, shard_dataset
+    from pipeline.data.manifest import read_manifest
     from stages.shard import ShardConfig, shard
 
     rows = []

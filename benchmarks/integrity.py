@@ -13,8 +13,8 @@ import time
 
 
 def integrity_cost(manifest_path: str, repeats: int = 5) -> dict:
-    import pipeline.data as data
-    from pipeline.manifest import read_manifest
+    import pipeline.data.reading as data
+    from pipeline.data.manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
     images = manifest.total

@@ -9,14 +9,14 @@ model's input size (the same rule as `hdpipe evaluate`) and run through the froz
 batch. At every analyzed block l (1-based):
 
 - attention = softmax(Q·Kᵀ / √d_head) of block l (the teacher's `attention` output); patch tokens
-  only as queries and keys, rows renormalized (CLS/registers dropped: see `pipeline.analysis`);
+  only as queries and keys, rows renormalized (CLS/registers dropped: see `pipeline.eval.analysis`);
   per head: mean attention distance in pixels of the model's input, NMI, entropy (nats);
 - the block's output tokens (the teacher's `block[l]`, before any final norm) give the token-level
   spectrum (per image over its patch tokens, averaged) and the image-level spectrum (over the
   images' mean-pooled or CLS embeddings), as relative log singular values log σ_i − log σ_1.
 
 Outputs under `out_dir`: `analysis.json` (every number, per model, layer and head), PNG figures
-with the models overlaid, and CSV tables for `dvc plots show` (see `pipeline.plots`), plus the
+with the models overlaid, and CSV tables for `dvc plots show` (see `pipeline.eval.plots`), plus the
 resolved config `analyze.config.yaml`.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from pipeline.config import write_resolved
 from pipeline.errors import ConfigError
-from pipeline.fsio import atomic_write_bytes
+from pipeline.urls import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def analyze_model(teacher, cfg: AnalyzeConfig, label: str) -> dict:
     "spectrum_token": [[min(P - 1, D)] per layer], "spectrum_image": [[min(n - 1, D)] per layer], plus
     "depth", "num_heads", "grid", "img_size", "patch_px", "num_prefix", "images"}.
     """
-    from pipeline import analysis
-    from pipeline.probe import pool_tokens
+    from pipeline.eval import analysis
+    from pipeline.eval.probe import pool_tokens
     from stages.evaluate import center_view, img_side, iter_images
 
     depth = int(teacher.depth)
@@ -153,7 +153,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     Returns {"manifest", "num_images", "models": {label: per-model dict (see analyze_model)},
     "out_dir", "files": {artifact: path}}.
     """
-    from pipeline import plots
+    from pipeline.eval import plots
     from pipeline.device import pick_device
     from stages.evaluate import load_subject, model_label
 

@@ -52,14 +52,14 @@ from typing import Literal
 
 import torch
 
-from pipeline.checkpoint import CHECKPOINT_NAME, export_student, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.train.checkpoint import CHECKPOINT_NAME, export_student, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.config import to_dict, write_resolved
 from pipeline.device import autocast, pick_device
-from pipeline.fsio import atomic_write_bytes
+from pipeline.urls import atomic_write_bytes
 from pipeline.errors import ConfigError, HdpipeError, NonFiniteError
-from pipeline.losses import hybrid_loss
-from pipeline.optim import build_optimizer, clip_gradients, scaled_lr, WarmupCosine
-from pipeline.student import MaskedStudent
+from pipeline.train.losses import hybrid_loss
+from pipeline.train.optim import build_optimizer, clip_gradients, scaled_lr, WarmupCosine
+from pipeline.train.student import MaskedStudent
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,9 @@ def _loader_roles(cfg: DistillConfig) -> tuple[str | None, tuple[int, ...] | Non
 
 def target_sources(cfg: DistillConfig):
     """What the stores serve, checked against the manifest, each other and this run's settings
-    (`pipeline.loader.resolve_sources`, the one owner of those checks), before a student is built."""
-    from pipeline.loader import resolve_sources
-    from pipeline.manifest import read_manifest
+    (`pipeline.train.loader.resolve_sources`, the one owner of those checks), before a student is built."""
+    from pipeline.train.loader import resolve_sources
+    from pipeline.data.manifest import read_manifest
 
     read_manifest(cfg.manifest)  # a missing or malformed manifest is reported first, by name
     disc, layers = _loader_roles(cfg)
@@ -335,7 +335,7 @@ def train_one_epoch(
     bare module. An optimizer step takes `accum_steps` micro-batches; gradients are synchronized only
     on the last one. Non-finite losses (averaged over ranks, so every rank stops together) raise
     `NonFiniteError` naming the step before the optimizer applies anything. `loss_fn` defaults to
-    `pipeline.losses.hybrid_loss`.
+    `pipeline.train.losses.hybrid_loss`.
     """
     loss_fn = loss_fn or hybrid_loss
     model.train()
@@ -412,7 +412,7 @@ def _loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.dev
     targets the teachers mode reads (disc_only still replays the MIM store's views and masks)."""
     from timm.data import resolve_data_config
 
-    from pipeline.loader import LoaderConfig
+    from pipeline.train.loader import LoaderConfig
 
     data_cfg = resolve_data_config({}, model=student.vit)  # mean/std/interpolation of the model family
     h, w = student.vit.patch_embed.img_size  # the built size (model_kwargs img_size), not the family's default
@@ -440,7 +440,7 @@ def _loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.dev
 
 def distill(cfg: DistillConfig) -> Path:
     """Train the student for `cfg.epochs` from the stores, export it, return the run directory."""
-    from pipeline.loader import build_loader, steps_per_epoch
+    from pipeline.train.loader import build_loader, steps_per_epoch
 
     d, device = init_distributed(cfg.device)
     try:

@@ -10,7 +10,7 @@ shorter side is resized (PIL, bicubic by default, antialiased) to floor(img_size
 central img_size × img_size square is cropped (crop_pct 0.875 = the usual 256 → 224 evaluation crop;
 1.0 keeps the whole shorter side). The model normalizes with its own mean/std and its final-layer
 tokens (after the final norm) are pooled to one embedding per image: the CLS token or the mean of the
-patch tokens. The embeddings feed `pipeline.probe` (k-NN: cosine, weights exp(sim/T); linear probe:
+patch tokens. The embeddings feed `pipeline.eval.probe` (k-NN: cosine, weights exp(sim/T); linear probe:
 L-BFGS logistic regression on standardized features). The metrics JSON (a DVC metrics file) is
 written atomically with the resolved config beside it (`<out>.config.yaml`).
 """
@@ -29,7 +29,7 @@ from PIL import Image
 
 from pipeline.config import write_resolved
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.fsio import atomic_write_bytes
+from pipeline.urls import atomic_write_bytes
 
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
                 "lanczos": Image.LANCZOS}
@@ -111,9 +111,9 @@ def img_side(teacher) -> int:
 
 def iter_images(manifest_path: str, limit: int | None = None, progress: bool = True, desc: str = "images"):
     """Yield (upright RGB image, label int (-1 unlabeled), index) in index order over the manifest's shards, at most `limit`."""
-    from pipeline.data import read_shard_records
-    from pipeline.images import decode_image
-    from pipeline.manifest import read_manifest
+    from pipeline.data.reading import read_shard_records
+    from pipeline.data.images import decode_image
+    from pipeline.data.manifest import read_manifest
     from pipeline.progress import Progress
 
     manifest = read_manifest(manifest_path)
@@ -136,7 +136,7 @@ def iter_images(manifest_path: str, limit: int | None = None, progress: bool = T
 
 def load_subject(spec: str, checkpoint=None, random_init=False, model_kwargs=None, device=None):
     """load_teacher for a student or a teacher; teacher-only options are left out for students."""
-    from pipeline.teachers import load_teacher
+    from pipeline.targets.teachers import load_teacher
 
     if spec.startswith("student:"):
         return load_teacher(spec, device=device)
@@ -147,7 +147,7 @@ def load_subject(spec: str, checkpoint=None, random_init=False, model_kwargs=Non
 @torch.no_grad()
 def embed_manifest(teacher, manifest_path: str, cfg: EvaluateConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled final-layer embeddings [N, D] (float32, on `device`) and labels [N] of every image."""
-    from pipeline.probe import pool_tokens
+    from pipeline.eval.probe import pool_tokens
 
     side = img_side(teacher)
     feats, labels, batch, batch_labels = [], [], [], []
@@ -186,8 +186,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     with accuracies as fractions in [0, 1].
     """
     from pipeline.device import pick_device
-    from pipeline.manifest import read_manifest
-    from pipeline.probe import knn_accuracy, linear_probe
+    from pipeline.data.manifest import read_manifest
+    from pipeline.eval.probe import knn_accuracy, linear_probe
 
     device = pick_device(cfg.device)
     for path in (cfg.train_manifest, cfg.test_manifest):

@@ -52,7 +52,7 @@ class ExtractConfig:
     teacher: str = "mae"  # mae | clip | deit | dino | timm:NAME | open_clip:NAME[:TAG]
     role: Literal["auto", "mim", "disc"] = "auto"  # auto: from the teacher table (mae -> mim, others -> disc)
     checkpoint: str | None = None  # local weights (.pth/.bin/.safetensors) instead of the hub's pretrained tag
-    random_init: bool = False  # random weights from a fixed seed (pipeline.teachers.RANDOM_INIT_SEED; demos and tests only)
+    random_init: bool = False  # random weights from a fixed seed (pipeline.targets.teachers.RANDOM_INIT_SEED; demos and tests only)
     model_kwargs: dict = field(default_factory=dict)  # passed to the model constructor, e.g. {img_size: 64, patch_size: 8}
     targets: str = "targets"  # folder (or fsspec URL) holding the stores: <targets>/<name>.zarr
     name: str | None = None  # store name; default: the teacher name (':' and '/' become '-')
@@ -69,7 +69,7 @@ class ExtractConfig:
     extra_targets: tuple[str, ...] = ()  # MIM only: any of attention (softmax(R·d^-0.5) over the token set), block_features (block outputs at relation layers)
     mask_ratio: float = 0.3  # K: fraction of kept patch tokens dropped at each of the layers (0, L/3, 2L/3)
     tokens: Literal["auto", "kept", "all"] = "auto"  # token set of relations/features: [CLS]+kept or every token; auto = kept for MIM, the MIM store's set for disc
-    precision: str = "fp16"  # stored float precision (pipeline.quant.PRECISIONS): fp16, int8 (per-row scales), q1pct (compact, <= 1% error per view)
+    precision: str = "fp16"  # stored float precision (pipeline.targets.quant.PRECISIONS): fp16, int8 (per-row scales), q1pct (compact, <= 1% error per view)
     batch_size: int = 64  # views per teacher forward
     device: str = "auto"  # auto (CUDA when present, the worker's own GPU under dask), cpu, cuda, cuda:1, ...
     workers: int = 0  # >0: start a dask LocalCluster with this many single-threaded worker processes
@@ -102,7 +102,7 @@ class ExtractConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0, got {self.retries}")
-        from pipeline.quant import PRECISIONS
+        from pipeline.targets.quant import PRECISIONS
 
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision '{self.precision}'; choices: {', '.join(PRECISIONS)}")
@@ -116,7 +116,7 @@ class ExtractConfig:
 
 def check_teacher_name(teacher: str):
     """The teacher's spec; unknown names raise ConfigError listing the choices (nothing is loaded)."""
-    from pipeline.teachers import parse_spec
+    from pipeline.targets.teachers import parse_spec
 
     return parse_spec(teacher)
 
@@ -156,7 +156,7 @@ def resolve_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
 
 def view_setting(cfg: ExtractConfig, key: str):
     """A MIM run's view-plan setting: the config's value, or VIEW_DEFAULTS[key] when left unset."""
-    from pipeline.views import VIEW_DEFAULTS
+    from pipeline.data.views import VIEW_DEFAULTS
 
     value = getattr(cfg, key)
     return VIEW_DEFAULTS[key] if value is None else value
@@ -201,7 +201,7 @@ def get_teacher(cfg: ExtractConfig, device=None):
     Random-init weights come from a fixed seed inside `load_teacher`, so every process (dask
     workers, a resumed run, `hdpipe verify`) builds the same model; the store checks the digest.
     """
-    from pipeline.teachers import load_teacher
+    from pipeline.targets.teachers import load_teacher
 
     device = device if device is not None else task_device(cfg)
     key = (cfg.teacher, cfg.checkpoint, cfg.random_init, json.dumps(cfg.model_kwargs, sort_keys=True), str(device))
@@ -230,7 +230,7 @@ class Row:
 
 def read_rows(manifest, k: int) -> list[Row]:
     """Every sample of tar shard k, in index order, still encoded (checked against the manifest)."""
-    from pipeline.data import read_shard_records
+    from pipeline.data.reading import read_shard_records
 
     info = manifest.shards[k]
     # The whole tar is read (and its sha256 checked) before any of it reaches a teacher.
@@ -293,7 +293,7 @@ def mim_batch(teacher, x, layers: tuple[int, ...], extras: tuple[str, ...], rati
     """
     import torch
 
-    from pipeline.masking import direct_keep, mask_layers, progressive_keep
+    from pipeline.targets.masking import direct_keep, mask_layers, progressive_keep
 
     depth = teacher.depth
     mlayers = tuple(mask_layers(depth))
@@ -327,7 +327,7 @@ def disc_batch(teacher, x, keep, tokens: str) -> dict:
 
 
 def plan_for(cfg: ExtractConfig, teacher):
-    from pipeline.views import ViewPlan
+    from pipeline.data.views import ViewPlan
 
     return ViewPlan(seed=view_setting(cfg, "seed"), views=view_setting(cfg, "views"), size=teacher.img_size,
                     scale=tuple(view_setting(cfg, "scale")), ratio=tuple(view_setting(cfg, "ratio")),
@@ -347,7 +347,7 @@ def effective_tokens(cfg: ExtractConfig, role: str, mim_attrs: dict | None) -> s
 
 
 def n_keep_for(num_patches: int, ratio: float) -> int:
-    from pipeline.masking import kept_count
+    from pipeline.targets.masking import kept_count
 
     return int(kept_count(num_patches, ratio))
 
@@ -359,7 +359,7 @@ def store_layout(cfg: ExtractConfig, role: str, teacher, mim_attrs: dict | None)
     they hold every setting that changes a stored value and nothing that does not (batch size,
     workers, device). The store adds the manifest digest, counts and its package version.
     """
-    from pipeline.store import ArraySpec
+    from pipeline.targets.store import ArraySpec
 
     P = cfg.precision
     gh, gw = teacher.grid
@@ -383,7 +383,7 @@ def store_layout(cfg: ExtractConfig, role: str, teacher, mim_attrs: dict | None)
     }
     if role == "mim":
         plan = plan_for(cfg, teacher)
-        from pipeline.masking import mask_layers
+        from pipeline.targets.masking import mask_layers
 
         layers = resolve_layers(cfg.relation_layers, teacher.depth)
         n_keep = n_keep_for(patches, cfg.mask_ratio)
@@ -468,10 +468,10 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
     import torch
 
     from pipeline.device import autocast
-    from pipeline.images import decode_image
-    from pipeline.manifest import read_manifest
-    from pipeline.store import TargetStore
-    from pipeline.views import View, ViewPlan, render
+    from pipeline.data.images import decode_image
+    from pipeline.data.manifest import read_manifest
+    from pipeline.targets.store import TargetStore
+    from pipeline.data.views import View, ViewPlan, render
 
     t0 = time.perf_counter()
     manifest = read_manifest(cfg.manifest)
@@ -574,7 +574,7 @@ def extract_shard(cfg: ExtractConfig, k: int, progress: Callable[[int], None] | 
 def check_writable(url: str) -> None:
     """Refuse early, with the path, when the store cannot be written (local paths; remote URLs are
     checked by creating the store itself)."""
-    from pipeline.fsio import fs_and_path
+    from pipeline.urls import fs_and_path
 
     fs, path = fs_and_path(url)
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
@@ -597,9 +597,9 @@ def open_mim_store(cfg: ExtractConfig, manifest):
     """The complete MIM store a discriminative run reads, checked against this run's manifest; the
     run inherits its view plan (a restated setting that differs is an error). Hints never rebuild
     that store: this command did not make it."""
-    from pipeline.hints import extract_command, sibling_url
-    from pipeline.store import TargetStore
-    from pipeline.views import ViewPlan
+    from pipeline.targets.hints import extract_command, sibling_url
+    from pipeline.targets.store import TargetStore
+    from pipeline.data.views import ViewPlan
 
     url = mim_store_url(cfg)
     try:
@@ -636,7 +636,7 @@ def open_mim_store(cfg: ExtractConfig, manifest):
 
 
 def _store_bytes(url: str) -> int:
-    from pipeline.fsio import fs_and_path
+    from pipeline.urls import fs_and_path
 
     fs, path = fs_and_path(url)
     try:
@@ -710,10 +710,10 @@ def extract(cfg: ExtractConfig) -> str:
     refused unless `overwrite` when not).
     """
     from pipeline.config import to_dict
-    from pipeline.fsio import atomic_write_bytes
-    from pipeline.manifest import read_manifest, verify_shards
+    from pipeline.urls import atomic_write_bytes
+    from pipeline.data.manifest import read_manifest, verify_shards
     from pipeline.progress import Progress
-    from pipeline.store import TargetStore
+    from pipeline.targets.store import TargetStore
 
     t0 = time.perf_counter()
     check_teacher_name(cfg.teacher)

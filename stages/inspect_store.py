@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.store import TargetStore
+from pipeline.targets.store import TargetStore
 
 # Attributes shown in their own rows; every other `hdpipe` attribute is listed under "settings".
 _SHOWN = {"schema_version", "teacher", "precision", "codec", "total", "views", "shard_size", "num_shards",

@@ -38,9 +38,9 @@ from typing import Iterator, Literal
 import numpy as np
 
 from pipeline.errors import ConfigError, HdpipeError, ManifestError, ShardError
-from pipeline.fsio import fs_and_path
-from pipeline.manifest import Manifest, ShardInfo, read_manifest, verify_shards, write_manifest
-from pipeline.shards import (DEFAULT_MAX_PIXELS, SampleRecord, Skipped, encode_for_shard, join_url,
+from pipeline.urls import fs_and_path
+from pipeline.data.manifest import Manifest, ShardInfo, read_manifest, verify_shards, write_manifest
+from pipeline.data.tars import (DEFAULT_MAX_PIXELS, SampleRecord, Skipped, encode_for_shard, join_url,
                              shard_filename, write_dataset)
 
 DEFAULT_SHARD_SIZE = 1024  # images per tar for folders: ~110 MB of ImageNet JPEGs
@@ -350,7 +350,7 @@ def _sample_state(path: str, source: str, shard_size: int) -> str:
 
 
 def _shard_sample(cfg: ShardConfig) -> Path:
-    from pipeline.sample import SampleSpec, iter_split, probe_class_map, split_sizes
+    from pipeline.data.bundled import SampleSpec, iter_split, probe_class_map, split_sizes
 
     spec = SampleSpec(train_count=cfg.sample_train, probe_train_per_class=cfg.sample_probe_train,
                       probe_test_per_class=cfg.sample_probe_test, seed=cfg.seed)
@@ -430,7 +430,7 @@ def _count_and_hash(url: str) -> _TarIndex:
     """Samples in a tar (webdataset key grouping), their labels and its sha256, in one streamed read."""
     import json
 
-    from pipeline.data import IMAGE_EXTS, sample_label, tar_samples
+    from pipeline.data.reading import IMAGE_EXTS, sample_label, tar_samples
 
     fs, path = fs_and_path(url)
     if not fs.exists(path):

@@ -50,7 +50,7 @@ class VerifyConfig:
 
 
 def _extract_config(store_url: str) -> dict:
-    from pipeline.fsio import exists, read_bytes
+    from pipeline.urls import exists, read_bytes
 
     path = store_url.rstrip("/") + "/extract-config.json"
     return json.loads(read_bytes(path)) if exists(path) else {}
@@ -68,12 +68,12 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     """Compare N stored views with a fresh teacher run; returns a report whose `ok` says all passed."""
     import torch
 
-    from pipeline.data import read_shard_records
-    from pipeline.images import decode_image
+    from pipeline.data.reading import read_shard_records
+    from pipeline.data.images import decode_image
     from pipeline.device import autocast
-    from pipeline.manifest import read_manifest
-    from pipeline.store import TargetStore
-    from pipeline.views import View, ViewPlan, render
+    from pipeline.data.manifest import read_manifest
+    from pipeline.targets.store import TargetStore
+    from pipeline.data.views import View, ViewPlan, render
     from stages.extract import ExtractConfig, disc_batch, get_teacher, mim_batch, task_device
 
     store = TargetStore.open(cfg.store)

@@ -1,4 +1,4 @@
-"""Closed-form and independent checks of the attention / representation metrics (pipeline/analysis.py)."""
+"""Closed-form and independent checks of the attention / representation metrics (pipeline/eval/analysis.py)."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import analysis
+from pipeline.eval import analysis
 
 
 def _with_prefix(patch_attn: torch.Tensor, num_prefix: int, leak: float = 0.0) -> torch.Tensor:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import __version__
 from pipeline.cli import COMMANDS, cli, main
-from pipeline.manifest import read_manifest
+from pipeline.data.manifest import read_manifest
 
 
 def _images(folder, n):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import iter_shard, shard_dataset
+from pipeline.data.reading import iter_shard, shard_dataset
 from pipeline.errors import ManifestError, ShardError
-from pipeline.manifest import Manifest, read_manifest, write_manifest
+from pipeline.data.manifest import Manifest, read_manifest, write_manifest
 from stages.shard import ShardConfig, shard
 
 N_IMAGES = 22
@@ -205,8 +205,8 @@ def test_sha256_is_checked_once_per_process_while_reading(data, tmp_path, monkey
     import hashlib
     import shutil
 
-    import pipeline.data
-    from pipeline.data import read_shard_records
+    import pipeline.data.reading
+    from pipeline.data.reading import read_shard_records
     from pipeline.errors import IntegrityError
 
     m, _ = data
@@ -216,7 +216,7 @@ def test_sha256_is_checked_once_per_process_while_reading(data, tmp_path, monkey
     local = Manifest(**{**m.__dict__, "shards": shards})
     calls = []
     real = hashlib.sha256
-    monkeypatch.setattr(pipeline.data.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(pipeline.data.reading.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
     first = read_shard_records(local, 1)
     assert len(calls) == 1
     assert read_shard_records(local, 1) == first and len(calls) == 1  # stamp unchanged: trusted
@@ -238,7 +238,7 @@ def test_sha256_is_checked_once_per_process_while_reading(data, tmp_path, monkey
 def test_tar_member_outside_the_dataset_is_refused(tmp_path, member):
     import tarfile
 
-    from pipeline.data import tar_samples
+    from pipeline.data.reading import tar_samples
 
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w") as tar:
@@ -252,7 +252,7 @@ def test_tar_member_outside_the_dataset_is_refused(tmp_path, member):
 def test_decode_image_applies_exif_orientation():
     from PIL import ImageOps
 
-    from pipeline.images import decode_image
+    from pipeline.data.images import decode_image
 
     im = Image.fromarray(np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3))
     exif = Image.Exif()

@@ -79,7 +79,7 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     import timm
     from safetensors.torch import load_file
 
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint
     from stages.distill import build_student, target_sources
 
     cfg = _cfg(world, tmp_path)
@@ -119,7 +119,7 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     with torch.no_grad():
         trained = student(x, torch.arange(64).expand(2, -1))["tokens"]
         torch.testing.assert_close(loaded.forward_features(x), trained, rtol=1e-5, atol=1e-5)
-    from pipeline.teachers import load_teacher  # the export as an evaluation/analysis subject
+    from pipeline.targets.teachers import load_teacher  # the export as an evaluation/analysis subject
 
     subject = load_teacher(f"student:{export}", device="cpu")
     assert subject.mean == pytest.approx(tuple(exported["mean"]))
@@ -140,12 +140,12 @@ def test_distill_never_builds_a_teacher(world, tmp_path, monkeypatch):
     import open_clip
     import timm
 
-    import pipeline.teachers
+    import pipeline.targets.teachers
 
     def refuse(*a, **k):
         raise AssertionError(f"a teacher was built: {a} {k}")
 
-    monkeypatch.setattr(pipeline.teachers, "load_teacher", refuse)
+    monkeypatch.setattr(pipeline.targets.teachers, "load_teacher", refuse)
     for name in [n for n in dir(open_clip) if n.startswith("create_model")]:
         monkeypatch.setattr(open_clip, name, refuse)
     real = timm.create_model
@@ -278,7 +278,7 @@ def test_ddp_two_ranks_equal_one_process_on_the_same_global_batches(world, tmp_p
     same losses per step (float tolerance 1e-5: gradient all-reduce sums in another order)."""
     import torch.multiprocessing as mp
 
-    import pipeline.loader as loader_mod
+    import pipeline.train.loader as loader_mod
 
     ddp_cfg = _cfg(world, tmp_path, name="ddp", epochs=2, checkpoint_every=0)
     mp.start_processes(_ddp_worker, args=(2, _free_port(), ddp_cfg), nprocs=2, join=True, start_method="spawn")
@@ -310,12 +310,12 @@ def test_ddp_two_ranks_equal_one_process_on_the_same_global_batches(world, tmp_p
 def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
     """Loss from the loader's stored targets == loss with both teachers run here on the same views.
     The stores are fp16: tolerance rel 2e-3 on each term (fp16 has an 11-bit mantissa)."""
-    from pipeline.loader import build_loader
-    from pipeline.losses import hybrid_loss
-    from pipeline.masking import mask_layers, progressive_keep
-    from pipeline.store import TargetStore
-    from pipeline.teachers import load_teacher
-    from pipeline.views import View, render
+    from pipeline.train.loader import build_loader
+    from pipeline.train.losses import hybrid_loss
+    from pipeline.targets.masking import mask_layers, progressive_keep
+    from pipeline.targets.store import TargetStore
+    from pipeline.targets.teachers import load_teacher
+    from pipeline.data.views import View, render
     from stages.distill import _loader_config, build_student, target_sources
 
     cfg = _cfg(world, tmp_path)
@@ -326,8 +326,8 @@ def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
         out = student(batch["image"], batch["keep_index"])
     cached = hybrid_loss(out, batch, blocks=student.capture_blocks, head_rule=student.head_rule)
 
-    from pipeline.data import iter_shard
-    from pipeline.manifest import read_manifest
+    from pipeline.data.reading import iter_shard
+    from pipeline.data.manifest import read_manifest
 
     manifest = read_manifest(cfg.manifest)
     images = {r["index"]: r["image"] for k in range(len(manifest.shards)) for r in iter_shard(manifest, k)}
@@ -391,7 +391,7 @@ def test_student_the_store_cannot_serve(world, tmp_path, kw, error, match):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, monkeypatch):
     import stages.distill as mod
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint
 
     calls = {"n": 0}
     real = mod.hybrid_loss

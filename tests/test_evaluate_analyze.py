@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import analysis
-from pipeline.manifest import Manifest, ShardInfo, write_manifest
-from pipeline.probe import knn_accuracy, linear_probe
-from pipeline.shards import SampleRecord, write_dataset
+from pipeline.eval import analysis
+from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
+from pipeline.eval.probe import knn_accuracy, linear_probe
+from pipeline.data.tars import SampleRecord, write_dataset
 
 TINY = {"img_size": 64, "patch_size": 8, "depth": 6}  # 8x8 = 64 patches, 3 heads of 64, 192-d
 TIMM = "timm:vit_tiny_patch16_224"
@@ -66,7 +66,7 @@ def student_dir(tmp_path_factory):
     """A stage-two export written by distill's own exporter (here a depth-4 random timm ViT)."""
     import timm
 
-    from pipeline.checkpoint import export_student
+    from pipeline.train.checkpoint import export_student
 
     folder = tmp_path_factory.mktemp("run") / "student"
     kwargs = {"img_size": 64, "patch_size": 8, "depth": 4}
@@ -109,7 +109,7 @@ def _fake_models():
 
 
 def test_plots_one_series_per_model(tmp_path):
-    from pipeline import plots
+    from pipeline.eval import plots
 
     models = _fake_models()
     paths = plots.write_all(models, tmp_path)
@@ -162,7 +162,7 @@ def _independent_forward(teacher, x):
 
 
 def test_analyze_matches_independently_extracted_attention(split):
-    from pipeline.teachers import load_teacher
+    from pipeline.targets.teachers import load_teacher
     from stages.analyze import AnalyzeConfig, analyze_model
     from stages.evaluate import center_view, iter_images
 
@@ -203,7 +203,7 @@ def test_analyze_matches_independently_extracted_attention(split):
 
 
 def test_evaluate_matches_independent_probe(split, tmp_path):
-    from pipeline.teachers import load_teacher
+    from pipeline.targets.teachers import load_teacher
     from stages.evaluate import EvaluateConfig, center_view, evaluate, iter_images
 
     out = tmp_path / "m.json"
@@ -272,7 +272,7 @@ def test_evaluate_command_reads_config_section(split, student_dir, tmp_path):
     assert metrics["model"] == f"student:{student_dir}" and metrics["knn"]["k"] == 3 and metrics["pooling"] == "mean"
     assert 0.0 <= metrics["knn"]["top1"] <= metrics["knn"]["top5"] <= 1.0
     # The student's own exported weights were used: the same k-NN on timm's forward of that export agrees.
-    from pipeline.checkpoint import load_exported
+    from pipeline.train.checkpoint import load_exported
     from stages.evaluate import center_view, iter_images
 
     model = load_exported(student_dir)

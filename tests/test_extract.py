@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, NonFiniteError, ShardError, StoreError
 from toydata import BROKEN_JPEG, structured_jpeg, write_dataset
-from pipeline.store import TargetStore
+from pipeline.targets.store import TargetStore
 from stages.extract import ExtractConfig, extract
 
 TINY = "timm:vit_tiny_patch16_224"
@@ -153,8 +153,8 @@ def world(tmp_path_factory):
 
 
 def test_mim_store_matches_independent_qk_and_masks(world):
-    from pipeline.masking import direct_keep, progressive_keep
-    from pipeline.views import ViewPlan
+    from pipeline.targets.masking import direct_keep, progressive_keep
+    from pipeline.data.views import ViewPlan
 
     store = TargetStore.open(world["mim"])
     a = store.attrs
@@ -317,7 +317,7 @@ def test_tar_not_matching_its_sha256_never_reaches_the_store(tmp_path, how):
     import hashlib
 
     from pipeline.errors import IntegrityError
-    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.data.manifest import read_manifest, write_manifest
 
     manifest = make_dataset(tmp_path / "data", n=24, seed=5)
     m = read_manifest(manifest)

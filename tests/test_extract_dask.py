@@ -6,7 +6,7 @@ import os
 from dataclasses import replace
 
 from stages.extract import extract
-from pipeline.store import TargetStore
+from pipeline.targets.store import TargetStore
 
 from test_extract import assert_same_store, make_dataset, mim_cfg, save_checkpoint
 

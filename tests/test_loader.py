@@ -1,7 +1,7 @@
 """The stage-two loader on real tars and real stores written by `stages.extract` (tiny timm teachers).
 
-Every batch value is checked against an independent path: the tar read by `pipeline.data`, the
-stored view rendered by `pipeline.views.render` and normalized by torchvision, the targets read
+Every batch value is checked against an independent path: the tar read by `pipeline.data.reading`, the
+stored view rendered by `pipeline.data.views.render` and normalized by torchvision, the targets read
 with `TargetStore.read_rows` and gathered with `np.take`.
 """
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from pipeline.data import iter_shard
+from pipeline.data.reading import iter_shard
 from pipeline.errors import ConfigError, StoreError
-from pipeline.loader import LoaderConfig, build_loader, choose_view, plan_epoch, steps_per_epoch
+from pipeline.train.loader import LoaderConfig, build_loader, choose_view, plan_epoch, steps_per_epoch
 from toydata import write_dataset
-from pipeline.manifest import read_manifest
-from pipeline.masking import random_keep
-from pipeline.store import TargetStore
-from pipeline.views import View, render
+from pipeline.data.manifest import read_manifest
+from pipeline.targets.masking import random_keep
+from pipeline.targets.store import TargetStore
+from pipeline.data.views import View, render
 from stages.extract import ExtractConfig, extract
 
 SHARD = 6  # samples per tar shard
@@ -226,12 +226,12 @@ def test_batch_order_does_not_depend_on_worker_timing(world, monkeypatch):
     """Slow down worker 0 so it finishes its pieces well after worker 1: the batches stay the same."""
     import time
 
-    import pipeline.views
+    import pipeline.data.views
     from torch.utils.data import get_worker_info
 
     cfg = cfg_for(world["uneven"], world["kept"], batch_size=2, num_workers=2)
     reference = run_epoch(cfg, epoch=6)
-    real_render = pipeline.views.render
+    real_render = pipeline.data.views.render
 
     def slow_render(*args, **kwargs):
         info = get_worker_info()
@@ -239,7 +239,7 @@ def test_batch_order_does_not_depend_on_worker_timing(world, monkeypatch):
             time.sleep(0.05)
         return real_render(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.views, "render", slow_render)  # forked workers inherit the patch
+    monkeypatch.setattr(pipeline.data.views, "render", slow_render)  # forked workers inherit the patch
     slowed = run_epoch(cfg, epoch=6)
     for x, y in zip(reference, slowed, strict=True):
         for key in x:
@@ -286,7 +286,7 @@ def test_exif_rotated_photos_are_seen_upright_by_teachers_and_student(tmp_path):
     rows = TargetStore.open(stores[0]).read_rows(range(12), names=["views"])["views"]
     for i in range(12):
         for v in range(2):  # the stored boxes are the view plan's boxes for the upright size
-            from pipeline.views import ViewPlan
+            from pipeline.data.views import ViewPlan
             plan = ViewPlan.from_attrs(TargetStore.open(stores[0]).attrs["view_plan"])
             assert np.array_equal(rows[i, v], plan.view(i, v, *upright[i].size).as_row())
     for batch in run_epoch(cfg, epoch=0):
@@ -438,7 +438,7 @@ def test_tar_changed_after_extraction_is_refused_before_any_batch(world, tmp_pat
     """Same manifest (digest unchanged) but one image of tar 0 replaced: its sha256 no longer matches,
     and no batch holding any row of that tar is yielded, whichever worker reads it."""
     from pipeline.errors import IntegrityError
-    from pipeline.manifest import sha256_of
+    from pipeline.data.manifest import sha256_of
 
     src = Path(world["uneven"]).parent
     shutil.copytree(src, tmp_path / "data")

@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 
-from pipeline.loader import LoaderConfig, steps_per_epoch
-from pipeline.store import TargetStore
+from pipeline.train.loader import LoaderConfig, steps_per_epoch
+from pipeline.targets.store import TargetStore
 from stages.extract import ExtractConfig, extract
 from test_loader import IMG, MIM, MIM_KW, make_dataset
 
@@ -26,7 +26,7 @@ WORKER = textwrap.dedent(
     from datetime import timedelta
     import torch
     import torch.distributed as dist
-    from pipeline.loader import LoaderConfig, build_loader, steps_per_epoch
+    from pipeline.train.loader import LoaderConfig, build_loader, steps_per_epoch
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()

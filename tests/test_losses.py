@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import hybrid_loss, renormalize_rows, whiten
-from pipeline.optim import WarmupCosine, build_optimizer, param_groups, scaled_lr
-from pipeline.student import HeadRule, MaskedStudent
+from pipeline.train.losses import hybrid_loss, renormalize_rows, whiten
+from pipeline.train.optim import WarmupCosine, build_optimizer, param_groups, scaled_lr
+from pipeline.train.student import HeadRule, MaskedStudent
 
 TINY = dict(img_size=64, patch_size=8, depth=6)
 
@@ -96,8 +96,8 @@ def test_lr_scaling_and_warmup_cosine():
 
 def _teacher_batches(n_batches, B=4, seed=0):
     """Synthetic batches from real tiny random-init teachers run here (tests only)."""
-    from pipeline.masking import progressive_keep
-    from pipeline.teachers import load_teacher
+    from pipeline.targets.masking import progressive_keep
+    from pipeline.targets.teachers import load_teacher
 
     torch.manual_seed(seed)
     mim = load_teacher("timm:vit_tiny_patch16_224", random_init=True, model_kwargs=TINY, device="cpu")

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from pipeline.errors import ManifestError
-from pipeline.manifest import (SCHEMA_VERSION, Manifest, ShardInfo, read_manifest, verify_shards,
+from pipeline.data.manifest import (SCHEMA_VERSION, Manifest, ShardInfo, read_manifest, verify_shards,
                                write_manifest)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.masking import (
+from pipeline.targets.masking import (
     all_keep,
     direct_keep,
     kept_count,

@@ -1,4 +1,4 @@
-"""k-NN and linear-probe checks (pipeline/probe.py) against closed cases and independent implementations."""
+"""k-NN and linear-probe checks (pipeline/eval/probe.py) against closed cases and independent implementations."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import probe
+from pipeline.eval import probe
 
 
 def _clusters(n_per_class, num_classes, dim, spread, seed):

@@ -1,4 +1,4 @@
-"""Storage precisions (pipeline.quant): round trips with their stated bounds, edge cases, refusals.
+"""Storage precisions (pipeline.targets.quant): round trips with their stated bounds, edge cases, refusals.
 
 Bounds checked here (x float32, x_hat = decode(encode(x))):
 - fp16: x_hat == float32(float16(x)) exactly;
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import quant
+from pipeline.targets import quant
 from pipeline.errors import NonFiniteError, StoreError
 
 

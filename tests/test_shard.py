@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import iter_shard
+from pipeline.data.reading import iter_shard
 from pipeline.errors import ConfigError, ManifestError, ShardError
-from pipeline.manifest import read_manifest, verify_shards
-from pipeline.shards import TarShardWriter, key_of
+from pipeline.data.manifest import read_manifest, verify_shards
+from pipeline.data.tars import TarShardWriter, key_of
 from stages.shard import ShardConfig, shard
 
 
@@ -550,7 +550,7 @@ def test_fsspec_urls_for_tars_and_manifest(tree):
     """Tars and manifest on a non-local fsspec filesystem (memory://): written, indexed and read back."""
     import fsspec
 
-    from pipeline.data import shard_dataset
+    from pipeline.data.reading import shard_dataset
 
     root, want = tree
     fs = fsspec.filesystem("memory")

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import quant
+from pipeline.targets import quant
 from pipeline.cli import main as cli_main
 from pipeline.errors import NonFiniteError, StoreError
-from pipeline.manifest import Manifest, ShardInfo
-from pipeline.store import REQUIRED_ATTRS, SCHEMA_VERSION, ArraySpec, TargetStore
+from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.targets.store import REQUIRED_ATTRS, SCHEMA_VERSION, ArraySpec, TargetStore
 from stages.inspect_store import format_info, inspect_store
 
 N, S, V, T = 10, 4, 2, 17  # samples, shard size (shards 4 + 4 + 2), views, tokens (CLS + 16 kept)
@@ -112,7 +112,7 @@ def _make(url, targets, precision="fp16", shards=(0, 1, 2), **kw):
 
 
 def _check_bound(precision, x, x_hat, stored_parts=None):
-    """The precision's stated bound, computed independently of pipeline.quant."""
+    """The precision's stated bound, computed independently of pipeline.targets.quant."""
     x64, d = x.astype(np.float64), x_hat.astype(np.float64) - x
     if precision == "fp16":
         np.testing.assert_array_equal(x_hat, x.astype(np.float16).astype(np.float32))
@@ -394,8 +394,8 @@ def test_inspect_stores_made_by_extract(tmp_path):
     from PIL import Image
     from skimage import data as skd
 
-    from pipeline.manifest import write_manifest
-    from pipeline.shards import SampleRecord, write_dataset
+    from pipeline.data.manifest import write_manifest
+    from pipeline.data.tars import SampleRecord, write_dataset
     from stages.extract import ExtractConfig, extract
 
     photo = skd.astronaut()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.student import HeadRule, MaskedStudent, map_relation_layers
+from pipeline.train.student import HeadRule, MaskedStudent, map_relation_layers
 
 TINY = dict(img_size=64, patch_size=8, depth=6)  # 64 patches, 3 heads, 192-d
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.errors import ConfigError, HdpipeError, NonFiniteError
-from pipeline.teachers import (
+from pipeline.targets.teachers import (
     IMAGENET_MEAN,
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,

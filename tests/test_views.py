@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.views import ALGORITHM_VERSION, View, ViewPlan, render
+from pipeline.data.views import ALGORITHM_VERSION, View, ViewPlan, render
 
 
 def _image(width=97, height=61, seed=0):

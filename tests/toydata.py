@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+from pipeline.data.manifest import Manifest, ShardInfo, sha256_of, write_manifest
 
 BROKEN_JPEG = b"\xff\xd8\xff\xe0 truncated" + bytes(40)  # a JPEG header and nothing decodable
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import SampleRecord
+from pipeline.data.tars import SampleRecord
 
 SAMPLE_VERSION = 1  # bump when the crop algorithm changes: existing samples are then rebuilt
 JPEG_QUALITY = 90  # quality of the re-encoded crops (Pillow, 4:2:0 subsampling)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import ManifestError
-from pipeline.fsio import atomic_write_bytes, fs_and_path
+from pipeline.urls import atomic_write_bytes, fs_and_path
 
 SCHEMA_VERSION = 1
 

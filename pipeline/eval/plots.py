@@ -28,7 +28,7 @@ matplotlib.use("Agg")  # files only: never needs a display (servers, CI, dask wo
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.fsio import atomic_write_bytes  # noqa: E402
+from pipeline.urls import atomic_write_bytes  # noqa: E402
 
 PER_HEAD = ("attention_distance", "nmi", "entropy")
 SPECTRA = ("spectrum_token", "spectrum_image")

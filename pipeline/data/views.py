@@ -27,7 +27,7 @@ from torchvision.transforms import functional as TF
 from pipeline.errors import ConfigError
 
 # Bump when the sampling or rendering rule changes: stores built with the old rule then refuse the
-# new code. 2: images are decoded upright (EXIF orientation applied, `pipeline.images`).
+# new code. 2: images are decoded upright (EXIF orientation applied, `pipeline.data.images`).
 ALGORITHM_VERSION = 2
 
 # A MIM extraction's view plan when its config leaves a setting unset (`hdpipe extract`).

@@ -30,9 +30,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import webdataset as wds
 from pipeline.errors import IntegrityError, ManifestError, ShardError
-from pipeline.images import decode_image
-from pipeline.fsio import fs_and_path
-from pipeline.manifest import Manifest, verify_shards
+from pipeline.data.images import decode_image
+from pipeline.urls import fs_and_path
+from pipeline.data.manifest import Manifest, verify_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
@@ -231,7 +231,7 @@ def reindex_command(manifest: Manifest) -> str:
 def iter_shard(manifest: Manifest, k: int, decode: bool = True) -> Iterator[dict[str, Any]]:
     """Every sample of shard k in index order: dicts {"index", "label", "name", "image"}.
 
-    `image` is an upright PIL RGB image (`pipeline.images.decode_image`), or the stored bytes
+    `image` is an upright PIL RGB image (`pipeline.data.images.decode_image`), or the stored bytes
     (JPEG/PNG/WebP, untouched) with decode=False. The tar's sha256 is checked against the manifest
     when the iterator reaches its end (`IntegrityError`): use `read_shard_records` to get a whole
     verified shard before using any record.

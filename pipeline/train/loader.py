@@ -33,7 +33,7 @@ rows; see `plan_epoch`):
    leftovers (< B each), concatenated in worker order, make the last batches (assembled in the main
    process from the workers' pieces). The list is cut to `steps_per_epoch` batches.
 4. View per sample and epoch: `default_rng([seed, epoch, index]).integers(V)`; its stored crop box
-   and flip (`views` array) are replayed with `pipeline.views.render` at the student's img_size.
+   and flip (`views` array) are replayed with `pipeline.data.views.render` at the student's img_size.
 
 Guarantees:
 - Every rank yields exactly `steps_per_epoch(cfg, world_size)` batches (no DDP hang at epoch end).
@@ -148,7 +148,7 @@ class Sources:
 
 
 def _open_store(url: str):
-    from pipeline.store import TargetStore
+    from pipeline.targets.store import TargetStore
 
     return TargetStore.open(url)
 
@@ -165,11 +165,11 @@ def resolve_sources(manifest_path: str, mim_store: str | None, disc_store: str |
     """Open the stores and check them against the manifest, each other and what the run asks for.
 
     Every refusal is one StoreError naming the field; the fix-it commands come from
-    `pipeline.hints` and never rebuild a store in place (stage two made none of them): a store with
+    `pipeline.targets.hints` and never rebuild a store in place (stage two made none of them): a store with
     other settings is written beside the old one and the run pointed at it.
     """
-    from pipeline.hints import extract_command, sibling_url
-    from pipeline.manifest import read_manifest
+    from pipeline.targets.hints import extract_command, sibling_url
+    from pipeline.data.manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
     digest = manifest.digest()
@@ -291,7 +291,7 @@ def _valid_rows(manifest_path: str, store_urls: tuple[str, ...]) -> tuple[np.nda
     `valid` is one bool per sample, so the whole array is read in one call (zarr fetches its shard
     files concurrently) rather than one request per shard; cached per process for later epochs.
     """
-    from pipeline.manifest import read_manifest
+    from pipeline.data.manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
     ok = np.ones(manifest.total, dtype=bool)
@@ -382,7 +382,7 @@ def plan_epoch(cfg: LoaderConfig, epoch: int, rank: int, world_size: int, skip_b
     """The deterministic plan of one rank's epoch (see the module docstring)."""
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-    from pipeline.manifest import read_manifest
+    from pipeline.data.manifest import read_manifest
 
     manifest = read_manifest(cfg.manifest)
     valid = _valid(cfg)
@@ -477,7 +477,7 @@ class _ShardTargets:
         if masking in ("progressive", "direct"):
             return np.asarray(self._row(f"keep_{masking}", local), dtype=np.int64)
         if masking == "random":
-            from pipeline.masking import random_keep
+            from pipeline.targets.masking import random_keep
 
             out = random_keep(
                 np.array([index]), np.array([view]), self.src.num_patches, self.src.n_keep, self.cfg.seed
@@ -511,7 +511,7 @@ class _ShardTargets:
         return out
 
     def view_box(self, local: int):
-        from pipeline.views import View
+        from pipeline.data.views import View
 
         return View.from_row(self._row("views", local))
 
@@ -529,7 +529,7 @@ def _store_in(url: str, pid: int):
 
 def _decode_image(data: bytes, index: int, url: str):
     """Upright PIL RGB image from the tar's stored bytes (the decoder every stage shares)."""
-    from pipeline.images import decode_image
+    from pipeline.data.images import decode_image
 
     try:
         return decode_image(data, f"image {index:09d} in {url}")
@@ -563,9 +563,9 @@ class _PlanDataset(IterableDataset):
         yield from self._pieces(0 if info is None else info.id)
 
     def _pieces(self, w: int) -> Iterator[dict[str, Any]]:
-        from pipeline.data import read_shard_records, verified_stamps
-        from pipeline.manifest import read_manifest
-        from pipeline.views import render
+        from pipeline.data.reading import read_shard_records, verified_stamps
+        from pipeline.data.manifest import read_manifest
+        from pipeline.data.views import render
 
         cfg, src = self.cfg, self.src
         stream = self.plan.workers[w]
@@ -659,7 +659,7 @@ class EpochLoader:
         return len(self.plan.batches)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        from pipeline.data import remember_verified
+        from pipeline.data.reading import remember_verified
 
         if not self.plan.batches:
             return

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.student import HeadRule, pick_relations
+from pipeline.train.student import HeadRule, pick_relations
 
 TEACHER_MODES = ("hybrid", "disc_only", "mim_only")
 

@@ -14,7 +14,7 @@ like tar shard k; the last tar shard may be shorter and ends the array, so writi
 whole-shard write. A shard is written by one writer in one assignment per array (zarr has no
 locking: two writers on one Zarr shard, or a partial shard write, lose data).
 
-Precision (per array; `pipeline.quant` has the formulas and bounds):
+Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
 - `exact`: stored as its dtype (ints, bools, float32 crop boxes);
 - `fp16` / `int8` / `q1pct`: float targets, stored as parts: `<name>` holds part "q" and
   `<name>_<part>` the others (`relations_scale` float16 [N, V, ..., rows] for int8;
@@ -52,9 +52,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline import __version__, quant
+from pipeline import __version__
+from pipeline.targets import quant
 from pipeline.errors import NonFiniteError, StoreError
-from pipeline.fsio import atomic_write_bytes, fs_and_path
+from pipeline.urls import atomic_write_bytes, fs_and_path
 
 SCHEMA_VERSION = 1  # bump when the layout or attribute meaning changes; open() refuses others
 ZSTD_LEVEL = 3  # zstd level of every chunk (its default): int8/q1pct codes are as small as at 5, fp16 5% bigger, writes 2-3x faster
@@ -111,7 +112,7 @@ def _shard_table(manifest: Any) -> tuple[int, int, list[int], str]:
         total, size, shards = int(manifest.total), int(manifest.shard_size), list(manifest.shards)
         digest = manifest.digest()
     except AttributeError as e:
-        raise StoreError(f"TargetStore.create needs a pipeline.manifest.Manifest, got {type(manifest).__name__}: {e}") from None
+        raise StoreError(f"TargetStore.create needs a pipeline.data.manifest.Manifest, got {type(manifest).__name__}: {e}") from None
 
     def field(s, key):
         return s[key] if isinstance(s, Mapping) else getattr(s, key)

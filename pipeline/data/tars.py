@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from pipeline.errors import ShardError
-from pipeline.fsio import atomic_write_bytes, fs_and_path
+from pipeline.urls import atomic_write_bytes, fs_and_path
 
 # Header fields fixed so tars are reproducible (2000-01-01T00:00:00Z: some tools warn on mtime 0).
 TAR_MTIME = 946684800

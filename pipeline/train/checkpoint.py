@@ -1,6 +1,6 @@
 """Atomic training checkpoints and the student export.
 
-A checkpoint is one `torch.save` blob written with `pipeline.fsio.atomic_write_bytes`, so a run
+A checkpoint is one `torch.save` blob written with `pipeline.urls.atomic_write_bytes`, so a run
 killed at any instant leaves either the previous checkpoint or the new one, never half of one.
 Contents (see `stages.distill`): model (student + heads), optimizer, scheduler, scaler (None: bf16
 autocast needs no loss scaling), loader position (epoch, batches done in that epoch), global step,
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.fsio import atomic_write_bytes, exists, read_bytes
+from pipeline.urls import atomic_write_bytes, exists, read_bytes
 
 CHECKPOINT_NAME = "last.pt"
 
