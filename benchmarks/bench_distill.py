@@ -1,7 +1,7 @@
 """Stage two throughput: cached targets vs the student-only ceiling vs online hybrid distillation.
 
 One run, one machine, the same models, views and batch:
-  (a) ceiling  - the distill training step (`stages.distill.train_one_epoch`: forward on the kept
+  (a) ceiling  - the distill training step (`pipeline.train.loop.train_one_epoch`: forward on the kept
                  tokens, hybrid loss, backward, AdamW) on batches already in memory: no loading.
   (b) cached   - the same step fed by the real stage-two loader (`pipeline.train.loader.build_loader` as
                  `distill` configures it): DataLoader workers decoding the tar shards, replaying the
@@ -75,21 +75,12 @@ def distill_config(args, data: dict, name: str, epochs: int = 1):
 
 
 def _setup(cfg):
-    """Student, optimizer and schedule exactly as `distill` builds them (one process, no DDP)."""
-    import torch
-
+    """The run exactly as `distill` builds it (`stages.distill.build_run`: one process, no DDP)."""
     from pipeline.device import pick_device
-    from pipeline.train.optim import WarmupCosine, build_optimizer, scaled_lr
-    from stages.distill import Dist, RunLog, TrainState, _loader_config, build_student, target_sources
+    from pipeline.train.distributed import Dist
+    from stages.distill import build_run
 
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    student = build_student(cfg, target_sources(cfg)).to(device)
-    lr = scaled_lr(cfg.base_lr, cfg.batch_size)
-    opt = build_optimizer(student, lr, cfg.weight_decay)
-    sched = WarmupCosine(opt, lr, total_steps=10_000, warmup_steps=0)
-    lcfg = _loader_config(cfg, student, device)
-    return student, opt, sched, device, lcfg, Dist(), RunLog(cfg.run_dir, enabled=False), TrainState
+    return build_run(cfg, Dist(), pick_device(cfg.device))
 
 
 def _batches_in_memory(lcfg, n: int) -> list[dict]:
@@ -119,19 +110,20 @@ def _timed_steps(cfg, batches, steps: int) -> dict:
     `batches(device)` returns an iterator of batches (at least steps + 1 of them)."""
     import torch
 
-    from stages.distill import train_one_epoch
+    from pipeline.train.loop import train_one_epoch
 
-    student, opt, sched, device, lcfg, d, log, TrainState = _setup(cfg)
-    items = batches(device)
+    run = _setup(cfg)
+    items = batches(run.device)
 
-    def run(n: int) -> None:
-        train_one_epoch(student, student, items, opt, sched, device, TrainState(), cfg, d, n, log, lambda: None)
-        if device.type == "cuda":
+    def train(n: int) -> None:
+        train_one_epoch(run.model, run.loss_fn, items, run.optimizer, run.scheduler, run.device, run.state, run.log,
+                        max_steps=n)
+        if run.device.type == "cuda":
             torch.cuda.synchronize()
 
-    run(1)  # warm-up: allocator, kernels, first-touch
+    train(1)  # warm-up: allocator, kernels, first-touch
     t0, c0, m0 = time.perf_counter(), _cpu_seconds(), _cpu_seconds(children=False)
-    run(steps)
+    train(steps)
     wall = time.perf_counter() - t0
     main = _cpu_seconds(children=False) - m0
     items.close()  # shuts the loader's workers down, so their CPU time is reaped and counted
@@ -143,8 +135,7 @@ def _timed_steps(cfg, batches, steps: int) -> dict:
 
 def phase_ceiling(args, data) -> dict:
     cfg = distill_config(args, data, "ceiling")
-    _, _, _, _, lcfg, *_ = _setup(cfg)
-    mem = _batches_in_memory(lcfg, min(args.steps + 1, 8))
+    mem = _batches_in_memory(_setup(cfg).loader_cfg, min(args.steps + 1, 8))
     return _timed_steps(cfg, lambda dev: (mem[i % len(mem)] for i in range(args.steps + 1)), args.steps)
 
 
@@ -154,7 +145,7 @@ def phase_cached(args, data) -> dict:
     from pipeline.train.loader import build_loader, steps_per_epoch
 
     cfg = distill_config(args, data, "cached")
-    _, _, _, _, lcfg, *_ = _setup(cfg)
+    lcfg = _setup(cfg).loader_cfg
     per_epoch = steps_per_epoch(lcfg, 1)
 
     def stream(dev):
@@ -173,10 +164,11 @@ def phase_online(args, data) -> dict:
     import torch
 
     from pipeline.targets.teachers import load_teacher
-    from stages.extract import disc_batch, mim_batch
+    from pipeline.targets.compute import disc_batch, mim_batch
 
     cfg = distill_config(args, data, "online")
-    _, _, _, device, lcfg, *_ = _setup(cfg)
+    run = _setup(cfg)
+    device, lcfg = run.device, run.loader_cfg
     mem = _batches_in_memory(lcfg, min(args.steps + 1, 8))
     mim = load_teacher(MIM, random_init=True, device=device)
     disc = load_teacher(DISC, random_init=True, device=device)
@@ -201,7 +193,7 @@ def phase_loader(args, data) -> dict:
     from pipeline.train.loader import build_loader
 
     cfg = distill_config(args, data, "loader")
-    _, _, _, _, lcfg, *_ = _setup(cfg)
+    lcfg = _setup(cfg).loader_cfg
     list(build_loader(replace(lcfg, num_workers=0), 0))  # warm-up: page cache, imports
     want = (args.steps + 1) * cfg.batch_size
     t0, c0 = time.perf_counter(), _cpu_seconds()

@@ -85,14 +85,17 @@ def child(args) -> dict:
     from pipeline.data.reading import iter_shard
     from pipeline.data.manifest import read_manifest
     from pipeline.data.views import render
-    from stages.extract import ExtractConfig, extract, get_teacher, plan_for
+    from pipeline.run.worker import cached_teacher, task_device
+    from pipeline.targets.teachers import TeacherSource
+    from stages.extract import ExtractConfig, extract, view_plan
 
     def cfg_for(out: str) -> ExtractConfig:
         return ExtractConfig(manifest=args.manifest, teacher=f"timm:{args.model}", role="mim", random_init=True,
                              model_kwargs={"img_size": args.img_size}, out=out, batch_size=args.batch_size,
                              device=args.device, progress=False)
 
-    teacher = get_teacher(cfg_for(args.out))
+    source = TeacherSource(f"timm:{args.model}", random_init=True, model_kwargs={"img_size": args.img_size})
+    teacher = cached_teacher(source, task_device(args.device))  # the very model extract() will use
     sync = torch.cuda.synchronize if teacher.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         teacher.forward_targets(torch.zeros(args.batch_size, 3, teacher.img_size, teacher.img_size,
@@ -107,7 +110,7 @@ def child(args) -> dict:
         return result
 
     # Pure forward over the same views, pre-rendered in memory (not timed), same batch size.
-    plan = plan_for(cfg_for(args.out), teacher)
+    plan = view_plan(cfg_for(args.out), teacher)
     xs = []
     for k in range(manifest.num_shards):
         for s in iter_shard(manifest, k):

@@ -28,7 +28,9 @@ from PIL import Image
 from pipeline.targets import quant
 from pipeline.data.manifest import Manifest, ShardInfo
 from pipeline.targets.masking import kept_count, mask_layers, progressive_keep
-from pipeline.targets.store import ArraySpec, TargetStore
+from pipeline.targets.schema import ArraySpec
+from pipeline.targets.store import TargetStore
+from stages.inspect_store import store_info
 from pipeline.targets.teachers import load_teacher
 from pipeline.data.views import ViewPlan, render
 
@@ -109,7 +111,7 @@ def measure(targets: dict[str, np.ndarray], precision: str, shard_size: int, roo
     for k in range(manifest.num_shards):
         store.read_shard(k)
     read_s = time.perf_counter() - t0
-    info = store.info()
+    info = store_info(store)
     row = {"precision": precision, "write_ms_per_view": 1000 * write_s / (n * V), "read_ms_per_view": 1000 * read_s / (n * V)}
     for name in ("relations", "features", "views", "keep_progressive"):
         e = info["arrays"][name]

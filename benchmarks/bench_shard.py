@@ -5,7 +5,7 @@
 Writes `--images` ImageNet-like JPEGs (500x375, quality 90, smooth random content ~20-40 KB) to a
 temporary class-folder tree, shards them with each worker count (every image is read, sniffed and
 fully decoded before it is stored), then reads the shards back with `iter_shard` (decode to PIL RGB)
-and with `shard_dataset` through a 2-worker DataLoader. Prints a table and writes
+(the tar's sha256 checked as it is read). Prints a table and writes
 benchmarks/results/shard.json. ImageNet-1k train is 1.28 M images: divide by the img/s shown.
 """
 from __future__ import annotations
@@ -46,9 +46,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "shard.json"))
     args = ap.parse_args(argv)
 
-    import torch
-
-    from pipeline.data.reading import iter_shard, shard_dataset
+    from pipeline.data.reading import iter_shard
     from pipeline.data.manifest import read_manifest
     from stages.shard import ShardConfig, shard
 
@@ -71,13 +69,6 @@ def main(argv=None) -> dict:
         dt = time.perf_counter() - t0
         rows.append({"what": "iter_shard decode->RGB, 1 process", "images": n, "seconds": dt, "img_per_s": n / dt,
                      "MB_per_s": nbytes / 1e6 / dt})
-        t0 = time.perf_counter()
-        loader = torch.utils.data.DataLoader(shard_dataset(m), batch_size=None, num_workers=2,
-                                             collate_fn=lambda r: r["index"])
-        n = sum(1 for _ in loader)
-        dt = time.perf_counter() - t0
-        rows.append({"what": "shard_dataset decode, DataLoader 2 workers", "images": n, "seconds": dt,
-                     "img_per_s": n / dt, "MB_per_s": nbytes / 1e6 / dt})
 
     print(f"{'what':45s} {'images':>7s} {'s':>7s} {'img/s':>8s} {'MB/s':>7s}")
     for r in rows:

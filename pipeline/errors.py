@@ -32,3 +32,21 @@ class NonFiniteError(HdpipeError):
 
 class IntegrityError(ShardError):
     """A tar's bytes differ from the sha256 its manifest records: it must not reach a store or a loss."""
+
+
+def require_finite(values, what: str, fix: str = "") -> None:
+    """Raise NonFiniteError when `values` (a numpy array or torch tensor) holds NaN or Inf.
+
+    The one finiteness check of hdpipe: teacher outputs, store writes, quantization and training
+    losses all go through it, so the message always says where and how many.
+    """
+    if type(values).__module__.split(".")[0] == "torch":
+        import torch
+
+        bad, total = int((~torch.isfinite(values)).sum()), values.numel()
+    else:
+        import numpy as np
+
+        bad, total = int(np.size(values) - np.count_nonzero(np.isfinite(values))), int(np.size(values))
+    if bad:
+        raise NonFiniteError(f"{what} holds {bad} non-finite value(s) (NaN/Inf) of {total}" + (f"; {fix}" if fix else ""))

@@ -1,6 +1,6 @@
 """`hdpipe inspect STORE`: what a target store holds, how big it is, and how exact.
 
-`inspect_store(url) -> dict` is `TargetStore.info()` (schema, teacher, counts, shards done/missing,
+`inspect_store(url) -> dict` is `store_info(store)` (schema, teacher, counts, shards done/missing,
 bytes per view per array measured on disk, precision and the relative error against the float32
 teacher output recorded in the done markers, provenance); `format_info(info) -> str` renders it
 as the table the command prints.
@@ -8,8 +8,10 @@ as the table the command prints.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
+from pipeline.targets.schema import stored_parts
 from pipeline.targets.store import TargetStore
 
 # Attributes shown in their own rows; every other `hdpipe` attribute is listed under "settings".
@@ -20,7 +22,67 @@ _SHOWN = {"schema_version", "teacher", "precision", "codec", "total", "views", "
 
 def inspect_store(url: str) -> dict:
     """Everything known about the store at `url` (StoreError if there is none)."""
-    return TargetStore.open(url).info()
+    return store_info(TargetStore.open(url))
+
+
+def bytes_per_view(store: TargetStore) -> dict[str, float]:
+    """{array: bytes on disk per view, "total": sum} over the finished shards (0 when none)."""
+    done = sorted(store.done_shards())
+    views = sum(store.shard_rows(k)[1] for k in done) * store.views
+    out = {}
+    for name in sorted(store.arrays):
+        b = sum(store.shard_bytes(name, k) for k in done)
+        out[name] = b / views if views else 0.0
+    out["total"] = float(sum(out.values()))
+    return out
+
+def store_info(store: TargetStore) -> dict:
+    """Everything `hdpipe inspect` shows: settings, counts, bytes per view, errors, provenance."""
+    done = sorted(store.done_shards())
+    markers = [store.done_marker(k) for k in done]
+    rows_done = sum(store.shard_rows(k)[1] for k in done)
+    bpv = bytes_per_view(store)
+    arrays = {}
+    for name, spec in sorted(store.arrays.items()):
+        entry = {
+            "shape": list(((store.total, store.views) if spec.per_view else (store.total,)) + spec.shape_tail),
+            "dtype": spec.dtype,
+            "precision": spec.precision,
+            "stored_parts": {p: d for p, (_, d) in stored_parts(spec).items()},
+            "bytes_per_view": bpv[name],
+        }
+        errs = [m["error"][name] for m in markers if name in m.get("error", {})]
+        if errs:
+            err2 = sum(e["err_l2"] ** 2 for e in errs)
+            ref2 = sum(e["ref_l2"] ** 2 for e in errs)
+            entry["relative_error"] = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
+            entry["max_view_relative_error"] = max(e["max_view"] for e in errs)
+        arrays[name] = entry
+    a = store.attrs
+    return {
+        "url": store.url,
+        "schema_version": a["schema_version"],
+        "teacher": a.get("teacher"),
+        "precision": store.precision,
+        "codec": a.get("codec"),
+        "samples": store.total,
+        "views": store.views,
+        "shard_size": store.shard_size,
+        "shards": {"total": store.num_shards, "done": len(done), "missing": store.missing_shards()},
+        "rows_done": rows_done,
+        "bytes_per_view": bpv["total"],
+        "arrays": arrays,
+        "provenance": {
+            "manifest_digest": a.get("manifest_digest"),
+            "view_plan_digest": a.get("view_plan_digest"),
+            "weights_digest": a.get("weights_digest"),
+            "package_version": a.get("package_version"),
+            # which code wrote the finished shards (done markers; older stores did not record it)
+            "code_version": ", ".join(sorted({str(m["code_version"]) for m in markers if "code_version" in m})) or None,
+            "created": a.get("created"),
+        },
+        "attrs": a,
+    }
 
 
 def _kb(b: float) -> str:

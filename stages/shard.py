@@ -24,8 +24,6 @@ decompression-bomb pixel limit) before it is written; JPEGs are stored byte-for-
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
 import os
 import re
 import sys
@@ -37,11 +35,12 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from pipeline.errors import ConfigError, HdpipeError, ManifestError, ShardError
-from pipeline.urls import fs_and_path
-from pipeline.data.manifest import Manifest, ShardInfo, read_manifest, verify_shards, write_manifest
-from pipeline.data.tars import (DEFAULT_MAX_PIXELS, SampleRecord, Skipped, encode_for_shard, join_url,
-                             shard_filename, write_dataset)
+from pipeline.data.images import DEFAULT_MAX_PIXELS
+from pipeline.data.inputs import prepared, scan_folder
+from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
+from pipeline.data.tars import refuse_existing, remove_stale, write_dataset
+from pipeline.errors import ConfigError, ManifestError, ShardError
+from pipeline.urls import fs_and_path, is_remote, join, relative_to, parent
 
 DEFAULT_SHARD_SIZE = 1024  # images per tar for folders: ~110 MB of ImageNet JPEGs
 SAMPLE_SHARD_SIZE = 128  # the bundled sample uses small shards so stages see several (resume, splits)
@@ -143,51 +142,17 @@ def _now() -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
 def _manifest_url(tar_url: str, manifest_path: str) -> str:
     """The URL to record: relative to the manifest's folder when both are local, else absolute."""
-    if _is_local(tar_url) and _is_local(manifest_path):
-        tar = tar_url[7:] if tar_url.startswith("file://") else tar_url
-        rel = os.path.relpath(os.path.abspath(tar), os.path.dirname(os.path.abspath(manifest_path)))
-        return rel.replace(os.sep, "/")
-    return tar_url
+    return relative_to(tar_url, parent(manifest_path))
 
 
 def _as_path(manifest: str) -> Path | str:
-    return manifest if "://" in manifest else Path(manifest)
+    return manifest if is_remote(manifest) else Path(manifest)
 
 
 def _default_manifest(name: str) -> str:
     return os.path.join("manifests", f"{name}.json")
-
-
-def _refuse_existing(out_dir: str, name: str, manifest_path: str, overwrite: bool) -> None:
-    """Fail before any work if this dataset's tars or manifest already exist (unless overwrite)."""
-    if overwrite:
-        return
-    fs, path = fs_and_path(join_url(out_dir, shard_filename(name, 0)))
-    existing = [path] if fs.exists(path) else []
-    if not existing and _is_local(out_dir) and os.path.isdir(out_dir):
-        existing = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")))
-    if existing:
-        raise ShardError(f"output shard {existing[0]} already exists; pass --overwrite to replace the dataset "
-                         f"'{name}' or choose another --name/--out-dir")
-    mfs, mpath = fs_and_path(manifest_path)
-    if mfs.exists(mpath):
-        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it or choose --manifest")
-
-
-def _remove_stale(out_dir: str, name: str, n_shards: int) -> None:
-    """After an --overwrite run, delete this dataset's tars beyond the new shard count (local only)."""
-    if not _is_local(out_dir) or not os.path.isdir(out_dir):
-        return
-    for p in glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
-        k = int(p[-10:-4])
-        if k >= n_shards:
-            os.remove(p)
 
 
 def _write(records: Iterator, *, total_inputs: int, name: str, out_dir: str, manifest_path: str,
@@ -214,7 +179,7 @@ def _write(records: Iterator, *, total_inputs: int, name: str, out_dir: str, man
     )
     manifest = write_manifest(manifest, manifest_path)
     if overwrite:
-        _remove_stale(out_dir, name, len(shards))
+        remove_stale(out_dir, name, len(shards))
     dt = time.perf_counter() - t0
     print(f"hdpipe shard: {name}: {written} images in {len(shards)} shards ({nbytes / 1e6:.1f} MB) in {dt:.1f} s "
           f"({written / max(dt, 1e-9):.0f} img/s), {len(skipped)} skipped -> {manifest_path}", file=sys.stderr)
@@ -224,88 +189,15 @@ def _write(records: Iterator, *, total_inputs: int, name: str, out_dir: str, man
 # ---- folders ---------------------------------------------------------------------------------
 
 
-def _visible(entries: list[os.DirEntry]) -> list[os.DirEntry]:
-    return [e for e in entries if not e.name.startswith(".")]  # .DS_Store, editor droppings
-
-
-def scan_folder(root: str) -> tuple[list[tuple[str, str, int | None]], dict[str, int] | None]:
-    """The input files of `root` as (absolute path, name relative to root, label) in sorted order,
-    and the class map ({folder: label}) for a class-folder tree or None for a flat folder."""
-    if not os.path.exists(root):
-        raise ShardError(f"input folder {root} does not exist")
-    if not os.path.isdir(root):
-        raise ShardError(f"input {root} is not a folder (give a folder of images, or --urls for tars)")
-    try:
-        entries = _visible(list(os.scandir(root)))
-    except PermissionError:
-        raise ShardError(f"input folder {root} is not readable (permission denied)") from None
-    dirs = sorted(e.name for e in entries if e.is_dir())
-    files = sorted(e.name for e in entries if not e.is_dir())
-    if dirs and files:
-        raise ShardError(f"input folder {root} mixes files ({files[0]}, ...) with class folders ({dirs[0]}, ...): "
-                         "use a flat folder of images or a folder of class folders")
-    if dirs and set(dirs) <= {"train", "val", "validation", "test"}:
-        raise ShardError(f"input folder {root} holds split folders {dirs}: give one split, e.g. "
-                         f"--input {os.path.join(root, dirs[0])}")
-    if not dirs:
-        if not files:
-            raise ShardError(f"input folder {root} is empty: no image files found")
-        return [(os.path.join(root, f), f, None) for f in files], None
-    class_map = {d: i for i, d in enumerate(dirs)}
-    out = []
-    for d in dirs:
-        for dirpath, subdirs, names in os.walk(os.path.join(root, d)):
-            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-            for n in sorted(names):
-                if n.startswith("."):
-                    continue
-                full = os.path.join(dirpath, n)
-                out.append((full, os.path.relpath(full, root).replace(os.sep, "/"), class_map[d]))
-    if not out:
-        raise ShardError(f"input folder {root} is empty: its class folders {dirs[:3]}... hold no image files")
-    return out, class_map
-
-
-def prepare_file(job: tuple) -> SampleRecord | Skipped:
-    """Read, check and encode one input file (runs in worker processes: plain tuple in, record out)."""
-    path, name, label, source, reencode, quality, max_pixels = job
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except PermissionError:
-        return Skipped(name, f"{path}: cannot read the file (permission denied)")
-    except OSError as e:
-        return Skipped(name, f"{path}: cannot read the file ({e.strerror or e})")
-    if not data:
-        return Skipped(name, f"{path}: empty file, not an image")
-    try:
-        out, ext = encode_for_shard(data, path, reencode=reencode, jpeg_quality=quality, max_pixels=max_pixels)
-    except ShardError as e:
-        return Skipped(name, str(e))
-    return SampleRecord(name=name, data=out, ext=ext, label=label, source=source)
-
-
-def _prepared(jobs: list[tuple], workers: int) -> Iterator[SampleRecord | Skipped]:
-    if workers == 1:
-        for job in jobs:
-            yield prepare_file(job)
-        return
-    import multiprocessing as mp
-
-    # spawn, not fork: forking a process that runs tqdm's monitor thread can deadlock.
-    with mp.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(prepare_file, jobs, chunksize=16)  # imap keeps the input order
-
-
 def _shard_folder(cfg: ShardConfig) -> Path:
     root = os.path.normpath(cfg.input)
     files, class_map = scan_folder(root)
     name = cfg.name or os.path.basename(os.path.abspath(root))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"dataset name {name!r} (from the input folder) is not a valid file name; pass --name")
-    out_dir = join_url(cfg.out_dir, name)
+    out_dir = join(cfg.out_dir, name)
     manifest_path = cfg.manifest or _default_manifest(name)
-    _refuse_existing(out_dir, name, manifest_path, cfg.overwrite)
+    refuse_existing(out_dir, name, manifest_path, cfg.overwrite)
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(files))
         files = [files[i] for i in order]
@@ -315,7 +207,7 @@ def _shard_folder(cfg: ShardConfig) -> Path:
     jobs = [(p, n, label, tag, cfg.reencode, cfg.jpeg_quality, cfg.max_image_pixels) for p, n, label in files]
     source = (f"folder {os.path.abspath(root)} ({'class folders' if class_map else 'flat'}, "
               f"{'shuffled seed ' + str(cfg.seed) if cfg.shuffle else 'sorted paths'})")
-    _write(_prepared(jobs, cfg.workers), total_inputs=len(jobs), name=name, out_dir=out_dir,
+    _write(prepared(jobs, cfg.workers), total_inputs=len(jobs), name=name, out_dir=out_dir,
            manifest_path=manifest_path, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
            class_map=class_map, source=source, cfg=cfg)
     return _as_path(manifest_path)
@@ -330,27 +222,8 @@ def sample_manifest_paths(manifest: str) -> dict[str, str]:
     return {"train": manifest, "probe-train": f"{stem}-probe-train.json", "probe-test": f"{stem}-probe-test.json"}
 
 
-def _sample_state(path: str, source: str, shard_size: int) -> str:
-    """'absent', 'intact' (this exact sample, tars verified), 'damaged' (this sample's manifest but a
-    tar is missing or changed) or 'other' (a different dataset or spec lives there)."""
-    fs, p = fs_and_path(path)
-    if not fs.exists(p):
-        return "absent"
-    try:
-        m = read_manifest(path)
-    except HdpipeError:
-        return "other"
-    if m.source != source or m.shard_size != shard_size:
-        return "other"
-    try:
-        verify_shards(m, check_hashes=True)
-    except HdpipeError:
-        return "damaged"
-    return "intact"
-
-
 def _shard_sample(cfg: ShardConfig) -> Path:
-    from pipeline.data.bundled import SampleSpec, iter_split, probe_class_map, split_sizes
+    from pipeline.data.bundled import SampleSpec, iter_split, probe_class_map, sample_state, split_sizes
 
     spec = SampleSpec(train_count=cfg.sample_train, probe_train_per_class=cfg.sample_probe_train,
                       probe_test_per_class=cfg.sample_probe_test, seed=cfg.seed)
@@ -361,7 +234,7 @@ def _shard_sample(cfg: ShardConfig) -> Path:
     sizes = split_sizes(spec)
     for split in ("train", "probe-train", "probe-test"):
         source = spec.describe(split)
-        state = "absent" if cfg.overwrite else _sample_state(paths[split], source, shard_size)
+        state = "absent" if cfg.overwrite else sample_state(paths[split], source, shard_size)
         if state == "intact":
             # `dvc repro` or a second `hdpipe shard --sample` lands here: same spec, tars verified.
             print(f"hdpipe shard: {paths[split]} is up to date (same sample spec, tars verified); "
@@ -373,8 +246,8 @@ def _shard_sample(cfg: ShardConfig) -> Path:
         if state == "damaged":
             print(f"hdpipe shard: {paths[split]}: a tar is missing or changed; rebuilding this sample",
                   file=sys.stderr)
-        out_dir = join_url(cfg.out_dir, names[split])
-        _refuse_existing(out_dir, names[split], paths[split], overwrite)
+        out_dir = join(cfg.out_dir, names[split])
+        refuse_existing(out_dir, names[split], paths[split], overwrite)
         _write(iter_split(spec, split), total_inputs=sizes[split], name=names[split], out_dir=out_dir,
                manifest_path=paths[split], shard_size=shard_size,
                class_map=None if split == "train" else probe_class_map(), source=source, cfg=cfg,
@@ -385,126 +258,10 @@ def _shard_sample(cfg: ShardConfig) -> Path:
 # ---- indexing existing tars ------------------------------------------------------------------
 
 
-def expand_urls(spec: str) -> list[str]:
-    """URLs from a list file (one per line, '#' comments) or a brace pattern like x-{000000..000003}.tar."""
-    import braceexpand
-
-    if "{" in spec or "://" in spec or spec.endswith(".tar"):
-        urls = list(braceexpand.braceexpand(spec))
-    elif os.path.isfile(spec):
-        with open(spec) as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
-        if not lines:
-            raise ShardError(f"URL list {spec} is empty")
-        urls = [u for ln in lines for u in braceexpand.braceexpand(ln)]
-    else:
-        raise ShardError(f"--urls {spec}: no such list file, and not a tar URL or brace pattern "
-                         "(e.g. 'data/x-{000000..000003}.tar')")
-    return [u if "://" in u else os.path.abspath(u) for u in urls]
-
-
-@dataclass
-class _TarIndex:
-    """What indexing one tar learns in its single streamed read."""
-
-    count: int  # samples (webdataset key groups)
-    sha256: str  # hex digest of the whole file
-    labels: list  # per sample: int class label (.cls, or the .json's "label"), None when it has none
-    names: dict  # {label: class names seen for it}: .json class_name/wnid, the first folder of .json
-                 # filename/name, or the key's prefix before "_" (ImageNet keys: n01440764_10026)
-
-
-def _class_names(sample: dict, meta: dict) -> list[str]:
-    out = [str(meta[k]) for k in ("class_name", "wnid", "synset") if isinstance(meta.get(k), str) and meta[k]]
-    for k in ("filename", "name"):
-        path = meta.get(k)
-        if isinstance(path, str) and "/" in path.strip("/"):
-            out.append(path.strip("/").split("/")[0])
-    key = os.path.basename(sample["__key__"])
-    if re.fullmatch(r"[A-Za-z]+\d*_\d+", key):
-        out.append(key.rsplit("_", 1)[0])
-    return out[:1]
-
-
-def _count_and_hash(url: str) -> _TarIndex:
-    """Samples in a tar (webdataset key grouping), their labels and its sha256, in one streamed read."""
-    import json
-
-    from pipeline.data.reading import IMAGE_EXTS, sample_label, tar_samples
-
-    fs, path = fs_and_path(url)
-    if not fs.exists(path):
-        raise ShardError(f"tar {url} does not exist")
-    h = hashlib.sha256()
-
-    class _Tee:
-        def __init__(self, f):
-            self.f = f
-
-        def read(self, n=-1):
-            b = self.f.read(n)
-            h.update(b)
-            return b
-
-    labels: list = []
-    names: dict = {}
-    try:
-        with fs.open(path, "rb") as f:
-            tee = _Tee(f)
-            for sample in tar_samples(tee, url):
-                if not any(ext in sample for ext in IMAGE_EXTS):
-                    raise ShardError(f"tar {url}: sample {sample['__key__']} has no image member")
-                try:
-                    meta = json.loads(sample["json"]) if "json" in sample else {}
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    meta = {}
-                meta = meta if isinstance(meta, dict) else {}
-                label = sample_label(sample, meta, url)
-                if label is not None and label < 0:
-                    raise ShardError(f"tar {url}: sample {sample['__key__']} has a negative class label {label}")
-                labels.append(label)
-                if label is not None:
-                    names.setdefault(label, set()).update(_class_names(sample, meta))
-            while tee.read(1 << 20):  # hash the end-of-archive padding the tar reader did not consume
-                pass
-    except PermissionError:
-        raise ShardError(f"tar {url} is not readable (permission denied)") from None
-    return _TarIndex(len(labels), h.hexdigest(), labels, names)
-
-
-def _class_map(indexed: list[_TarIndex], urls: list[str]) -> dict[str, int] | None:
-    """{class name: label} from the tars' labels (None when no sample has one).
-
-    Labels must be on every sample or on none. Names come from the samples (`_class_names`) when
-    each label has exactly one and no two labels share one; otherwise the label's decimal string.
-    Labels absent from these tars (a subset of a larger label set) still get an entry, so the
-    map covers 0..max label as a manifest requires.
-    """
-    has = [lab is not None for t in indexed for lab in t.labels]
-    if not any(has):
-        return None
-    if not all(has):
-        for t, url in zip(indexed, urls):
-            if None in t.labels:
-                raise ShardError(f"tar {url}: sample {t.labels.index(None)} has no class label (.cls or a .json "
-                                 "'label') while others have one; label every sample or none")
-    names: dict[int, set] = {}
-    for t in indexed:
-        for label, seen in t.names.items():
-            names.setdefault(label, set()).update(seen)
-    present = {lab for t in indexed for lab in t.labels}
-    top = max(present)
-    chosen = {label: next(iter(names[label])) for label in present if len(names.get(label, ())) == 1}
-    if len(chosen) != len(present) or len(set(chosen.values())) != len(chosen):
-        chosen = {}  # no consistent names: every class is called by its label
-    chosen = {label: chosen.get(label, str(label)) for label in range(top + 1)}
-    if len(set(chosen.values())) != len(chosen):
-        chosen = {label: str(label) for label in range(top + 1)}
-    return {name: label for label, name in chosen.items()}
-
-
 def _index_urls(cfg: ShardConfig) -> Path:
     from tqdm import tqdm
+
+    from pipeline.data.indexing import class_map_of, expand_urls, index_tar
 
     urls = expand_urls(cfg.urls)
     first = os.path.basename(urls[0].split("://")[-1])
@@ -516,12 +273,12 @@ def _index_urls(cfg: ShardConfig) -> Path:
     t0 = time.perf_counter()
     indexed = []
     for url in tqdm(urls, unit="tar", desc=f"index {name}", disable=not cfg.progress):
-        t = _count_and_hash(url)
+        t = index_tar(url)
         if t.count == 0:
             raise ShardError(f"tar {url} holds no samples")
         indexed.append(t)
     counts, hashes = [t.count for t in indexed], [t.sha256 for t in indexed]
-    class_map = _class_map(indexed, urls)
+    class_map = class_map_of(indexed, urls)
     size = cfg.shard_size or counts[0]
     for k, (url, n) in enumerate(zip(urls, counts)):
         last = k == len(urls) - 1

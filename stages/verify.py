@@ -70,11 +70,12 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
 
     from pipeline.data.reading import read_shard_records
     from pipeline.data.images import decode_image
-    from pipeline.device import autocast
     from pipeline.data.manifest import read_manifest
     from pipeline.targets.store import TargetStore
     from pipeline.data.views import View, ViewPlan, render
-    from stages.extract import ExtractConfig, disc_batch, get_teacher, mim_batch, task_device
+    from pipeline.run.worker import cached_teacher, task_device
+    from pipeline.targets.compute import disc_batch, mim_batch
+    from pipeline.targets.teachers import TeacherSource
 
     store = TargetStore.open(cfg.store)
     attrs = store.attrs
@@ -88,10 +89,8 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         raise StoreError(f"manifest {manifest_path} is not the one {cfg.store} was built from (digest "
                          f"{manifest.digest()[:12]} vs {attrs['manifest_digest'][:12]}); pass the right --manifest")
 
-    ex = ExtractConfig(manifest=manifest_path, teacher=attrs["teacher"], role=role, checkpoint=attrs["checkpoint"],
-                       random_init=bool(attrs["random_init"]), model_kwargs=dict(attrs["model_kwargs"]), device=cfg.device, progress=False)
-    device = task_device(ex)
-    teacher = get_teacher(ex, device)
+    device = task_device(cfg.device)
+    teacher = cached_teacher(TeacherSource.from_attrs(attrs), device)
     if teacher.weights_digest != attrs["weights_digest"]:
         raise StoreError(f"the rebuilt teacher {attrs['teacher']} has weights digest {teacher.weights_digest[:12]} but "
                          f"{cfg.store} was made with {attrs['weights_digest'][:12]} ({attrs['weights_source']}): "
@@ -139,15 +138,14 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
                              for (i, _), view in zip(batch, views)])
             x = teacher.normalize(x).to(device)
             keep = torch.as_tensor(np.stack([keep_src[row_of[i], v] for i, v in batch]).astype(np.int64)).to(device)
-            with autocast(device):
-                if role == "mim":
-                    out = mim_batch(teacher, x, tuple(attrs["relation_layers"]), tuple(attrs["extra_targets"]),
-                                    float(attrs["mask"]["ratio"]), attrs["tokens"], keep=keep)
-                    # The crop boxes themselves are a pure function of the plan: recompute them too.
-                    out["views"] = torch.as_tensor(np.stack([
-                        plan.view(i, v, *images[i].size).as_row() for i, v in batch]))
-                else:
-                    out = disc_batch(teacher, x, keep, attrs["tokens"])
+            if role == "mim":
+                out = mim_batch(teacher, x, tuple(attrs["relation_layers"]), tuple(attrs["extra_targets"]),
+                                float(attrs["mask"]["ratio"]), attrs["tokens"], keep=keep)
+                # The crop boxes themselves are a pure function of the plan: recompute them too.
+                out["views"] = torch.as_tensor(np.stack([
+                    plan.view(i, v, *images[i].size).as_row() for i, v in batch]))
+            else:
+                out = disc_batch(teacher, x, keep, attrs["tokens"])
             for name, t in out.items():
                 fresh.setdefault(name, []).append(t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy())
 

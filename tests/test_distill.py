@@ -316,12 +316,12 @@ def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
     from pipeline.targets.store import TargetStore
     from pipeline.targets.teachers import load_teacher
     from pipeline.data.views import View, render
-    from stages.distill import _loader_config, build_student, target_sources
+    from stages.distill import loader_config, build_student, target_sources
 
     cfg = _cfg(world, tmp_path)
     torch.manual_seed(0)
     student = build_student(cfg, target_sources(cfg)).eval()
-    batch = next(iter(build_loader(_loader_config(cfg, student, torch.device("cpu")), 0)))
+    batch = next(iter(build_loader(loader_config(cfg, student, torch.device("cpu")), 0)))
     with torch.no_grad():
         out = student(batch["image"], batch["keep_index"])
     cached = hybrid_loss(out, batch, blocks=student.capture_blocks, head_rule=student.head_rule)
@@ -362,7 +362,13 @@ def test_incomplete_store_names_missing_shards_and_command(world, tmp_path):
     (broken / "done" / "000001.json").unlink()
     with pytest.raises(StoreError) as e:
         distill(_cfg(world, tmp_path, mim_store=str(broken)))
-    assert "1" in str(e.value) and "hdpipe extract" in str(e.value)
+    # The exact shard and the exact command that finishes this store (resuming it: same settings)
+    command = (f"hdpipe extract --teacher timm:vit_tiny_patch16_224 --role mim --manifest {world['manifest']} "
+               f"--out {broken} --random-init --model-kwargs '{{\"depth\": 6, \"img_size\": 64, \"patch_size\": 8}}' "
+               "--views 1 --seed 0 --scale 0.2,1.0 --ratio 0.75,1.3333333333333333 --hflip --relation-layers 4,5 "
+               "--extra-targets attention --mask-ratio 0.3 --tokens all --precision fp16")
+    assert str(e.value) == (f"target store {broken} is incomplete: 1 of 3 shards not finished (1); "
+                            f"run `{command}` to finish them")
 
 
 def test_mismatched_stores_refused(world, tmp_path):
@@ -390,7 +396,7 @@ def test_student_the_store_cannot_serve(world, tmp_path, kw, error, match):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, monkeypatch):
-    import stages.distill as mod
+    import pipeline.train.losses as mod
     from pipeline.train.checkpoint import load_checkpoint
 
     calls = {"n": 0}
@@ -405,7 +411,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, m
 
     monkeypatch.setattr(mod, "hybrid_loss", poisoned)
     cfg = _cfg(world, tmp_path)
-    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5 .*last good state \(step 4\)"):
+    with pytest.raises(NonFiniteError, match=r"the loss at step 5 .* non-finite value.*last good state \(step 4\)"):
         distill(cfg)
     ck = load_checkpoint(str(cfg.run_dir / "checkpoints" / "last.pt"))
     assert ck["state"]["step"] == 4

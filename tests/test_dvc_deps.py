@@ -97,6 +97,8 @@ def test_teacher_stages_run_no_student_code(name):
     ran = {p.relative_to(ROOT).as_posix() for p in stage_closure(_stages()[name])}
     student_side = sorted(p for p in ran if p.startswith("pipeline/train/") or p == "stages/distill.py")
     assert not student_side, f"{name} imports {student_side}"
+    listed = [d for d in _stages()[name]["deps"] if d.startswith(("pipeline/train", "stages/distill"))]
+    assert not listed, f"{name} depends on student code {listed}"
 
 
 def test_the_closure_finds_lazy_imports():

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import HdpipeError, StoreError
-from pipeline.train.loader import resolve_sources
+from pipeline.train.sources import resolve_sources
 from stages.extract import ExtractConfig, extract
 from toydata import structured_jpeg, write_dataset
 

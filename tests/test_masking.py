@@ -5,7 +5,6 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.targets.masking import (
-    all_keep,
     direct_keep,
     kept_count,
     mask_layers,
@@ -133,8 +132,7 @@ def test_random_keep_is_a_pure_function_of_seed_index_view():
     assert not torch.equal(random_keep([0], [0], 196, 67, seed=6)[0], a[0])
 
 
-def test_all_keep_and_bad_arguments():
-    assert all_keep(2, 5).tolist() == [[0, 1, 2, 3, 4]] * 2
+def test_bad_arguments():
     with pytest.raises(ConfigError, match="ratio"):
         kept_count(196, 1.0)
     with pytest.raises(ConfigError, match="layers"):

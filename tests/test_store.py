@@ -18,8 +18,9 @@ from pipeline.targets import quant
 from pipeline.cli import main as cli_main
 from pipeline.errors import NonFiniteError, StoreError
 from pipeline.data.manifest import Manifest, ShardInfo
-from pipeline.targets.store import REQUIRED_ATTRS, SCHEMA_VERSION, ArraySpec, TargetStore
-from stages.inspect_store import format_info, inspect_store
+from pipeline.targets.schema import REQUIRED_ATTRS, SCHEMA_VERSION, ArraySpec
+from pipeline.targets.store import TargetStore
+from stages.inspect_store import bytes_per_view, format_info, inspect_store
 
 N, S, V, T = 10, 4, 2, 17  # samples, shard size (shards 4 + 4 + 2), views, tokens (CLS + 16 kept)
 
@@ -333,7 +334,7 @@ def test_fsspec_urls(tmp_path, targets, scheme):
     assert again.done_shards() == {0, 1} and again.missing_shards() == [2]
     got = again.read_shard(1)
     _check_bound("q1pct", _shard(targets, store, 1)["relations"], got["relations"])
-    assert again.bytes_per_view()["total"] > 0
+    assert bytes_per_view(again)["total"] > 0
     assert inspect_store(url)["shards"] == {"total": 3, "done": 2, "missing": [2]}
     if scheme == "file":
         assert (tmp_path / "t.zarr" / "done" / "000001.json").is_file()
@@ -349,12 +350,12 @@ def test_bytes_per_view_is_what_is_on_disk(tmp_path, targets):
             size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(chunk_dir) for f in fs)
             logical = next(n for n in store.arrays if name == n or name.startswith(n + "_"))
             on_disk[logical] = on_disk.get(logical, 0) + size
-    bpv = store.bytes_per_view()
+    bpv = bytes_per_view(store)
     for name, b in on_disk.items():
         assert bpv[name] * N * V == pytest.approx(b)
     assert bpv["total"] == pytest.approx(sum(on_disk.values()) / (N * V))
     # The compact mode is smaller than fp16 on transformer targets.
-    fp16 = _make(str(tmp_path / "f.zarr"), targets, "fp16").bytes_per_view()
+    fp16 = bytes_per_view(_make(str(tmp_path / "f.zarr"), targets, "fp16"))
     assert bpv["relations"] < fp16["relations"] and bpv["features"] < fp16["features"]
 
 
@@ -365,7 +366,7 @@ def test_inspect_on_a_real_store(tmp_path, targets, capsys):
     assert info["teacher"] == "timm:vit_tiny_patch16_224" and info["precision"] == "int8"
     assert info["samples"] == N and info["views"] == V and info["rows_done"] == 6
     assert info["shards"] == {"total": 3, "done": 2, "missing": [1]}
-    assert info["bytes_per_view"] == pytest.approx(store.bytes_per_view()["total"])
+    assert info["bytes_per_view"] == pytest.approx(bytes_per_view(store)["total"])
     rel = info["arrays"]["relations"]
     # Shard-combined error from the markers equals the error over the finished rows, recomputed.
     rows = [0, 1, 2, 3, 8, 9]

@@ -13,16 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.errors import ConfigError, HdpipeError, NonFiniteError
-from pipeline.targets.teachers import (
-    IMAGENET_MEAN,
-    OPENAI_DATASET_MEAN,
-    OPENAI_DATASET_STD,
-    TEACHERS,
-    load_teacher,
-    parse_spec,
-    read_checkpoint,
-    weights_digest,
-)
+from pipeline.targets.specs import IMAGENET_MEAN, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, TEACHERS, parse_spec
+from pipeline.targets.teachers import load_teacher
+from pipeline.targets.weights import read_checkpoint, weights_digest
 
 TIMM = "timm:vit_tiny_patch16_224"
 TINY = {"img_size": 64, "patch_size": 8, "depth": 6}  # 64 patches, 3 heads, 192-d

@@ -28,7 +28,10 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from pipeline.data.manifest import read_manifest, verify_shards
 from pipeline.data.tars import SampleRecord
+from pipeline.errors import HdpipeError
+from pipeline.urls import fs_and_path
 
 SAMPLE_VERSION = 1  # bump when the crop algorithm changes: existing samples are then rebuilt
 JPEG_QUALITY = 90  # quality of the re-encoded crops (Pillow, 4:2:0 subsampling)
@@ -189,3 +192,22 @@ def split_sizes(spec: SampleSpec) -> dict[str, int]:
 
 def probe_class_map() -> dict[str, int]:
     return {PHOTOS[p][0]: p for p in range(NUM_PROBE_CLASSES)}
+
+
+def sample_state(path: str, source: str, shard_size: int) -> str:
+    """'absent', 'intact' (this exact sample, tars verified), 'damaged' (this sample's manifest but a
+    tar is missing or changed) or 'other' (a different dataset or spec lives there)."""
+    fs, p = fs_and_path(path)
+    if not fs.exists(p):
+        return "absent"
+    try:
+        m = read_manifest(path)
+    except HdpipeError:
+        return "other"
+    if m.source != source or m.shard_size != shard_size:
+        return "other"
+    try:
+        verify_shards(m, check_hashes=True)
+    except HdpipeError:
+        return "damaged"
+    return "intact"

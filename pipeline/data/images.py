@@ -1,4 +1,4 @@
-"""The one image decoder: stored bytes -> PIL RGB, EXIF orientation applied.
+"""Image bytes in and out: the one decoder every stage reads with, and the checks before sharding.
 
 Teachers (extract, verify), the student (stage-two loader) and the probes (evaluate, analyze) must
 see the same pixels, so every stage decodes through `decode_image`. A phone photo stores its
@@ -12,6 +12,9 @@ import io
 from PIL import ExifTags, Image, ImageOps
 
 from pipeline.errors import ShardError
+
+# Tar member extensions that hold an image, in the order a sample's image is looked for.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
 # What Pillow raises for damaged, non-image or oversized (decompression bomb) bytes.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -37,3 +40,81 @@ def upright_rgb(im: Image.Image) -> Image.Image:
     if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         im = ImageOps.exif_transpose(im)
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+# ---- checks and encoding at sharding time ---------------------------------------------------
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Pillow's default decompression-bomb threshold (~179 Mpx); any real photo is far below it.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'jpeg', 'png' or 'webp' from the magic bytes; None for anything else."""
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def check_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `data` fully and return the loaded image; `ShardError` naming `name` if it is not a
+    readable image, is truncated or corrupt, or has more than `max_pixels` pixels.
+
+    The size is checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing; Pillow's own bomb error (2x its global limit) is turned into the same message.
+    """
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ShardError(f"{name}: image too large (decompression-bomb guard): {e}") from None
+    except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, ValueError... by format
+        raise ShardError(f"{name}: not an image Pillow can read ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ShardError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels} "
+                         "(decompression-bomb guard; raise --max-image-pixels if the image is genuine)")
+    try:
+        im.load()
+    except Exception as e:  # truncated JPEGs raise OSError, broken PNGs SyntaxError/zlib.error, ...
+        raise ShardError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+    if w < 1 or h < 1:
+        raise ShardError(f"{name}: image has no pixels ({w}x{h})")
+    return im
+
+
+def encode_for_shard(data: bytes, name: str, reencode: str = "png", jpeg_quality: int = 95,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """The bytes and tar extension to store for one input image (after checking it decodes).
+
+    JPEG inputs are stored untouched (`.jpg`). Other inputs: with `reencode="png"`, PNG and WebP
+    are stored untouched and any other format (BMP, TIFF, GIF, ...) is re-encoded losslessly as PNG
+    (first frame); with `reencode="jpeg"`, every non-JPEG input becomes an RGB JPEG at
+    `jpeg_quality` (lossy, smaller).
+    """
+    im = check_image(data, name, max_pixels)
+    fmt = sniff_format(data)
+    if fmt == "jpeg":
+        return data, "jpg"  # its EXIF orientation stays in the bytes; `decode_image` applies it
+    if fmt not in ("png", "webp") or reencode == "jpeg":
+        # Re-encoding drops EXIF: bake the orientation into the pixels first.
+        im = ImageOps.exif_transpose(im) or im
+    if reencode == "png":
+        if fmt in ("png", "webp"):
+            return data, "png" if fmt == "png" else "webp"
+        if im.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=False)
+        return buf.getvalue(), "png"
+    if reencode == "jpeg":
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality, optimize=False)
+        return buf.getvalue(), "jpg"
+    raise ShardError(f"reencode must be 'png' or 'jpeg', got {reencode!r}")

@@ -20,11 +20,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import ManifestError
+from pipeline import urls
 from pipeline.urls import atomic_write_bytes, fs_and_path
 
 SCHEMA_VERSION = 1
@@ -87,14 +87,11 @@ class Manifest:
     def shard_url(self, k: int) -> str:
         """The URL or local path to open for shard k (relative URLs resolved against the manifest folder)."""
         url = self.shards[k].url
-        if _is_absolute(url):
+        if urls.is_absolute(url):
             return url
         if self.path is None:
             raise ManifestError(f"manifest {self.name!r} has relative shard URL {url!r} but no file location to resolve it")
-        base = _parent(self.path)
-        if "://" in base:
-            return _join_url(base, url)
-        return os.path.normpath(os.path.join(base, url))
+        return urls.join(urls.parent(self.path), url)
 
     def shard_urls(self, shard_ids=None) -> list[str]:
         ids = range(self.num_shards) if shard_ids is None else shard_ids
@@ -125,22 +122,6 @@ class Manifest:
             "command": self.command,
             "created": self.created,
         }
-
-
-def _is_absolute(url: str) -> bool:
-    return "://" in url or os.path.isabs(url)
-
-
-def _parent(path: str) -> str:
-    if "://" in path:
-        proto, rest = path.split("://", 1)
-        return f"{proto}://{posixpath.dirname(rest)}"
-    return os.path.dirname(os.path.abspath(path))
-
-
-def _join_url(base: str, rel: str) -> str:
-    proto, rest = base.split("://", 1)
-    return f"{proto}://{posixpath.normpath(posixpath.join(rest, rel))}"
 
 
 def _fail(where: str, key: str, msg: str) -> ManifestError:
@@ -257,8 +238,7 @@ def read_manifest(path_or_url: str | os.PathLike) -> Manifest:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"manifest {url} is not valid JSON: {e}") from None
-    location = url if "://" in url else os.path.abspath(url)
-    return manifest_from_dict(doc, where=url, path=location)
+    return manifest_from_dict(doc, where=url, path=urls.absolute(url))
 
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Manifest:
@@ -268,9 +248,8 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Manifest:
     with `path` set to where it now lives.
     """
     url = os.fspath(path)
-    location = url if "://" in url else os.path.abspath(url)
     doc = manifest.to_dict()
-    checked = manifest_from_dict(doc, where=url, path=location)
+    checked = manifest_from_dict(doc, where=url, path=urls.absolute(url))
     atomic_write_bytes(url, (json.dumps(doc, indent=1) + "\n").encode())
     return checked
 

@@ -1,6 +1,7 @@
-"""Reading tar shards back: one whole shard in index order, or a webdataset pipeline over many.
+"""Reading tar shards back: one whole shard in index order, its sha256 checked as it is read.
 
-Both yield the same dicts (docs/ARCHITECTURE.md "Samples and shards"):
+`iter_shard(manifest, k)` / `read_shard_records(manifest, k)` yield (docs/ARCHITECTURE.md "Samples
+and shards"):
 
     {"index": int,            # global sample index
      "label": int,            # class label, -1 when the dataset is unlabeled
@@ -13,10 +14,8 @@ Tars written by `hdpipe shard` also carry it in `__key__` and `<key>.json`; when
 checked, so a tar swapped for another is caught. Tars indexed with `hdpipe shard --urls` (written
 by other tools) need not follow our key scheme: their samples are numbered by position.
 
-Splitting (`shard_dataset`): whole shards are dealt round-robin first over ranks (RANK/WORLD_SIZE
-environment or torch.distributed), then over DataLoader workers, exactly as webdataset's
-`split_by_node`/`split_by_worker`. A rank or worker that would get no shard raises `ShardError`
-naming the counts instead of silently yielding nothing.
+Which process reads which shard is the caller's plan (extraction: one task per shard; stage two:
+`pipeline.train.plan`); every hdpipe reader reads whole shards.
 """
 from __future__ import annotations
 
@@ -25,16 +24,13 @@ import json
 import os
 import re
 import tarfile
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator
 
-import numpy as np
-import webdataset as wds
+from pipeline.data.images import IMAGE_EXTS, decode_image
+from pipeline.data.manifest import Manifest
 from pipeline.errors import IntegrityError, ManifestError, ShardError
-from pipeline.data.images import decode_image
-from pipeline.urls import fs_and_path
-from pipeline.data.manifest import Manifest, verify_shards
+from pipeline.urls import fs_and_path, is_local_fs
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
 # webdataset's rule (tariterators.base_plus_ext): the key is the member name up to the first dot
 # of its last path component; the rest is the extension.
@@ -146,9 +142,8 @@ _VERIFIED: dict[tuple[str, str], tuple] = {}  # (url, sha256) -> stamp at the su
 def _stamp(url: str) -> tuple | None:
     """(size, mtime, inode) of a local file, (size, ETag/mtime) of an object; None when unknown."""
     fs, path = fs_and_path(url)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     try:
-        if "file" in protocols or "local" in protocols:
+        if is_local_fs(fs):
             st = os.stat(path)
             return (st.st_size, st.st_mtime_ns, st.st_ino)
         info = fs.info(path)
@@ -247,91 +242,3 @@ def iter_shard(manifest: Manifest, k: int, decode: bool = True) -> Iterator[dict
 def read_shard_records(manifest: Manifest, k: int, decode: bool = False) -> list[dict[str, Any]]:
     """Every record of shard k, read to the end of the tar, so its sha256 has been checked."""
     return list(iter_shard(manifest, k, decode=decode))
-
-
-# ---- webdataset pipeline -------------------------------------------------------------------
-
-
-def split_by_node_checked(src: Iterable[dict], group=None) -> Iterator[dict]:
-    """webdataset's split_by_node, but a rank that gets no shard is an error, not an empty epoch."""
-    urls = list(src)
-    rank, world, _, _ = wds.utils.pytorch_worker_info(group=group)
-    mine = urls[rank::world] if world > 1 else urls
-    if not mine:
-        raise ShardError(f"rank {rank} of world size {world} gets no shard: {len(urls)} shards cannot be split "
-                         f"over {world} ranks; use at most {len(urls)} ranks or shard the data with a smaller "
-                         "--shard-size")
-    yield from mine
-
-
-def split_by_worker_checked(src: Iterable[dict]) -> Iterator[dict]:
-    """webdataset's split_by_worker, but a worker that gets no shard is an error."""
-    urls = list(src)
-    rank, world, worker, workers = wds.utils.pytorch_worker_info()
-    mine = urls[worker::workers] if workers > 1 else urls
-    if not mine:
-        raise ShardError(f"DataLoader worker {worker} of {workers} (rank {rank}) gets no shard: this rank has "
-                         f"{len(urls)} shard(s) for {workers} workers; use num_workers <= {len(urls)}")
-    yield from mine
-
-
-class _IndexedTarSamples:
-    """Pipeline stage: {"url", "first_index", "count"} items -> indexed sample dicts (not decoded)."""
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict[str, Any]]:
-        for item in src:
-            yield from _indexed_samples(item["url"], item["first_index"], item["count"], decode=False,
-                                        sha256=item["sha256"])
-
-
-def _decode_record(rec: dict[str, Any]) -> dict[str, Any]:
-    return {**rec, "image": decode_image(rec["image"], f"sample {rec['index']} ({rec['name']})")}
-
-
-class _ShardItems:
-    """Source stage: the shard items {"url", "first_index", "count"} (SimpleShardList carries only URLs)."""
-
-    def __init__(self, items: list[dict]):
-        self.items = items
-
-    def __call__(self) -> Iterator[dict]:
-        return (dict(item) for item in self.items)
-
-
-class ShardDataset(wds.DataPipeline, wds.FluidInterface):
-    """A webdataset pipeline (an `IterableDataset`) with webdataset's fluid methods (.map, .batched...)."""
-
-
-def shard_dataset(manifest: Manifest, shard_ids: Sequence[int] | None = None, shuffle: int = 0, seed: int = 0,
-                  decode: bool = True, shuffle_shards: bool = False, split: bool = True) -> ShardDataset:
-    """The webdataset pipeline over shards `shard_ids` (default: all) yielding iter_shard's dicts.
-
-    shuffle: sample shuffle buffer size (0 = keep index order within each worker's stream).
-    seed: seeds the shard order (shuffle_shards) and the sample buffer, identically on every rank.
-    shuffle_shards: permute the shard list (same permutation on every rank, so splits stay disjoint).
-    split: deal shards over ranks (RANK/WORLD_SIZE or torch.distributed) and DataLoader workers;
-        False gives every reader every shard (e.g. evaluation on one process).
-
-    Shards missing on disk are reported (naming the tar) when the pipeline is built, not mid-epoch.
-    """
-    ids = list(range(manifest.num_shards)) if shard_ids is None else [int(k) for k in shard_ids]
-    if not ids:
-        raise ShardError(f"no shards selected from manifest {manifest.path or manifest.name}")
-    for k in ids:
-        if not 0 <= k < manifest.num_shards:
-            raise ManifestError(f"shard {k} outside 0..{manifest.num_shards - 1} of manifest {manifest.path or manifest.name}")
-    verify_shards(manifest, check_hashes=False, shard_ids=ids)
-    if shuffle_shards:
-        ids = [ids[i] for i in np.random.default_rng([seed, 1]).permutation(len(ids))]
-    items = [{"url": manifest.shard_url(k), "first_index": manifest.shards[k].first_index,
-              "count": manifest.shards[k].count, "sha256": manifest.shards[k].sha256} for k in ids]
-    stages: list[Any] = [_ShardItems(items)]
-    if split:
-        stages += [split_by_node_checked, split_by_worker_checked]
-    stages.append(_IndexedTarSamples())
-    if shuffle > 0:
-        stages.append(wds.filters.shuffle(shuffle, initial=min(shuffle, 100), seed=seed))
-    if decode:
-        stages.append(wds.filters.map(_decode_record))
-    return ShardDataset(*stages)
-

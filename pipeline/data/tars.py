@@ -1,4 +1,4 @@
-"""Deterministic webdataset tar writing, and the checks every image passes before it is written.
+"""Deterministic webdataset tar writing: one tar per shard, published only when the dataset is whole.
 
 We write tars with `tarfile` ourselves rather than webdataset's ShardWriter so that we control
 every byte: fixed mtime/uid/gid/owner names/mode, USTAR headers (no PAX timestamps), members in
@@ -10,6 +10,7 @@ looks like a finished shard. Object stores (no rename) get the whole tar in one 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -17,21 +18,13 @@ import os
 import tarfile
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
-
 from pipeline.errors import ShardError
+from pipeline import urls
 from pipeline.urls import atomic_write_bytes, fs_and_path
 
 # Header fields fixed so tars are reproducible (2000-01-01T00:00:00Z: some tools warn on mtime 0).
 TAR_MTIME = 946684800
 TAR_MODE = 0o444
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-# Pillow's default decompression-bomb threshold (~179 Mpx); any real photo is far below it.
-DEFAULT_MAX_PIXELS = 178_956_970
-
 
 def key_of(index: int) -> str:
     """The webdataset `__key__` of global sample `index`: 9 zero-padded digits, no dots."""
@@ -40,74 +33,6 @@ def key_of(index: int) -> str:
 
 def shard_filename(name: str, k: int) -> str:
     return f"{name}-{k:06d}.tar"
-
-
-def sniff_format(data: bytes) -> str | None:
-    """'jpeg', 'png' or 'webp' from the magic bytes; None for anything else."""
-    if data.startswith(JPEG_MAGIC):
-        return "jpeg"
-    if data.startswith(PNG_MAGIC):
-        return "png"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def check_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `data` fully and return the loaded image; `ShardError` naming `name` if it is not a
-    readable image, is truncated or corrupt, or has more than `max_pixels` pixels.
-
-    The size is checked from the header before any pixel is decoded, so a decompression bomb costs
-    nothing; Pillow's own bomb error (2x its global limit) is turned into the same message.
-    """
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ShardError(f"{name}: image too large (decompression-bomb guard): {e}") from None
-    except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, ValueError... by format
-        raise ShardError(f"{name}: not an image Pillow can read ({type(e).__name__}: {e})") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise ShardError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels} "
-                         "(decompression-bomb guard; raise --max-image-pixels if the image is genuine)")
-    try:
-        im.load()
-    except Exception as e:  # truncated JPEGs raise OSError, broken PNGs SyntaxError/zlib.error, ...
-        raise ShardError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
-    if w < 1 or h < 1:
-        raise ShardError(f"{name}: image has no pixels ({w}x{h})")
-    return im
-
-
-def encode_for_shard(data: bytes, name: str, reencode: str = "png", jpeg_quality: int = 95,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
-    """The bytes and tar extension to store for one input image (after checking it decodes).
-
-    JPEG inputs are stored untouched (`.jpg`). Other inputs: with `reencode="png"`, PNG and WebP
-    are stored untouched and any other format (BMP, TIFF, GIF, ...) is re-encoded losslessly as PNG
-    (first frame); with `reencode="jpeg"`, every non-JPEG input becomes an RGB JPEG at
-    `jpeg_quality` (lossy, smaller).
-    """
-    im = check_image(data, name, max_pixels)
-    fmt = sniff_format(data)
-    if fmt == "jpeg":
-        return data, "jpg"  # its EXIF orientation stays in the bytes; `decode_image` applies it
-    if fmt not in ("png", "webp") or reencode == "jpeg":
-        # Re-encoding drops EXIF: bake the orientation into the pixels first.
-        im = ImageOps.exif_transpose(im) or im
-    if reencode == "png":
-        if fmt in ("png", "webp"):
-            return data, "png" if fmt == "png" else "webp"
-        if im.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", optimize=False)
-        return buf.getvalue(), "png"
-    if reencode == "jpeg":
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality, optimize=False)
-        return buf.getvalue(), "jpg"
-    raise ShardError(f"reencode must be 'png' or 'jpeg', got {reencode!r}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +76,7 @@ class TarShardWriter:
     def __init__(self, url: str, overwrite: bool = False):
         self.url = str(url)
         self.fs, self.path = fs_and_path(self.url)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = urls.is_local_fs(self.fs)
         if not overwrite and self.fs.exists(self.path):
             raise ShardError(f"output shard {self.url} already exists; pass --overwrite to replace it "
                              "or choose another --out-dir/--name")
@@ -299,7 +224,7 @@ def write_dataset(records, *, name: str, out_dir: str, shard_size: int, total_in
                 continue  # the run will fail: only look for more bad inputs
             if writer is None:
                 k = index // shard_size
-                writer = TarShardWriter(join_url(out_dir, shard_filename(name, k)), overwrite=overwrite)
+                writer = TarShardWriter(urls.join(out_dir, shard_filename(name, k)), overwrite=overwrite)
                 first = index
             writer.add(key_of(index), sample_members(index, item))
             index += 1
@@ -335,20 +260,36 @@ def write_dataset(records, *, name: str, out_dir: str, shard_size: int, total_in
 
 
 def _folder_exists(folder: str) -> bool:
-    """Whether a local output folder exists already (remote prefixes are never removed: True)."""
-    return "://" in str(folder) or os.path.isdir(folder)
+    """Whether an output folder exists already (remote prefixes are never removed: True)."""
+    return urls.is_remote(folder) or os.path.isdir(folder)
 
 
 def _remove_if_empty(folder: str) -> None:
-    if not _folder_exists(folder) or "://" in str(folder):
-        return
-    if not os.listdir(folder):
+    if not urls.is_remote(folder) and os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
 
 
-def join_url(folder: str, filename: str) -> str:
-    """`folder/filename` for local paths and fsspec URLs alike."""
-    folder = str(folder)
-    if "://" in folder:
-        return folder.rstrip("/") + "/" + filename
-    return os.path.join(folder, filename)
+def refuse_existing(out_dir: str, name: str, manifest_path: str, overwrite: bool) -> None:
+    """Fail before any work if this dataset's tars or manifest already exist (unless overwrite)."""
+    if overwrite:
+        return
+    fs, path = fs_and_path(urls.join(out_dir, shard_filename(name, 0)))
+    existing = [path] if fs.exists(path) else []
+    if not existing and not urls.is_remote(out_dir) and os.path.isdir(out_dir):
+        existing = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")))
+    if existing:
+        raise ShardError(f"output shard {existing[0]} already exists; pass --overwrite to replace the dataset "
+                         f"'{name}' or choose another --name/--out-dir")
+    mfs, mpath = fs_and_path(manifest_path)
+    if mfs.exists(mpath):
+        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it or choose --manifest")
+
+
+def remove_stale(out_dir: str, name: str, n_shards: int) -> None:
+    """After an --overwrite run, delete this dataset's tars beyond the new shard count (local only)."""
+    if not not urls.is_remote(out_dir) or not os.path.isdir(out_dir):
+        return
+    for p in glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
+        k = int(p[-10:-4])
+        if k >= n_shards:
+            os.remove(p)

@@ -8,12 +8,11 @@ flags a caller asks to change swapped in. Two rules keep hints safe to paste:
   (`extract_command(..., overwrite=True)` is for `hdpipe extract` refusing its own output);
 - a store some other command made (a MIM store read by a discriminative extraction, the stores
   read by `distill`) is never rebuilt in place: hints that change its settings write a new store
-  beside it (`sibling_url`) and say which option to point at it.
+  beside it (`sibling`) and say which option to point at it.
 """
 from __future__ import annotations
 
 import json
-import posixpath
 import shlex
 from typing import Any, Mapping
 
@@ -72,11 +71,3 @@ def extract_command(attrs: Mapping[str, Any], *, manifest: str, out: str, overwr
         else:
             parts.append(f"{flag} {shlex.quote(_fmt(value))}")
     return " ".join(parts + (["--overwrite"] if overwrite else []))
-
-
-def sibling_url(url: str, suffix: str) -> str:
-    """A new store beside `url` for changed settings: targets/mae.zarr -> targets/mae-<suffix>.zarr."""
-    base = url.rstrip("/")
-    head, tail = posixpath.split(base)
-    stem = tail[:-5] if tail.endswith(".zarr") else tail
-    return posixpath.join(head, f"{stem}-{suffix}.zarr") if head else f"{stem}-{suffix}.zarr"

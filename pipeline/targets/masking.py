@@ -18,14 +18,15 @@ does not depend on n's parity.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
 
-STRATEGIES = ("progressive", "direct", "random", "none")
+Masking = Literal["progressive", "direct", "random", "none"]  # the token masks a student can be trained with
+MASKINGS = get_args(Masking)
 
 # Extra entropy word for random masks, so a random mask seeded like the view plan
 # ([seed, index, view]) does not reuse the view plan's stream.
@@ -131,8 +132,3 @@ def random_keep(
         rng = np.random.default_rng([int(seed), int(index), int(view_id), _RANDOM_MASK_STREAM])
         rows.append(np.sort(rng.permutation(num_patches)[:n_keep]))
     return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.empty(0, n_keep, dtype=torch.long)
-
-
-def all_keep(batch_size: int, num_patches: int, device=None) -> torch.Tensor:
-    """The `none` strategy: every patch token, LongTensor [B, P]."""
-    return torch.arange(num_patches, device=device).expand(batch_size, num_patches).clone()

@@ -40,12 +40,14 @@ Non-finite inputs are refused (`NonFiniteError`): a NaN must never be stored as 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 
-from pipeline.errors import NonFiniteError, StoreError
+from pipeline.errors import StoreError, require_finite
 
-PRECISIONS = ("fp16", "int8", "q1pct")  # lossy float precisions a store may use for float targets
+Precision = Literal["fp16", "int8", "q1pct"]  # lossy float precisions a store may use for float targets
+PRECISIONS = get_args(Precision)
 LOSSLESS = "exact"  # stored as given (ints, bools, crop boxes); not a quantization
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504: the largest value fp16 holds
@@ -106,12 +108,6 @@ def _need_rows(shape_tail: tuple[int, ...], precision: str) -> None:
         raise StoreError(f"precision {precision!r} quantizes rows (the last axis); a scalar per view has none")
 
 
-def _check_finite(x: np.ndarray) -> None:
-    if not np.isfinite(x).all():
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise NonFiniteError(f"refusing to quantize {bad} non-finite value(s) (NaN/Inf) of {np.size(x)}")
-
-
 def _check_fp16_range(x: np.ndarray, what: str) -> None:
     m = float(np.max(np.abs(x))) if x.size else 0.0
     if m > FP16_MAX:
@@ -132,7 +128,7 @@ def encode(x: np.ndarray, precision: str, view_axes: int = 2) -> dict[str, np.nd
         raise StoreError(f"array of shape {x.shape} has fewer than {view_axes} view axes")
     if precision not in PRECISIONS:
         raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-    _check_finite(x)
+    require_finite(x, "the array to quantize", "a NaN must never be stored as a number")
     if view_axes >= 1 and x.shape[0] > _BLOCK:
         # Views are independent: encode a block of rows at a time so temporaries stay small.
         blocks = [_encode_one(x[i : i + _BLOCK], precision, view_axes) for i in range(0, x.shape[0], _BLOCK)]

@@ -39,10 +39,8 @@ store (its values win on these keys), `shard`, `first_index`, `rows`, `views_per
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import re
 import time
@@ -50,103 +48,20 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from pipeline import __version__
+from pipeline.errors import StoreError, require_finite
 from pipeline.targets import quant
-from pipeline.errors import NonFiniteError, StoreError
-from pipeline.urls import atomic_write_bytes, fs_and_path
+from pipeline.targets.schema import (SCHEMA_VERSION, ArraySpec, create_arrays, diff, full_attrs, jsonable,
+                                     part_name, stored_parts)
+from pipeline.urls import atomic_write_bytes, fs_and_path, is_local_fs
 
-SCHEMA_VERSION = 1  # bump when the layout or attribute meaning changes; open() refuses others
-ZSTD_LEVEL = 3  # zstd level of every chunk (its default): int8/q1pct codes are as small as at 5, fp16 5% bigger, writes 2-3x faster
-# Settings the caller must give: without them a store cannot be checked against its consumers.
-REQUIRED_ATTRS = ("teacher", "weights_digest", "preprocessing", "precision", "tokens", "view_plan_digest")
-# Added by the store itself; a caller may pass them only with the same value.
-STORE_ATTRS = ("schema_version", "manifest_digest", "total", "shard_size", "num_shards", "views",
-               "arrays", "codec", "package_version")
 _DONE_RE = re.compile(r"^(\d{6})\.json$")
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySpec:
-    """One logical array of a store."""
-
-    shape_tail: tuple[int, ...]  # shape after [sample, view] (after [sample] if not per_view)
-    dtype: str = "float32"  # dtype written and read: float32 for lossy precisions, else as stored
-    precision: str = quant.LOSSLESS  # "exact" or one of quant.PRECISIONS (float32 arrays only)
-    per_view: bool = True  # False: indexed [sample, *shape_tail] (e.g. `valid` [N])
-
-    def to_json(self) -> dict:
-        return {"shape_tail": [int(s) for s in self.shape_tail], "dtype": str(np.dtype(self.dtype)),
-                "precision": self.precision, "per_view": bool(self.per_view)}
-
-    @staticmethod
-    def from_json(d: Mapping) -> "ArraySpec":
-        return ArraySpec(tuple(int(s) for s in d["shape_tail"]), d["dtype"], d["precision"], bool(d["per_view"]))
-
-
-def _jsonable(v: Any) -> Any:
-    """Tuples to lists, numpy scalars to Python: the form the value has after a JSON round trip."""
-    return json.loads(json.dumps(v, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def _diff(stored: Any, expected: Any, prefix: str) -> list[str]:
-    """Human-readable differences, nested dicts reported by dotted key."""
-    if isinstance(stored, dict) and isinstance(expected, dict):
-        out = []
-        for key in sorted(set(stored) | set(expected), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in stored:
-                out.append(f"{name}: missing in store, expected {expected[key]!r}")
-            elif key not in expected:
-                out.append(f"{name}: stored {stored[key]!r}, expected it absent")
-            else:
-                out.extend(_diff(stored[key], expected[key], name))
-        return out
-    return [] if stored == expected else [f"{prefix}: stored {stored!r}, expected {expected!r}"]
-
-
-def _shard_table(manifest: Any) -> tuple[int, int, list[int], str]:
-    """(total, shard_size, count per shard, digest) from a Manifest, checked for Zarr alignment."""
-    try:
-        total, size, shards = int(manifest.total), int(manifest.shard_size), list(manifest.shards)
-        digest = manifest.digest()
-    except AttributeError as e:
-        raise StoreError(f"TargetStore.create needs a pipeline.data.manifest.Manifest, got {type(manifest).__name__}: {e}") from None
-
-    def field(s, key):
-        return s[key] if isinstance(s, Mapping) else getattr(s, key)
-
-    counts = []
-    for k, s in enumerate(shards):
-        first, count = int(field(s, "first_index")), int(field(s, "count"))
-        if first != k * size or count != min(size, total - k * size) or count <= 0:
-            raise StoreError(
-                f"manifest shard {k} covers [{first}, {first + count}) but a store needs [{k * size}, "
-                f"{min((k + 1) * size, total)}): every shard but the last must hold shard_size={size} "
-                "samples; re-make the manifest with `hdpipe shard`"
-            )
-        counts.append(count)
-    if sum(counts) != total:
-        raise StoreError(f"manifest shards hold {sum(counts)} samples but total is {total}; re-make it with `hdpipe shard`")
-    return total, size, counts, str(digest)
-
-
-def _codecs(dtype: np.dtype) -> list:
-    """Blosc: byte shuffle (multi-byte types) then zstd, both in the Zarr v3 core spec.
-
-    Shuffling puts the mostly-zero high bytes of small codes together; zstd's entropy stage then
-    codes the low bytes near their entropy. Same size as numcodecs Shuffle + plain zstd (measured).
-    """
-    shuffle = "shuffle" if dtype.itemsize > 1 else "noshuffle"
-    return [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle, typesize=dtype.itemsize)]
-
 
 def _zarr_store(url: str, mode: str):
     """A zarr store object: LocalStore for local paths and file:// URLs, FsspecStore otherwise."""
     fs, path = fs_and_path(url)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
+    if is_local_fs(fs):
         return zarr.storage.LocalStore(path, read_only=(mode == "r"))
     return zarr.storage.FsspecStore.from_url(url, read_only=(mode == "r"))
 
@@ -167,7 +82,7 @@ class TargetStore:
         self.precision: str = str(self.attrs["precision"])
         self.arrays: dict[str, ArraySpec] = {n: ArraySpec.from_json(d) for n, d in self.attrs["arrays"].items()}
         self._zarr: dict[str, zarr.Array] = {}
-        self._part_dtypes = {_part_name(n, p): np.dtype(d) for n, s in self.arrays.items() for p, (_, d) in _parts(s).items()}
+        self._part_dtypes = {part_name(n, p): np.dtype(d) for n, s in self.arrays.items() for p, (_, d) in stored_parts(s).items()}
 
     # --- making and opening ----------------------------------------------------------------------
 
@@ -184,13 +99,13 @@ class TargetStore:
         leaves a group without it, which is refused as "not an hdpipe target store" (use overwrite).
         """
         url = str(url).rstrip("/")
-        full = cls._full_attrs(attrs, arrays, manifest, views)
+        full = full_attrs(attrs, arrays, manifest, views)
         fs, path = fs_and_path(url)
         if fs.exists(path):
             existing = cls._read_attrs(url)
             if existing is not None:
                 old = {k: v for k, v in existing.items() if k != "created"}
-                diffs = _diff(old, {k: v for k, v in full.items() if k != "created"}, "")
+                diffs = diff(old, {k: v for k, v in full.items() if k != "created"}, "")
                 if not diffs:
                     return cls.open(url)
             if existing is not None and not overwrite:
@@ -206,74 +121,11 @@ class TargetStore:
         try:
             group = zarr.open_group(store=_zarr_store(url, "w"), mode="w")
             for name, spec in arrays.items():
-                cls._create_arrays(group, name, spec, full)
+                create_arrays(group, name, spec, full)
             group.attrs["hdpipe"] = full
         except (OSError, PermissionError) as e:
             raise StoreError(f"cannot create target store at {url}: {e}; choose a writable output location") from None
         return cls(url, group, "w")
-
-    @staticmethod
-    def _full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manifest: Any, views: int) -> dict:
-        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
-        if missing:
-            raise StoreError(f"store attributes lack required key(s) {missing} (required: {list(REQUIRED_ATTRS)})")
-        if not arrays:
-            raise StoreError("a target store needs at least one array")
-        if int(views) < 1:
-            raise StoreError(f"views must be >= 1, got {views}")
-        precision = attrs["precision"]
-        if precision not in quant.PRECISIONS:
-            raise StoreError(f"unknown precision {precision!r}; choose one of {list(quant.PRECISIONS)}")
-        for name, spec in arrays.items():
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*", name) or name == "done":
-                raise StoreError(f"array name {name!r} is not a valid store array name")
-            if spec.precision != quant.LOSSLESS:
-                if spec.precision != precision:
-                    raise StoreError(f"array {name!r} has precision {spec.precision!r} but the store's precision is {precision!r}")
-                if np.dtype(spec.dtype) != np.float32:
-                    raise StoreError(f"array {name!r}: lossy precision {spec.precision!r} needs dtype float32, got {spec.dtype}")
-                quant.part_specs(spec.shape_tail, spec.precision)  # checks rows exist
-        stored = [_part_name(n, p) for n, s in arrays.items() for p in _parts(s)]
-        clash = sorted({x for x in stored if stored.count(x) > 1})
-        if clash:
-            raise StoreError(f"array names collide with the stored parts of other arrays: {clash}")
-        total, size, counts, digest = _shard_table(manifest)
-        own = {
-            "schema_version": SCHEMA_VERSION,
-            "manifest_digest": digest,
-            "total": total,
-            "shard_size": size,
-            "num_shards": len(counts),
-            "views": int(views),
-            "arrays": {n: s.to_json() for n, s in arrays.items()},
-            "codec": (f"per-view arrays: chunks (1, V, ...), shards (S, V, ...); per-sample arrays: chunk = shard "
-                      f"(S, ...); blosc byte shuffle + zstd level {ZSTD_LEVEL}"),
-            "package_version": __version__,
-        }
-        given = _jsonable(dict(attrs))
-        for key in STORE_ATTRS:
-            if key in given and given[key] != _jsonable(own[key]):
-                raise StoreError(f"store attribute {key!r} is set by the store ({own[key]!r}); the caller passed {given[key]!r}")
-        full = _jsonable({**given, **own})
-        full["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        return full
-
-    @staticmethod
-    def _create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> None:
-        total, size, views = full["total"], full["shard_size"], full["views"]
-        lead = (total, views) if spec.per_view else (total,)
-        # Per-sample arrays (`valid`) are a few bytes per sample: one chunk per shard, or a reader of
-        # all N flags would decode N one-byte chunks.
-        chunk_lead = (1, views) if spec.per_view else (size,)
-        shard_lead = (size, views) if spec.per_view else (size,)
-        for part, (tail, dtype) in _parts(spec).items():
-            dt = np.dtype(dtype)
-            arr = group.create_array(
-                _part_name(name, part), shape=lead + tuple(tail), chunks=chunk_lead + tuple(tail),
-                shards=shard_lead + tuple(tail), dtype=dt, compressors=_codecs(dt),
-                fill_value=False if dt == np.bool_ else 0,
-            )
-            arr.attrs["hdpipe"] = {"array": name, "part": part, "precision": spec.precision}
 
     @staticmethod
     def _read_attrs(url: str) -> dict | None:
@@ -307,12 +159,12 @@ class TargetStore:
         store = cls(url, group, mode)
         if expect:
             diffs = []
-            stored = _jsonable(store.attrs)
-            for key, value in _jsonable(dict(expect)).items():
+            stored = jsonable(store.attrs)
+            for key, value in jsonable(dict(expect)).items():
                 if key not in stored:
                     diffs.append(f"{key}: missing in store, expected {value!r}")
                 else:
-                    diffs.extend(_diff(stored[key], value, key))
+                    diffs.extend(diff(stored[key], value, key))
             if diffs:
                 raise StoreError(f"target store {url} was built with other settings: {'; '.join(diffs)}")
         return store
@@ -391,9 +243,8 @@ class TargetStore:
             if not np.array_equal(cast, a):
                 raise StoreError(f"shard {k}: array {name!r} has dtype {a.dtype}; its values do not fit the store's {spec.dtype}")
             a = cast
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-            raise NonFiniteError(f"shard {k}: array {name!r} holds {bad} non-finite value(s); nothing of this shard was stored")
+        if np.issubdtype(a.dtype, np.floating):
+            require_finite(a, f"shard {k}: array {name!r}", "nothing of this shard was stored")
         return a
 
     def write_shard(self, k: int, arrays: Mapping[str, np.ndarray], summary: Mapping[str, Any] | None = None) -> dict:
@@ -429,10 +280,10 @@ class TargetStore:
         stored_bytes = {}
         for name, parts in encoded.items():
             for part, value in parts.items():
-                self._array(_part_name(name, part))[first : first + count] = value
-            stored_bytes[name] = self._shard_bytes(name, k)
+                self._array(part_name(name, part))[first : first + count] = value
+            stored_bytes[name] = self.shard_bytes(name, k)
         marker = {
-            **_jsonable(dict(summary or {})),
+            **jsonable(dict(summary or {})),
             "shard": int(k),
             "first_index": first,
             "rows": count,
@@ -446,11 +297,11 @@ class TargetStore:
         atomic_write_bytes(self._done_url(k), json.dumps(marker, indent=1, sort_keys=True).encode())
         return marker
 
-    def _shard_bytes(self, name: str, k: int) -> int:
+    def shard_bytes(self, name: str, k: int) -> int:
         """Bytes on disk of Zarr shard k of every part of array `name`."""
         total = 0
-        for part in _parts(self.arrays[name]):
-            shard_dir = f"{self.path}/{_part_name(name, part)}/c/{int(k)}"
+        for part in stored_parts(self.arrays[name]):
+            shard_dir = f"{self.path}/{part_name(name, part)}/c/{int(k)}"
             if self.fs.exists(shard_dir):
                 total += int(self.fs.du(shard_dir))
         return total
@@ -478,7 +329,7 @@ class TargetStore:
         first, count = self.shard_rows(k)
         out = {}
         for name in self._names(names):
-            parts = {p: self._array(_part_name(name, p))[first : first + count] for p in _parts(self.arrays[name])}
+            parts = {p: self._array(part_name(name, p))[first : first + count] for p in stored_parts(self.arrays[name])}
             out[name] = self._decode(name, parts)
         return out
 
@@ -500,8 +351,8 @@ class TargetStore:
             if not self.arrays[name].per_view:
                 raise StoreError(f"array {name!r} of {self.url} is per sample, not per view")
             out[name] = {}
-            for p in _parts(self.arrays[name]):
-                arr = self._array(_part_name(name, p))
+            for p in stored_parts(self.arrays[name]):
+                arr = self._array(part_name(name, p))
                 pieces = []
                 for a in range(0, count, block):
                     rows = arr[first + a : first + min(count, a + block)]  # [b, V, ...]
@@ -526,8 +377,8 @@ class TargetStore:
         out = {}
         for name in self._names(names):
             parts = {}
-            for p in _parts(self.arrays[name]):
-                arr = self._array(_part_name(name, p))
+            for p in stored_parts(self.arrays[name]):
+                arr = self._array(part_name(name, p))
                 parts[p] = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))[inverse]
             out[name] = self._decode(name, parts)
         return out
@@ -542,70 +393,3 @@ class TargetStore:
 
     # --- reporting ---------------------------------------------------------------------------------
 
-    def bytes_per_view(self) -> dict[str, float]:
-        """{array: bytes on disk per view, "total": sum} over the finished shards (0 when none)."""
-        done = sorted(self.done_shards())
-        views = sum(self.shard_rows(k)[1] for k in done) * self.views
-        out = {}
-        for name in sorted(self.arrays):
-            b = sum(self._shard_bytes(name, k) for k in done)
-            out[name] = b / views if views else 0.0
-        out["total"] = float(sum(out.values()))
-        return out
-
-    def info(self) -> dict:
-        """Everything `hdpipe inspect` shows: settings, counts, bytes per view, errors, provenance."""
-        done = sorted(self.done_shards())
-        markers = [self.done_marker(k) for k in done]
-        rows_done = sum(self.shard_rows(k)[1] for k in done)
-        bpv = self.bytes_per_view()
-        arrays = {}
-        for name, spec in sorted(self.arrays.items()):
-            entry = {
-                "shape": list(((self.total, self.views) if spec.per_view else (self.total,)) + spec.shape_tail),
-                "dtype": spec.dtype,
-                "precision": spec.precision,
-                "stored_parts": {p: d for p, (_, d) in _parts(spec).items()},
-                "bytes_per_view": bpv[name],
-            }
-            errs = [m["error"][name] for m in markers if name in m.get("error", {})]
-            if errs:
-                err2 = sum(e["err_l2"] ** 2 for e in errs)
-                ref2 = sum(e["ref_l2"] ** 2 for e in errs)
-                entry["relative_error"] = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
-                entry["max_view_relative_error"] = max(e["max_view"] for e in errs)
-            arrays[name] = entry
-        a = self.attrs
-        return {
-            "url": self.url,
-            "schema_version": a["schema_version"],
-            "teacher": a.get("teacher"),
-            "precision": self.precision,
-            "codec": a.get("codec"),
-            "samples": self.total,
-            "views": self.views,
-            "shard_size": self.shard_size,
-            "shards": {"total": self.num_shards, "done": len(done), "missing": self.missing_shards()},
-            "rows_done": rows_done,
-            "bytes_per_view": bpv["total"],
-            "arrays": arrays,
-            "provenance": {
-                "manifest_digest": a.get("manifest_digest"),
-                "view_plan_digest": a.get("view_plan_digest"),
-                "weights_digest": a.get("weights_digest"),
-                "package_version": a.get("package_version"),
-                "code_version": a.get("code_version"),
-                "created": a.get("created"),
-            },
-            "attrs": a,
-        }
-
-
-def _parts(spec: ArraySpec) -> dict[str, tuple[tuple[int, ...], str]]:
-    if spec.precision == quant.LOSSLESS:
-        return {"q": (tuple(spec.shape_tail), str(np.dtype(spec.dtype)))}
-    return quant.part_specs(spec.shape_tail, spec.precision)
-
-
-def _part_name(name: str, part: str) -> str:
-    return name if part == "q" else f"{name}_{part}"

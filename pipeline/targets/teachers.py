@@ -15,17 +15,13 @@ N = 1 + patches, CLS first. Q and K come from the model's own projection output 
 `attn.qkv`, then q_norm/k_norm; open_clip's nn.MultiheadAttention: the q,k rows of `in_proj`
 applied to the hooked `ln_1` output), so relations are exactly what the attention softmax sees.
 
-Specs: `mae`, `clip`, `deit`, `dino` (table below), `timm:NAME`, `open_clip:NAME[:TAG]` and
-`student:DIR` (a stage-two student: DIR/config.json + DIR/model.safetensors).
+Names are parsed by `pipeline.targets.specs`; weights are built and loaded by
+`pipeline.targets.weights`.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import hashlib
 import json
-import pickle
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -34,283 +30,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.device import autocast, pick_device
-from pipeline.errors import ConfigError, HdpipeError, NonFiniteError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants, CLIP's training set
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Seed of `random_init` weights: fixed, so that every process (dask workers, `hdpipe verify`)
-# builds the same random teacher and its stores stay comparable.
-RANDOM_INIT_SEED = 0
-
-# Keys a full MAE pre-training checkpoint carries for its decoder; the encoder never uses them.
-_MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+from pipeline.errors import ConfigError, require_finite
+from pipeline.targets.specs import TeacherSpec, parse_spec
+from pipeline.targets.weights import build_open_clip, build_timm, student_spec, weights_digest
 
 
 @dataclass(frozen=True)
-class TeacherSpec:
-    """What to build and how to feed it."""
+class TeacherSource:
+    """Everything that decides a teacher's weights: what a store records about them and what a
+    worker (a dask process, `hdpipe verify`) rebuilds the same teacher from."""
 
-    name: str  # canonical spec string recorded in stores, e.g. "mae" or "timm:vit_small_patch16_224"
-    backend: str  # "timm" | "open_clip" | "student" (a timm model built from a run's config.json)
-    model: str  # timm model name (with .tag) / open_clip config name / student directory
-    tag: str | None  # open_clip pretrained tag (timm keeps its tag inside `model`)
-    role: str  # "mim" (relations + masks) or "disc" (features) by default for this teacher
-    mean: tuple[float, float, float]  # per-channel normalization mean, inputs in [0, 1]
-    std: tuple[float, float, float]  # per-channel normalization std
-    interpolation: str  # resize filter of this teacher's preprocessing
+    name: str  # spec: mae | clip | deit | dino | timm:NAME | open_clip:NAME[:TAG] | student:DIR
+    checkpoint: str | None = None  # local weights file instead of the hub's pretrained tag
+    random_init: bool = False  # seeded random weights (weights.RANDOM_INIT_SEED; demos and tests)
+    model_kwargs: dict = field(default_factory=dict)  # model constructor arguments, e.g. {img_size: 64}
 
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "TeacherSource":
+        """The source a store's `hdpipe` attributes record."""
+        return cls(attrs["teacher"], attrs.get("checkpoint"), bool(attrs.get("random_init")),
+                   dict(attrs.get("model_kwargs") or {}))
 
-TEACHERS: dict[str, TeacherSpec] = {
-    "mae": TeacherSpec("mae", "timm", "vit_base_patch16_224.mae", None, "mim",
-                       IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
-    # timm's port of OpenAI CLIP ViT-B/16 image tower; QuickGELU as in the original weights.
-    "clip": TeacherSpec("clip", "timm", "vit_base_patch16_clip_quickgelu_224.openai", None, "disc",
-                        OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, "bicubic"),
-    "deit": TeacherSpec("deit", "timm", "deit_base_patch16_224.fb_in1k", None, "disc",
-                        IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
-    "dino": TeacherSpec("dino", "timm", "vit_base_patch16_224.dino", None, "disc",
-                        IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
-}
+    def key(self) -> str:
+        """A stable text key (a process caches one teacher per key and device)."""
+        return json.dumps(asdict(self), sort_keys=True, default=str)
 
-SPEC_FORMS = "mae, clip, deit, dino, timm:NAME, open_clip:NAME[:TAG], student:DIR"
-
-
-def _unknown(spec: str) -> HdpipeError:
-    return ConfigError(f"unknown teacher '{spec}': choose one of {SPEC_FORMS}")
-
-
-def parse_spec(spec: str) -> TeacherSpec:
-    """Turn a teacher name or `backend:...` string into a TeacherSpec (preprocessing included)."""
-    if spec in TEACHERS:
-        return TEACHERS[spec]
-    backend, _, rest = spec.partition(":")
-    if not rest:
-        raise _unknown(spec)
-    if backend == "timm":
-        import timm
-
-        arch = rest.split(".")[0]
-        if not timm.is_model(arch):
-            close = timm.list_models(f"*{arch[:12]}*")[:8]
-            raise ConfigError(f"teacher '{spec}': timm has no model '{arch}' (similar: {close})")
-        tag = rest.split(".", 1)[1] if "." in rest else ""
-        if tag and rest not in timm.list_pretrained(f"{arch}.*"):
-            raise ConfigError(f"teacher '{spec}': timm model '{arch}' has no pretrained tag '{tag}' "
-                              f"(tags: {timm.list_pretrained(f'{arch}.*')})")
-        cfg = timm.models.get_pretrained_cfg(rest)
-        return TeacherSpec(
-            name=spec, backend="timm", model=rest, tag=None,
-            # MAE-pretrained encoders are the mask-image-modeling teachers; everything else is
-            # discriminative by default (extract's --role overrides either way).
-            role="mim" if "mae" in tag else "disc",
-            mean=tuple(cfg.mean) if cfg else IMAGENET_MEAN,
-            std=tuple(cfg.std) if cfg else IMAGENET_STD,
-            interpolation=(cfg.interpolation if cfg and cfg.interpolation else "bicubic"),
-        )
-    if backend == "open_clip":
-        import open_clip
-
-        name, _, tag = rest.partition(":")
-        if open_clip.get_model_config(name) is None:
-            close = [m for m in open_clip.list_models() if name.split("-")[0].lower() in m.lower()][:8]
-            raise ConfigError(f"teacher '{spec}': open_clip has no model config '{name}' (similar: {close})")
-        pcfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
-        return TeacherSpec(
-            name=spec, backend="open_clip", model=name, tag=tag or None, role="disc",
-            mean=tuple(pcfg.get("mean", OPENAI_DATASET_MEAN)),
-            std=tuple(pcfg.get("std", OPENAI_DATASET_STD)),
-            interpolation=pcfg.get("interpolation", "bicubic"),
-        )
-    if backend == "student":
-        return TeacherSpec(name=spec, backend="student", model=rest, tag=None, role="disc",
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
-    raise _unknown(spec)
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a local .pth/.pt/.bin/.ckpt/.safetensors file as a flat {key: tensor} state dict.
-
-    Unwraps `model` / `state_dict` / `module` containers and a `module.` (DDP) key prefix. Pickles
-    are read with `weights_only=True` (argparse.Namespace allowed: MAE checkpoints store their
-    args), so a checkpoint cannot run code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise HdpipeError(f"checkpoint '{path}' does not exist; pass --checkpoint PATH to a local weights file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise HdpipeError(f"checkpoint '{path}' is not a readable safetensors file ({type(err).__name__}: "
-                              f"{err}); pass --checkpoint PATH to a weights file") from None
-    elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
-            # A text or HTML file (a failed download) fails inside the unpickler with a KeyError
-            # of its first byte; anything here means "not a torch weights file".
-            raise HdpipeError(f"checkpoint '{path}' cannot be read as a weights-only torch file "
-                              f"({type(err).__name__}: {str(err)[:200]}); pass --checkpoint PATH to a weights file") from None
-    else:
-        raise HdpipeError(f"checkpoint '{path}': unsupported suffix '{path.suffix}' (use .pth, .pt, .bin, .ckpt "
-                          f"or .safetensors)")
-    for _ in range(3):  # {"model": {...}} or {"state_dict": {"module": {...}}}
-        if isinstance(state, dict) and not _is_flat(state):
-            inner = next((state[k] for k in ("model", "state_dict", "module") if isinstance(state.get(k), dict)), None)
-            if inner is None:
-                raise HdpipeError(f"checkpoint '{path}' holds no state dict: top-level keys {sorted(state)[:10]} "
-                                  f"(expected tensors, or one of 'model', 'state_dict', 'module')")
-            state = inner
-    if not isinstance(state, dict) or not _is_flat(state):
-        raise HdpipeError(f"checkpoint '{path}' holds no flat {{name: tensor}} state dict")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _is_flat(state: dict) -> bool:
-    return all(isinstance(v, torch.Tensor) for v in state.values())
-
-
-def strip_mae_decoder(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Drop the decoder/mask-token keys of a full MAE pre-training checkpoint; returns (state, dropped)."""
-    dropped = [k for k in state if k.startswith(_MAE_DECODER_PREFIXES)]
-    return {k: v for k, v in state.items() if k not in dropped}, dropped
-
-
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with a message that names every missing and unexpected key."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        def show(keys):
-            return f"{list(keys[:12])}" + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "")
-
-        raise HdpipeError(
-            f"checkpoint '{source}' does not fit the model: missing keys {show(missing)}, "
-            f"unexpected keys {show(unexpected)}; pass the matching --teacher/--model or another --checkpoint"
-        )
-
-
-def weights_digest(module: nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every state_dict tensor, in key order."""
-    h = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _offline_hint(what: str, err: Exception) -> HdpipeError:
-    return HdpipeError(
-        f"could not fetch pretrained weights for {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-        f"on an offline machine pass --checkpoint PATH (a local .pth/.bin/.safetensors file) or, for a demo, "
-        f"--random-init"
-    )
-
-
-# ----------------------------------------------------------------------------- model builders
-
-
-def _build_timm(name: str, checkpoint, random_init: bool, model_kwargs: dict) -> tuple[nn.Module, str]:
-    import timm
-
-    if checkpoint is None and not random_init:
-        try:
-            return timm.create_model(name, pretrained=True, **model_kwargs), f"pretrained:timm/{name}"
-        except OSError as err:  # huggingface_hub raises OSError subclasses when the hub is unreachable
-            raise _offline_hint(f"timm model '{name}'", err) from err
-    with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(name, pretrained=False, **model_kwargs)
-    if checkpoint is None:
-        return model, f"random_init:seed{RANDOM_INIT_SEED}"
-    state, _ = strip_mae_decoder(read_checkpoint(checkpoint))
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-    if isinstance(model, VisionTransformer):
-        # timm's own converter: open_clip/OpenAI CLIP key layouts, pos-embed resampling.
-        state = checkpoint_filter_fn(state, model)
-    _load_into(model, state, str(checkpoint))
-    return model, f"checkpoint:{Path(checkpoint).name}"
-
-
-def _open_clip_kwargs(name: str, model_kwargs: dict) -> dict:
-    """Merge nested dict overrides (vision_cfg={'image_size': 64}) into the named config's dicts."""
-    import open_clip
-
-    base = open_clip.get_model_config(name)
-    out = {}
-    for key, value in model_kwargs.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = {**copy.deepcopy(base[key]), **value}
-        else:
-            out[key] = value
-    return out
-
-
-def _build_open_clip(name: str, tag: str | None, checkpoint, random_init: bool,
-                     model_kwargs: dict) -> tuple[nn.Module, str]:
-    import open_clip
-
-    kwargs = _open_clip_kwargs(name, model_kwargs)
-    if checkpoint is None and not random_init:
-        if not tag:
-            raise ConfigError(
-                f"open_clip model '{name}' was given without a pretrained tag; use open_clip:{name}:TAG "
-                f"(tags: {open_clip.list_pretrained_tags_by_model(name)}), --checkpoint PATH or --random-init")
-        pcfg = open_clip.get_pretrained_cfg(name, tag)
-        if not pcfg:
-            raise ConfigError(f"open_clip model '{name}' has no pretrained tag '{tag}' "
-                              f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")
-        try:
-            path = open_clip.download_pretrained(pcfg)
-        except OSError as err:
-            raise _offline_hint(f"open_clip '{name}:{tag}'", err) from err
-        if not path:
-            raise HdpipeError(f"open_clip has no download for '{name}:{tag}'; pass --checkpoint PATH")
-        model = open_clip.create_model(name, pretrained=path, **kwargs)
-        return model.visual, f"pretrained:open_clip/{name}:{tag}"
-    with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model = open_clip.create_model(name, pretrained=None, **kwargs)
-    visual = model.visual
-    if checkpoint is None:
-        return visual, f"random_init:seed{RANDOM_INIT_SEED}"
-    state, _ = strip_mae_decoder(read_checkpoint(checkpoint))
-    if any(k.startswith("visual.") for k in state):
-        # A whole CLIP checkpoint: keep the image tower, drop text tower and logit scale.
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    _load_into(visual, state, str(checkpoint))
-    return visual, f"checkpoint:{Path(checkpoint).name}"
-
-
-def _student_spec(spec: TeacherSpec) -> tuple[TeacherSpec, str, dict, Path]:
-    folder = Path(spec.model)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise HdpipeError(f"student '{folder}': no config.json; run `hdpipe distill` to produce "
-                          f"runs/<name>/student/ (config.json + model.safetensors)")
-    config = json.loads(config_path.read_text())
-    if "model" not in config:
-        raise HdpipeError(f"student config '{config_path}' has no 'model' key (the timm model name)")
-    spec = replace(
-        spec,
-        mean=tuple(config.get("mean", spec.mean)),
-        std=tuple(config.get("std", spec.std)),
-        interpolation=config.get("interpolation", spec.interpolation),
-    )
-    return spec, config["model"], dict(config.get("model_kwargs", {})), folder / "model.safetensors"
+    def load(self, device: str | torch.device | None = "auto") -> "Teacher":
+        return load_teacher(self.name, checkpoint=self.checkpoint, random_init=self.random_init,
+                            model_kwargs=dict(self.model_kwargs), device=device)
 
 
 def load_teacher(
@@ -335,15 +82,15 @@ def load_teacher(
     spec = parse_spec(name_or_spec)
     model_kwargs = dict(model_kwargs or {})
     if spec.backend == "timm":
-        model, source = _build_timm(spec.model, checkpoint, random_init, model_kwargs)
+        model, source = build_timm(spec.model, checkpoint, random_init, model_kwargs)
     elif spec.backend == "open_clip":
-        model, source = _build_open_clip(spec.model, spec.tag, checkpoint, random_init, model_kwargs)
+        model, source = build_open_clip(spec.model, spec.tag, checkpoint, random_init, model_kwargs)
     else:
-        spec, arch, kwargs, weights = _student_spec(spec)
+        spec, arch, kwargs, weights = student_spec(spec)
         kwargs.update(model_kwargs)
         if checkpoint is None and not random_init:
             checkpoint = weights
-        model, source = _build_timm(arch, checkpoint, random_init, kwargs)
+        model, source = build_timm(arch, checkpoint, random_init, kwargs)
     if isinstance(device, torch.device):
         dev = device
     else:
@@ -571,8 +318,6 @@ class Teacher(nn.Module):
         for kind, value in out.items():
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for layer, tensor in items:
-                if not bool(torch.isfinite(tensor).all()):
-                    where = kind if layer is None else f"{kind}[{layer}]"
-                    raise NonFiniteError(
-                        f"teacher '{self.name}' produced non-finite values in {where}; check the weights "
-                        f"({self.weights_source}) and the input batch")
+                where = kind if layer is None else f"{kind}[{layer}]"
+                require_finite(tensor, f"teacher '{self.name}' output {where}",
+                               f"check the weights ({self.weights_source}) and the input batch")

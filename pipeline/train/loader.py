@@ -16,7 +16,8 @@ Batch (B = `cfg.batch_size`, P = patches, n_keep kept patches, T = 1 + n_keep to
 Exactly one of relations/attention/block_features is present, when `mim_store` is given and
 `relation_layers` is not empty; `masking: none` gives n_keep = P.
 
-How an epoch is planned (a pure function of cfg, epoch, rank, world_size and the stores' `valid`
+The epoch plan (which rows, which batches, resume) is `pipeline.train.plan`; the store checks are
+`pipeline.train.sources`. How an epoch is planned (a pure function of cfg, epoch, rank, world_size and the stores' `valid`
 rows; see `plan_epoch`):
 1. Shard order: `default_rng([seed, epoch]).permutation(n_shards)`; rank r takes the shards at
    positions r, r + W, r + 2W, ... of that order (disjoint across ranks, whole shards).
@@ -59,24 +60,24 @@ kept tokens' rows and columns ([0] + 1 + keep_index) are gathered at load time. 
 """
 from __future__ import annotations
 
-import functools
 import json
-import os
-import posixpath
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import ConfigError, ShardError, StoreError
+from pipeline.targets.layout import MIM_TARGETS, MimTarget
+from pipeline.targets.masking import MASKINGS, Masking
+from pipeline.targets.specs import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, sources_of, steps_per_epoch
+from pipeline.train.sources import Sources, open_store
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MASKINGS = ("progressive", "direct", "random", "none")
-MIM_TARGETS = ("relations", "attention", "block_features")
+# The loader's public face: the plan's step count and view choice are part of its contract.
+__all__ = ["LoaderConfig", "EpochLoader", "build_loader", "steps_per_epoch", "choose_view", "plan_epoch"]
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ class LoaderConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN  # student's per-channel normalization mean (RGB, 0-1 scale)
     std: tuple[float, float, float] = IMAGENET_STD  # student's per-channel normalization std (RGB, 0-1 scale)
     interpolation: str = "bicubic"  # resize filter for rendering the view (bilinear|bicubic|nearest|...)
-    masking: Literal["progressive", "direct", "random", "none"] = "progressive"  # which kept-token set the student sees
+    masking: Masking = "progressive"  # which kept-token set the student sees
     relation_layers: tuple[int, ...] | None = None  # 1-based teacher blocks to load from the MIM store; None = all stored, () = none (views/masks only)
-    mim_target: Literal["relations", "attention", "block_features"] = "relations"  # which MIM store array becomes the MIM target
+    mim_target: MimTarget = "relations"  # which MIM store array becomes the MIM target
     pin_memory: bool = True  # pin batches in page-locked memory when CUDA is available (ignored on CPU)
     prefetch_factor: int = 2  # items each worker prepares ahead (num_workers > 0 only)
     mix_shards: int = 4  # shards whose rows each worker shuffles together (memory: this many shards' images and one view of targets per sample); part of the epoch plan
@@ -121,321 +122,6 @@ class LoaderConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stores: open, check against each other and the manifest, describe what a batch will hold.
-
-
-@dataclass(frozen=True)
-class Sources:
-    """What the stores serve, checked once (`resolve_sources`): where views, masks and targets come
-    from, the token geometry, and the teacher shapes a student must match. No teacher is built."""
-
-    view_store: str  # URL of the MIM store whose `views` / `keep_*` arrays are replayed
-    mim_store: str | None  # URL of the MIM targets' store (None: no MIM term)
-    disc_store: str | None  # URL of the features' store (None: no feature term)
-    tokens: str  # "kept" | "all": the stores' token set
-    grid: tuple[int, int]  # teacher patch grid (rows, cols)
-    num_patches: int  # P: patch tokens of the teacher grid
-    n_keep: int  # kept patches per view (from the stored masks)
-    num_views: int  # V stored views per sample
-    relation_layers: tuple[int, ...]  # MIM teacher blocks (1-based) served, in batch order; () = none
-    layer_pos: tuple[int, ...]  # positions of `relation_layers` in the MIM store's layer axis
-    mim_array: str | None  # MIM store array served (relations|attention|block_features), None without MIM targets
-    mim_depth: int | None  # MIM teacher depth L_t and head count (for the student's layer and head rules)
-    mim_heads: int | None
-    mim_dim: int | None  # MIM teacher width (block_features targets)
-    feature_dim: int | None  # discriminative teacher width (features targets)
-    valid_stores: tuple[str, ...]  # stores whose `valid` rows are ANDed
-
-
-def _open_store(url: str):
-    from pipeline.targets.store import TargetStore
-
-    return TargetStore.open(url)
-
-
-def _after(commands: list[str], options: str) -> str:
-    """`a`, then `b`, ... then run with OPTIONS: one sentence a user can follow step by step."""
-    return ", then ".join(f"`{c}`" for c in commands) + f", then run with {options}"
-
-
-@functools.lru_cache(maxsize=32)
-def resolve_sources(manifest_path: str, mim_store: str | None, disc_store: str | None,
-                    masking: str = "progressive", relation_layers: tuple[int, ...] | None = None,
-                    mim_target: str = "relations") -> Sources:
-    """Open the stores and check them against the manifest, each other and what the run asks for.
-
-    Every refusal is one StoreError naming the field; the fix-it commands come from
-    `pipeline.targets.hints` and never rebuild a store in place (stage two made none of them): a store with
-    other settings is written beside the old one and the run pointed at it.
-    """
-    from pipeline.targets.hints import extract_command, sibling_url
-    from pipeline.data.manifest import read_manifest
-
-    manifest = read_manifest(manifest_path)
-    digest = manifest.digest()
-    mim_url = mim_store
-    if mim_url is None and disc_store is not None:
-        # Views and masks always come from a MIM store: a features-only run (CLIP-only ablation)
-        # replays the one the disc store was built against (recorded in its attributes).
-        mim_url = _open_store(disc_store).attrs.get("mim_store")
-        if mim_url is None:
-            raise StoreError(f"disc_store {disc_store} does not record its mim_store; set mim_store")
-    opened = {}
-    for role, url in (("mim_store", mim_url), ("disc_store", disc_store)):
-        if url is None:
-            continue
-        store = _open_store(url)
-        want_role = "mim" if role == "mim_store" else "disc"
-        got_role = store.attrs.get("role", want_role)
-        if got_role != want_role:
-            raise StoreError(f"{role} {url} is a {got_role!r} store (teacher {store.attrs.get('teacher')}); "
-                             f"{role} needs a {want_role!r} one")
-        got = store.attrs.get("manifest_digest")
-        if got != digest:
-            if role == "mim_store":  # a new MIM store for this manifest, and a disc store against it
-                new_mim = sibling_url(url, manifest.name)
-                steps = [extract_command(store.attrs, manifest=manifest_path, out=new_mim)]
-                options = f"--mim-store {new_mim}"
-                if disc_store is not None:
-                    new_disc = sibling_url(disc_store, manifest.name)
-                    steps.append(extract_command(_open_store(disc_store).attrs, manifest=manifest_path,
-                                                 out=new_disc, mim_store=new_mim))
-                    options += f" --disc-store {new_disc}"
-            else:  # the MIM store fits: a disc store for this manifest against it
-                new_disc = sibling_url(url, manifest.name)
-                steps = [extract_command(store.attrs, manifest=manifest_path, out=new_disc, mim_store=mim_url)]
-                options = f"--disc-store {new_disc}"
-            raise StoreError(
-                f"{role} {url} was built from another manifest: manifest_digest {got!r} != {digest!r} of "
-                f"{manifest_path}; pass the manifest it was built from, or make stores for this one: "
-                + _after(steps, options))
-        store.require_complete(extract_command(store.attrs, manifest=manifest_path, out=url))
-        opened[role] = store
-    mim, disc = opened["mim_store"], opened.get("disc_store")
-    if disc is not None:
-        pairs = [(k, k) for k in ("view_plan_digest", "tokens", "grid", "mask")]
-        pairs.append(("weights_digest", "mim_weights_digest"))  # masks come from the MIM teacher's weights
-        for mim_key, disc_key in pairs:
-            a, b = mim.attrs.get(mim_key), disc.attrs.get(disc_key)
-            if a != b:
-                fresh = sibling_url(disc_store, "for-" + posixpath.basename(mim_url.rstrip("/"))[:-5])
-                raise StoreError(
-                    f"stores disagree on {disc_key}: mim_store {mim_url} has {a!r}, disc_store {disc_store} has "
-                    f"{b!r}; make a disc store against this MIM store: "
-                    + _after([extract_command(disc.attrs, manifest=manifest_path, out=fresh, mim_store=mim_url)],
-                             f"--disc-store {fresh}"))
-    attrs = mim.attrs
-    tokens = str(attrs.get("tokens"))
-    if tokens not in ("kept", "all"):
-        raise StoreError(f"mim_store {mim_url} has token set {tokens!r}; expected 'kept' or 'all'")
-    if tokens == "kept" and masking != "progressive":
-        new_mim = sibling_url(mim_url, "tokens-all")
-        steps = [extract_command(attrs, manifest=manifest_path, out=new_mim, tokens="all")]
-        options = f"--mim-store {new_mim}"
-        if disc is not None:
-            new_disc = sibling_url(disc_store, "tokens-all")
-            steps.append(extract_command(disc.attrs, manifest=manifest_path, out=new_disc, mim_store=new_mim))
-            options += f" --disc-store {new_disc}"
-        raise StoreError(
-            f"masking {masking!r} needs targets for every token, but {mim_url} holds only the progressive-kept "
-            f"tokens (tokens: kept); make stores of every token: " + _after(steps, options))
-    grid = tuple(int(g) for g in attrs.get("grid"))
-    stored = tuple(int(x) for x in attrs.get("relation_layers", ()))
-    asked: tuple[int, ...] = ()
-    layer_pos: tuple[int, ...] = ()
-    mim_array = None
-    if mim_store is not None:
-        asked = stored if relation_layers is None else tuple(relation_layers)
-        missing = [layer for layer in asked if layer not in stored]
-        if missing:
-            want = sorted(set(stored) | set(asked))
-            fresh = sibling_url(mim_url, "layers-" + "-".join(map(str, want)))
-            raise StoreError(
-                f"relation layers {missing} are not in mim_store {mim_url} (it holds {list(stored)}); make a MIM "
-                "store with them (the disc store stays valid): "
-                + _after([extract_command(attrs, manifest=manifest_path, out=fresh, relation_layers=want)],
-                         f"--mim-store {fresh}"))
-        layer_pos = tuple(stored.index(layer) for layer in asked)
-        if asked:
-            have = set(MIM_TARGETS) & set(mim.arrays)
-            if mim_target not in have:
-                extras = sorted((have - {"relations"}) | {mim_target})
-                fresh = sibling_url(mim_url, "-".join(extras))
-                raise StoreError(
-                    f"mim_target {mim_target!r} is not stored in {mim_url} (it holds {sorted(have)}); make a MIM "
-                    "store with it (the disc store stays valid): "
-                    + _after([extract_command(attrs, manifest=manifest_path, out=fresh, extra_targets=extras)],
-                             f"--mim-store {fresh}"))
-            mim_array = mim_target
-    mim_dim = int(mim.arrays["block_features"].shape_tail[-1]) if "block_features" in mim.arrays else None
-    return Sources(
-        view_store=mim_url, mim_store=mim_store, disc_store=disc_store, tokens=tokens, grid=grid,
-        num_patches=int(np.prod(grid)), n_keep=int(attrs["mask"]["n_keep"]),
-        num_views=int(attrs["view_plan"]["views"]), relation_layers=asked, layer_pos=layer_pos,
-        mim_array=mim_array, mim_depth=int(attrs["depth"]), mim_heads=int(attrs["num_heads"]), mim_dim=mim_dim,
-        feature_dim=None if disc is None else int(disc.arrays["features"].shape_tail[-1]),
-        valid_stores=tuple(u for u in (mim_url, disc_store) if u is not None),
-    )
-
-
-def _check(cfg: LoaderConfig) -> Sources:
-    cfg.validate()
-    return resolve_sources(cfg.manifest, cfg.mim_store, cfg.disc_store, cfg.masking,
-                           None if cfg.relation_layers is None else tuple(cfg.relation_layers), cfg.mim_target)
-
-
-@functools.lru_cache(maxsize=16)
-def _valid_rows(manifest_path: str, store_urls: tuple[str, ...]) -> tuple[np.ndarray, ...]:
-    """Per shard: bool [count] rows that every store marks valid.
-
-    `valid` is one bool per sample, so the whole array is read in one call (zarr fetches its shard
-    files concurrently) rather than one request per shard; cached per process for later epochs.
-    """
-    from pipeline.data.manifest import read_manifest
-
-    manifest = read_manifest(manifest_path)
-    ok = np.ones(manifest.total, dtype=bool)
-    for url in store_urls:
-        store = _open_store(url)
-        if store.total != manifest.total:
-            raise StoreError(f"store {url} has {store.total} samples, manifest {manifest_path} has {manifest.total}")
-        ok &= np.asarray(store.read_rows(np.arange(manifest.total), names=["valid"])["valid"], dtype=bool)
-    return tuple(ok[s.first_index : s.first_index + s.count] for s in manifest.shards)
-
-
-def _valid(cfg: LoaderConfig) -> tuple[np.ndarray, ...]:
-    src = _check(cfg)
-    return _valid_rows(cfg.manifest, src.valid_stores)
-
-
-def steps_per_epoch(cfg: LoaderConfig, world_size: int) -> int:
-    """Batches every rank yields per epoch, identical on every rank and in every epoch.
-
-    (sum of the m smallest per-shard valid counts) // batch_size with m = n_shards // world_size:
-    each rank gets at least m whole shards in every epoch, so it always has that many samples.
-    With drop_last=False (world_size 1 only) the last partial batch counts too.
-    """
-    if world_size < 1:
-        raise ConfigError(f"world_size must be >= 1, got {world_size}")
-    counts = sorted(int(v.sum()) for v in _valid(cfg))
-    if not cfg.drop_last and world_size != 1:
-        raise ConfigError("loader drop_last=False gives ranks unequal step counts; it is allowed only with world_size 1")
-    m = len(counts) // world_size
-    if m == 0:
-        raise ConfigError(
-            f"manifest {cfg.manifest} has {len(counts)} shards for {world_size} ranks: every rank needs "
-            f"at least one whole shard; re-shard with a smaller shard_size"
-        )
-    least = sum(counts[:m])
-    steps = least // cfg.batch_size if cfg.drop_last else -(-least // cfg.batch_size)
-    if steps == 0:
-        raise ConfigError(
-            f"loader batch_size {cfg.batch_size} exceeds the {least} valid samples a rank is sure to get "
-            f"({m} of the {len(counts)} shards of {cfg.manifest} over {world_size} ranks); lower batch_size"
-        )
-    return steps
-
-
-# ---------------------------------------------------------------------------------------------
-# The epoch plan: pure numpy, computed identically in every process.
-
-
-@dataclass(frozen=True)
-class _WorkerStream:
-    windows: tuple[tuple[int, ...], ...]  # shard ids of each mixing window, in stream order
-    offsets: tuple[int, ...]  # stream position where each window starts (len(windows) + 1 entries)
-    rows: np.ndarray  # int64 [n] global indices in stream order (valid rows only)
-
-    @property
-    def shards(self) -> tuple[int, ...]:
-        return tuple(k for window in self.windows for k in window)
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Which samples each worker streams and how their pieces form the rank's batches."""
-
-    epoch: int
-    rank: int
-    world_size: int
-    workers: tuple[_WorkerStream, ...]
-    # batches[j] = ((worker, start, end), ...): stream slices concatenated into batch j.
-    batches: tuple[tuple[tuple[int, int, int], ...], ...] = field(repr=False)
-
-    def indices(self, j: int) -> np.ndarray:
-        """Global indices of batch j (for tests and logging)."""
-        return np.concatenate([self.workers[w].rows[s:e] for w, s, e in self.batches[j]])
-
-
-def shard_order(seed: int, epoch: int, n_shards: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n_shards)
-
-
-def choose_view(seed: int, epoch: int, index: int, num_views: int) -> int:
-    """The view id sample `index` shows in `epoch` (uniform over the V stored views)."""
-    if num_views == 1:
-        return 0
-    return int(np.random.default_rng([seed, epoch, index]).integers(num_views))
-
-
-def plan_epoch(cfg: LoaderConfig, epoch: int, rank: int, world_size: int, skip_batches: int = 0) -> EpochPlan:
-    """The deterministic plan of one rank's epoch (see the module docstring)."""
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-    from pipeline.data.manifest import read_manifest
-
-    manifest = read_manifest(cfg.manifest)
-    valid = _valid(cfg)
-    steps = steps_per_epoch(cfg, world_size)
-    if not 0 <= skip_batches <= steps:
-        raise ConfigError(f"skip_batches {skip_batches} is outside the epoch's {steps} batches")
-    order = shard_order(cfg.seed, epoch, len(manifest.shards))
-    mine = [int(k) for k in order[rank::world_size]]
-    nw = max(1, cfg.num_workers)
-    workers = []
-    for w in range(nw):
-        shards = mine[w::nw]
-        windows = tuple(tuple(shards[i:i + cfg.mix_shards]) for i in range(0, len(shards), cfg.mix_shards))
-        rows, offsets = [], [0]
-        for window in windows:
-            # The valid rows of every shard in the window, shuffled together: a class-sorted shard
-            # then meets the other shards' classes inside one batch.
-            rows_in = np.concatenate([manifest.shards[k].first_index + np.flatnonzero(valid[k]) for k in window])
-            perm = np.random.default_rng([cfg.seed, epoch, *window]).permutation(rows_in.size)
-            rows.append(rows_in[perm])
-            offsets.append(offsets[-1] + rows_in.size)
-        flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-        workers.append(_WorkerStream(windows=windows, offsets=tuple(offsets), rows=flat))
-    B = cfg.batch_size
-    full = [ws.rows.size // B for ws in workers]
-    batches: list[tuple[tuple[int, int, int], ...]] = []
-    for i in range(max(full, default=0)):
-        for w in range(nw):
-            if i < full[w]:
-                batches.append(((w, i * B, (i + 1) * B),))
-    # Leftovers (< B per worker), concatenated in worker order, cut into batches across workers.
-    current: list[tuple[int, int, int]] = []
-    filled = 0
-    for w, ws in enumerate(workers):
-        start = full[w] * B
-        while start < ws.rows.size:
-            take = min(B - filled, ws.rows.size - start)
-            current.append((w, start, start + take))
-            filled += take
-            start += take
-            if filled == B:
-                batches.append(tuple(current))
-                current, filled = [], 0
-    if current and not cfg.drop_last:
-        batches.append(tuple(current))
-    if len(batches) < steps:
-        raise AssertionError(f"plan has {len(batches)} batches, fewer than steps_per_epoch {steps}")
-    return EpochPlan(
-        epoch=epoch, rank=rank, world_size=world_size, workers=tuple(workers), batches=tuple(batches[skip_batches:steps])
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # Worker side: read whole shards, replay views, gather targets, emit plan pieces.
 
 
@@ -453,12 +139,12 @@ class _ShardTargets:
         # Only the arrays this masking reads: each costs one Zarr read per shard.
         view_names = ["views"] + {"progressive": ["keep_progressive"], "direct": ["keep_direct"]}.get(cfg.masking, [])
         self.parts = {name: (src.view_store, parts) for name, parts in
-                      _store(src.view_store).read_shard_views(k, view_names, self.view_of_row).items()}
+                      open_store(src.view_store).read_shard_views(k, view_names, self.view_of_row).items()}
         if src.mim_array is not None:
-            got = _store(cfg.mim_store).read_shard_views(k, [src.mim_array], self.view_of_row)
+            got = open_store(cfg.mim_store).read_shard_views(k, [src.mim_array], self.view_of_row)
             self.parts["mim"] = (cfg.mim_store, got[src.mim_array])
         if cfg.disc_store is not None:
-            got = _store(cfg.disc_store).read_shard_views(k, ["features"], self.view_of_row)
+            got = open_store(cfg.disc_store).read_shard_views(k, ["features"], self.view_of_row)
             self.parts["features"] = (cfg.disc_store, got["features"])
         for name, (_, parts) in self.parts.items():
             rows = next(iter(parts.values())).shape[0]
@@ -469,7 +155,7 @@ class _ShardTargets:
         """Row `local` of one array (its epoch view), decoded."""
         url, parts = self.parts[key]
         name = {"mim": self.src.mim_array}.get(key, key)
-        return _store(url).decode_rows(name, {p: a[local] for p, a in parts.items()})
+        return open_store(url).decode_rows(name, {p: a[local] for p, a in parts.items()})
 
     def keep(self, local: int, index: int, view: int) -> np.ndarray:
         """int64 [n_keep] (or [P] for masking none) sorted kept patch indices."""
@@ -514,17 +200,6 @@ class _ShardTargets:
         from pipeline.data.views import View
 
         return View.from_row(self._row("views", local))
-
-
-def _store(url: str):
-    """The store at `url`, opened once per process: a forked DataLoader worker opens its own
-    rather than reuse the parent's handles (fsspec/zarr I/O state is not fork-safe for remote URLs)."""
-    return _store_in(url, os.getpid())
-
-
-@functools.lru_cache(maxsize=16)
-def _store_in(url: str, pid: int):
-    return _open_store(url)
 
 
 def _decode_image(data: bytes, index: int, url: str):
@@ -696,7 +371,7 @@ def build_loader(
     command that fixes it. Batch j is a pure function of (cfg, epoch, rank, world_size): see the
     module docstring for the plan and the resume guarantee.
     """
-    src = _check(cfg)
+    src = sources_of(cfg)
     plan = plan_epoch(cfg, epoch, rank, world_size, skip_batches)
     return EpochLoader(cfg, plan, src)
 

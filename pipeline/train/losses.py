@@ -19,14 +19,15 @@ Computed in float32 whatever the autocast dtype of the forward.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.train.student import HeadRule, pick_relations
 
-TEACHER_MODES = ("hybrid", "disc_only", "mim_only")
+TeacherMode = Literal["hybrid", "disc_only", "mim_only"]  # which loss terms: both teachers, features only, MIM only
+TEACHER_MODES = get_args(TeacherMode)
 
 
 def whiten(f: torch.Tensor) -> torch.Tensor:

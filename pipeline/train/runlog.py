@@ -1,0 +1,97 @@
+"""A run's log: `log.jsonl` and `plots/loss.csv` written by rank 0, progress lines on stderr.
+
+log.jsonl holds one JSON row per optimizer step (step, epoch, lr, loss, loss_features,
+loss_relations, images_per_s, elapsed_s) and one `epoch_end` row per epoch (the epoch's averaged
+meters). plots/loss.csv holds no timings: it is a pure function of the run, so a resumed run's
+equals an uninterrupted one's byte for byte. On resume, rows after the checkpoint are dropped and
+redone.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import HdpipeError
+from pipeline.progress import eta
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run directory or fail with a clear error when it cannot be written."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise HdpipeError(
+            f"run directory {run_dir} is not writable ({e.strerror or e}); choose another --runs-dir or --name"
+        ) from None
+
+
+class RunLog:
+    """Rows every `log_every` steps, a stderr line every `print_every` steps (0: epoch ends only)."""
+
+    CSV_FIELDS = ("step", "epoch", "lr", "loss", "loss_features", "loss_relations")
+
+    def __init__(self, run_dir: Path, enabled: bool, name: str = "distill", log_every: int = 1,
+                 print_every: int = 0, total_steps: int = 0, epochs: int = 0):
+        self.jsonl = run_dir / "log.jsonl"
+        self.csv = run_dir / "plots" / "loss.csv"
+        self.enabled = enabled  # rank 0 only
+        self.name, self.log_every, self.print_every = name, log_every, print_every
+        self.total_steps, self.epochs = total_steps, epochs
+        self.t_start = time.perf_counter()  # `elapsed_s` of each row counts from here (this process)
+        self.first_step = 0  # the step this process started from (a resume starts later)
+
+    def start(self) -> None:
+        if self.enabled:
+            self.jsonl.write_text("")
+            self.csv.write_text(",".join(self.CSV_FIELDS) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Keep rows of steps <= `step` (those after the checkpoint are redone on resume)."""
+        self.first_step = step
+        if not self.enabled:
+            return
+        rows = [json.loads(ln) for ln in self.jsonl.read_text().splitlines() if ln.strip()] if self.jsonl.exists() else []
+        rows = [r for r in rows if r.get("step", 0) <= step and not (r.get("event") == "epoch_end" and r["step"] > step)]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.csv.write_text(",".join(self.CSV_FIELDS) + "\n" + "".join(
+            ",".join(str(r[k]) for k in self.CSV_FIELDS) + "\n" for r in rows if "event" not in r))
+
+    def step(self, row: dict) -> None:
+        """An optimizer step's row: written every `log_every` steps, printed every `print_every`."""
+        row["elapsed_s"] = round(time.perf_counter() - self.t_start, 4)
+        if row["step"] % self.log_every == 0:
+            self._write(row)
+        if self.print_every and row["step"] % self.print_every == 0:
+            self._say(row)
+
+    def epoch_end(self, row: dict) -> None:
+        row = {"event": "epoch_end", **row}
+        self._write(row)
+        self._say(row)
+
+    def _write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if "event" not in row:
+            with self.csv.open("a") as f:
+                f.write(",".join(str(row[k]) for k in self.CSV_FIELDS) + "\n")
+
+    def _say(self, row: dict) -> None:
+        """One progress line on stderr: where the run is, its losses, speed and ETA."""
+        if not self.enabled:
+            return
+        done = row["step"] - self.first_step
+        rate = done / max(time.perf_counter() - self.t_start, 1e-9)
+        left = (self.total_steps - row["step"]) / rate if rate > 0 else None
+        what = "epoch end" if row.get("event") == "epoch_end" else f"lr {row['lr']:.3g}, {row['images_per_s']:.1f} img/s"
+        print(f"{self.name}: epoch {row['epoch'] + 1}/{self.epochs} step {row['step']}/{self.total_steps} "
+              f"loss {row['loss']:.4f} (features {row['loss_features']:.4f}, relations {row['loss_relations']:.4f}), "
+              f"{what}, ETA {eta(left)}", file=sys.stderr, flush=True)
