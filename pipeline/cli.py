@@ -18,38 +18,35 @@ import click
 from pipeline import __version__
 from pipeline.errors import HdpipeError
 
-# (module under pipeline.commands, command name) for every command; a module defines `command`.
+# (module under pipeline.commands, command name, one-line help) for every command; a module defines
+# `command`. The help is repeated here so that `hdpipe --help` imports no stage (torch, timm):
+# tests/test_cli.py checks it against each command's own docstring.
 COMMANDS = (
-    ("shard", "shard"),
-    ("extract", "extract"),
-    ("inspect_store", "inspect"),
-    ("verify", "verify"),
-    ("distill", "distill"),
-    ("evaluate", "evaluate"),
-    ("analyze", "analyze"),
+    ("shard", "shard", "Write images as deterministic webdataset tar shards plus a dataset manifest."),
+    ("extract", "extract", "Run a frozen teacher once per view and store its targets (Zarr v3), resuming..."),
+    ("inspect_store", "inspect", "Show a target store's schema, teacher, counts, shards done/missing, bytes..."),
+    ("verify", "verify", "Re-run STORE's teacher on random stored views; exit 1 when any array is beyond..."),
+    ("distill", "distill", "Train a student from cached teacher targets (no teacher runs) and export it..."),
+    ("evaluate", "evaluate", "k-NN (cosine, exp(sim/T) votes) and linear-probe top-1/top-5 of a frozen..."),
+    ("analyze", "analyze", "Per layer and head: attention distance (px), NMI, entropy; token/image singular..."),
 )
 
 
 class LazyGroup(click.Group):
-    """Imports a command's module only when that command runs or its help is shown."""
+    """Imports a command's module only when that command runs or its own help is shown."""
 
     def list_commands(self, ctx):
-        return [name for _, name in COMMANDS if self._module(name) is not None]
-
-    def _module(self, name):
-        for module, cmd in COMMANDS:
-            if cmd == name:
-                try:
-                    return importlib.import_module(f"pipeline.commands.{module}")
-                except ModuleNotFoundError as e:
-                    if e.name == f"pipeline.commands.{module}":
-                        return None  # command not part of this build
-                    raise
-        return None
+        return [name for _, name, _ in COMMANDS]
 
     def get_command(self, ctx, name):
-        module = self._module(name)
-        return None if module is None else module.command
+        for module, cmd, _ in COMMANDS:
+            if cmd == name:
+                return importlib.import_module(f"pipeline.commands.{module}").command
+        return None
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for _, name, short in COMMANDS])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -72,81 +72,6 @@ class AnalyzeConfig:
             raise ConfigError(f"analyze: crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
-@torch.no_grad()
-def analyze_model(teacher, cfg: AnalyzeConfig, label: str) -> dict:
-    """All metrics of one loaded model over the manifest's first `num_images` images.
-
-    Returns {"layers": [l...], "attention_distance" / "nmi" / "entropy": [[H] per layer],
-    "spectrum_token": [[min(P - 1, D)] per layer], "spectrum_image": [[min(n - 1, D)] per layer], plus
-    "depth", "num_heads", "grid", "img_size", "patch_px", "num_prefix", "images"}.
-    """
-    from pipeline.eval import analysis
-    from pipeline.eval.probe import pool_tokens
-    from stages.evaluate import center_view, img_side, iter_images
-
-    depth = int(teacher.depth)
-    layers = tuple(sorted(set(cfg.layers))) or tuple(range(1, depth + 1))
-    if max(layers) > depth:
-        raise ConfigError(f"analyze: layer {max(layers)} asked for but {label} has {depth} blocks (key 'layers')")
-    side = img_side(teacher)
-    grid = tuple(int(g) for g in teacher.grid)
-    patch_px = (side / grid[0], side / grid[1])  # pixels of the model's input per patch (h, w)
-
-    sums: dict[str, list] = {k: [0.0] * len(layers) for k in ("attention_distance", "nmi", "entropy", "spectrum_token")}
-    pooled: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: [B, D] chunks
-    n = 0
-    num_prefix = None
-    batch: list[torch.Tensor] = []
-
-    def flush():
-        nonlocal n, num_prefix
-        x = teacher.normalize(torch.stack(batch))  # [B, 3, S, S] on the model's device
-        # One forward (bf16 autocast on CUDA inside forward_targets; it raises on non-finite values).
-        out = teacher.forward_targets(x, attention_layers=layers, block_layers=layers, features=False)
-        b = x.shape[0]
-        for i, layer in enumerate(layers):
-            attn = out["attention"][layer].float()  # [B, H, N, N] softmax(Q·Kᵀ / sqrt(d_head))
-            tokens = out["block"][layer].float()  # [B, N, D] output of block `layer`
-            num_prefix = attn.shape[-1] - grid[0] * grid[1]
-            # Each metric is a mean over the batch; weight by b so the total is a mean over images.
-            sums["attention_distance"][i] = sums["attention_distance"][i] + b * analysis.attention_distance(attn, grid, patch_px, num_prefix)
-            sums["nmi"][i] = sums["nmi"][i] + b * analysis.attention_nmi(attn, num_prefix)
-            sums["entropy"][i] = sums["entropy"][i] + b * analysis.attention_entropy(attn, num_prefix)
-            sums["spectrum_token"][i] = sums["spectrum_token"][i] + b * analysis.singular_spectrum(tokens, "token", num_prefix)
-            pooled[i].append(pool_tokens(tokens, cfg.pooling, num_prefix))
-        n += b
-        batch.clear()
-
-    for image, _label, _index in iter_images(cfg.manifest, limit=cfg.num_images, progress=cfg.progress,
-                                             desc=f"analyze {label}"):
-        batch.append(center_view(image, side, cfg.crop_pct, cfg.interpolation))
-        if len(batch) == cfg.batch_size:
-            flush()
-    if batch:
-        flush()
-    if n < 2:
-        raise ConfigError(f"analyze: manifest {cfg.manifest} gave {n} image(s); at least 2 are needed")
-
-    result = {
-        "spec": None,
-        "depth": depth,
-        "num_heads": int(teacher.num_heads),
-        "grid": list(grid),
-        "img_size": side,
-        "patch_px": list(patch_px),
-        "num_prefix": num_prefix,
-        "images": n,
-        "layers": list(layers),
-    }
-    for key, per_layer in sums.items():
-        result[key] = [(v / n).cpu().tolist() for v in per_layer]
-    result["spectrum_image"] = [
-        analysis.singular_spectrum(torch.cat(chunks)[:, None, :], "image", num_prefix=0, pooling="mean").cpu().tolist()
-        for chunks in pooled
-    ]
-    return result
-
-
 def analyze(cfg: AnalyzeConfig) -> dict:
     """Analyze every model of `cfg`, write analysis.json, figures and DVC tables under cfg.out_dir.
 
@@ -155,7 +80,8 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     """
     from pipeline.eval import plots
     from pipeline.device import pick_device
-    from stages.evaluate import load_subject, model_label
+    from pipeline.eval.properties import analyze_model
+    from pipeline.eval.subjects import load_subject, model_label
 
     device = pick_device(cfg.device)
     labels = list(cfg.labels) or [model_label(m, cfg.random_init and not m.startswith("student:")) for m in cfg.models]
@@ -165,7 +91,9 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     for spec, label in zip(cfg.models, labels):
         print(f"hdpipe analyze: {label} ({spec})", file=sys.stderr)
         teacher = load_subject(spec, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device)
-        res = analyze_model(teacher, cfg, label)
+        res = analyze_model(teacher, cfg.manifest, label, num_images=cfg.num_images, layers=cfg.layers,
+                            pooling=cfg.pooling, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                            batch_size=cfg.batch_size, progress=cfg.progress)
         res["spec"] = spec
         res["random_init"] = bool(cfg.random_init and not spec.startswith("student:"))
         models[label] = res

@@ -17,23 +17,13 @@ written atomically with the resolved config beside it (`<out>.config.yaml`).
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
-from PIL import Image
-
 from pipeline.config import write_resolved
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.urls import atomic_write_bytes
-
-_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                "lanczos": Image.LANCZOS}
-
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -72,112 +62,6 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate: batch_size must be >= 1, got {self.batch_size}")
 
 
-def model_label(spec: str, random_init: bool = False) -> str:
-    """A short file- and legend-friendly name: student:runs/x/student -> student-x, timm:NAME -> NAME."""
-    if spec.startswith("student:"):
-        p = Path(spec[len("student:"):].rstrip("/"))
-        label = f"student-{p.parent.name}" if p.name == "student" and p.parent.name else f"student-{p.name}"
-    elif spec.startswith("timm:"):
-        label = spec[len("timm:"):]
-    else:
-        label = spec.replace(":", "-")
-    label = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
-    return label + ("-random" if random_init else "")
-
-
-def center_view(image: Image.Image, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic") -> torch.Tensor:
-    """Resize the shorter side to floor(size / crop_pct), crop the central size²: float32 [3, size, size] in [0, 1]."""
-    image = image.convert("RGB")
-    w, h = image.size
-    short = math.floor(size / crop_pct)
-    scale = short / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), _PIL_FILTERS[interpolation])
-    left, top = (nw - size) // 2, (nh - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    arr = np.asarray(image, dtype=np.float32) / 255.0  # [size, size, 3]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def img_side(teacher) -> int:
-    """The model's square input side in pixels (timm may report img_size as an int or an (h, w) pair)."""
-    s = teacher.img_size
-    if isinstance(s, (tuple, list)):
-        if s[0] != s[1]:
-            raise ConfigError(f"only square inputs are supported, model has img_size {tuple(s)}")
-        return int(s[0])
-    return int(s)
-
-
-def iter_images(manifest_path: str, limit: int | None = None, progress: bool = True, desc: str = "images"):
-    """Yield (upright RGB image, label int (-1 unlabeled), index) in index order over the manifest's shards, at most `limit`."""
-    from pipeline.data.reading import read_shard_records
-    from pipeline.data.images import decode_image
-    from pipeline.data.manifest import read_manifest
-    from pipeline.progress import Progress
-
-    manifest = read_manifest(manifest_path)
-    total = manifest.total if limit is None else min(limit, manifest.total)
-    bar = Progress(total, desc, unit="img", bar=progress)
-    seen = 0
-    try:
-        for k in range(manifest.num_shards):
-            # Whole shard first (its sha256 is checked at the end of the tar), decoded one by one.
-            for rec in read_shard_records(manifest, k):
-                if seen >= total:
-                    return
-                image = decode_image(rec["image"], f"image {rec['index']:09d} ({rec['name']}) of {manifest_path}")
-                yield image, rec["label"], rec["index"]
-                seen += 1
-                bar.update(1)
-    finally:
-        bar.close()
-
-
-def load_subject(spec: str, checkpoint=None, random_init=False, model_kwargs=None, device=None):
-    """load_teacher for a student or a teacher; teacher-only options are left out for students."""
-    from pipeline.targets.teachers import load_teacher
-
-    if spec.startswith("student:"):
-        return load_teacher(spec, device=device)
-    return load_teacher(spec, checkpoint=checkpoint, random_init=random_init,
-                        model_kwargs=dict(model_kwargs or {}) or None, device=device)
-
-
-@torch.no_grad()
-def embed_manifest(teacher, manifest_path: str, cfg: EvaluateConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled final-layer embeddings [N, D] (float32, on `device`) and labels [N] of every image."""
-    from pipeline.eval.probe import pool_tokens
-
-    side = img_side(teacher)
-    feats, labels, batch, batch_labels = [], [], [], []
-
-    def flush():
-        x = teacher.normalize(torch.stack(batch))  # [B, 3, S, S] on the model's device
-        # Final tokens after the final norm; forward_targets runs bf16 autocast on CUDA and raises
-        # NonFiniteError on NaN/Inf.
-        tokens = teacher.forward_targets(x, features=True)["features"].float()  # [B, N, D]
-        num_prefix = tokens.shape[1] - teacher.grid[0] * teacher.grid[1]
-        feats.append(pool_tokens(tokens, cfg.pooling, num_prefix))
-        labels.extend(batch_labels)
-        batch.clear()
-        batch_labels.clear()
-
-    for image, label, index in iter_images(manifest_path, progress=cfg.progress, desc=f"embed {Path(manifest_path).name}"):
-        if label < 0:
-            raise ManifestError(f"sample {index} of {manifest_path} has no label; evaluate needs labeled "
-                                "manifests (hdpipe shard --sample writes manifests/sample-probe-*.json)")
-        batch.append(center_view(image, side, cfg.crop_pct, cfg.interpolation))
-        batch_labels.append(int(label))
-        if len(batch) == cfg.batch_size:
-            flush()
-    if batch:
-        flush()
-    if not feats:
-        raise ManifestError(f"manifest {manifest_path} holds no images")
-    return torch.cat(feats), torch.tensor(labels, device=device)
-
-
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Embed both splits with the frozen model, run k-NN and the linear probe, write the metrics JSON.
 
@@ -185,9 +69,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     "knn": {"k", "temperature", "top1", ["top5"]}, "linear": {"weight_decay", "top1", ["top5"]}, "out"}
     with accuracies as fractions in [0, 1].
     """
-    from pipeline.device import pick_device
     from pipeline.data.manifest import read_manifest
+    from pipeline.device import pick_device
     from pipeline.eval.probe import knn_accuracy, linear_probe
+    from pipeline.eval.subjects import embed_manifest, load_subject, model_label
 
     device = pick_device(cfg.device)
     for path in (cfg.train_manifest, cfg.test_manifest):
@@ -201,8 +86,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                           f"images; pass --k {train.total} or fewer (or a larger train manifest)")
     num_classes = train.num_classes
     teacher = load_subject(cfg.model, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device)
-    xtr, ytr = embed_manifest(teacher, cfg.train_manifest, cfg, device)
-    xte, yte = embed_manifest(teacher, cfg.test_manifest, cfg, device)
+    opts = dict(pooling=cfg.pooling, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                batch_size=cfg.batch_size, progress=cfg.progress)
+    xtr, ytr = embed_manifest(teacher, cfg.train_manifest, device, **opts)
+    xte, yte = embed_manifest(teacher, cfg.test_manifest, device, **opts)
     num_classes = max(num_classes, int(ytr.max()) + 1, int(yte.max()) + 1)
     knn = knn_accuracy(xtr, ytr, xte, yte, k=cfg.k, temperature=cfg.temperature, num_classes=num_classes)
     lin = linear_probe(xtr, ytr, xte, yte, weight_decay=cfg.linear_weight_decay,

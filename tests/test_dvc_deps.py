@@ -66,7 +66,7 @@ def _command_module(cmd: str) -> Path:
 
     words = cmd.split()
     name = words[words.index("hdpipe") + 1]
-    module = dict((c, m) for m, c in pipeline.cli.COMMANDS)[name]
+    module = {c: m for m, c, _ in pipeline.cli.COMMANDS}[name]
     return ROOT / "pipeline" / "commands" / f"{module}.py"
 
 

@@ -79,7 +79,7 @@ def student_dir(tmp_path_factory):
 
 
 def test_center_view_geometry():
-    from stages.evaluate import center_view
+    from pipeline.eval.subjects import center_view
 
     # 200x100 image, left half black / right half white: size 50 at crop_pct 0.5 -> resize short side to
     # 100 (no-op), crop the central 50x50 = columns 75..125, straddling the edge at column 100.
@@ -163,12 +163,11 @@ def _independent_forward(teacher, x):
 
 def test_analyze_matches_independently_extracted_attention(split):
     from pipeline.targets.teachers import load_teacher
-    from stages.analyze import AnalyzeConfig, analyze_model
-    from stages.evaluate import center_view, iter_images
+    from pipeline.eval.properties import analyze_model
+    from pipeline.eval.subjects import center_view, iter_images
 
     teacher = load_teacher(TIMM, random_init=True, model_kwargs=TINY, device="cpu")
-    cfg = AnalyzeConfig(models=(TIMM,), manifest=split["test"], num_images=7, batch_size=3, progress=False)
-    got = analyze_model(teacher, cfg, "tiny")
+    got = analyze_model(teacher, split["test"], "tiny", num_images=7, batch_size=3, progress=False)
     assert got["layers"] == [1, 2, 3, 4, 5, 6] and got["images"] == 7 and got["grid"] == [8, 8]
 
     images = [center_view(im, 64) for im, _, _ in iter_images(split["test"], limit=7, progress=False)]
@@ -192,9 +191,7 @@ def test_analyze_matches_independently_extracted_attention(split):
         np.testing.assert_allclose(got["spectrum_image"][i], np.maximum(np.log(s) - np.log(s[0]), analysis.LOG_SV_FLOOR),
                                    atol=2e-3)
     # a layer subset (unsorted, repeated) gives the same numbers for those layers, batch size aside
-    import dataclasses
-
-    sub = analyze_model(teacher, dataclasses.replace(cfg, layers=(6, 2, 2), batch_size=7), "tiny")
+    sub = analyze_model(teacher, split["test"], "tiny", num_images=7, layers=(6, 2, 2), batch_size=7, progress=False)
     assert sub["layers"] == [2, 6]
     for key in ("attention_distance", "nmi", "entropy", "spectrum_token", "spectrum_image"):
         np.testing.assert_allclose(sub[key], [got[key][1], got[key][5]], rtol=1e-4, atol=1e-5)
@@ -204,7 +201,8 @@ def test_analyze_matches_independently_extracted_attention(split):
 
 def test_evaluate_matches_independent_probe(split, tmp_path):
     from pipeline.targets.teachers import load_teacher
-    from stages.evaluate import EvaluateConfig, center_view, evaluate, iter_images
+    from pipeline.eval.subjects import center_view, iter_images
+    from stages.evaluate import EvaluateConfig, evaluate
 
     out = tmp_path / "m.json"
     cfg = EvaluateConfig(model=TIMM, random_init=True, model_kwargs=TINY, train_manifest=split["train"],
@@ -272,10 +270,12 @@ def test_evaluate_command_reads_config_section(split, student_dir, tmp_path):
     assert metrics["model"] == f"student:{student_dir}" and metrics["knn"]["k"] == 3 and metrics["pooling"] == "mean"
     assert 0.0 <= metrics["knn"]["top1"] <= metrics["knn"]["top5"] <= 1.0
     # The student's own exported weights were used: the same k-NN on timm's forward of that export agrees.
-    from pipeline.train.checkpoint import load_exported
-    from stages.evaluate import center_view, iter_images
+    import timm
+    from pipeline.eval.subjects import center_view, iter_images
 
-    model = load_exported(student_dir)
+    exported = json.loads((student_dir / "config.json").read_text())
+    model = timm.create_model(exported["model"], checkpoint_path=str(student_dir / "model.safetensors"),
+                              **exported["model_kwargs"]).eval()
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     def embed(path):

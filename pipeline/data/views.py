@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ ALGORITHM_VERSION = 2
 # A MIM extraction's view plan when its config leaves a setting unset (`hdpipe extract`).
 VIEW_DEFAULTS = {"views": 1, "seed": 0, "scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": True}
 
+Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos"]  # resize filters a view may be rendered with
+PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+               "lanczos": Image.LANCZOS}
 INTERPOLATIONS = {
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,

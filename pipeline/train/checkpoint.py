@@ -74,14 +74,3 @@ def export_student(state_dict: dict[str, torch.Tensor], model: str, model_kwargs
     cfg = {"model": model, "model_kwargs": dict(model_kwargs), **dict(preprocessing or {})}
     atomic_write_bytes(str(out / "config.json"), (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     return out
-
-
-def load_exported(out_dir: str | Path) -> torch.nn.Module:
-    """timm model built from an export, strictly (no missing or unexpected keys), in eval mode."""
-    import timm
-
-    out = Path(out_dir)
-    cfg = json.loads((out / "config.json").read_text())
-    m = timm.create_model(cfg["model"], pretrained=False, checkpoint_path=str(out / "model.safetensors"),
-                          **cfg["model_kwargs"])
-    return m.eval()
