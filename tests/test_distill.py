@@ -436,3 +436,14 @@ def test_existing_run_needs_resume(world, tmp_path):
         distill(cfg)
     with pytest.raises(ConfigError, match="alpha: checkpoint 1.0 vs now 0.5"):
         distill(replace(cfg, resume=True, alpha=0.5))
+
+
+def test_export_is_byte_deterministic(tmp_path):
+    """The same weights export to the same bytes (DVC hashes the export: a differing header would
+    re-run evaluation and analysis after an identical training run)."""
+    from pipeline.train.checkpoint import export_student
+
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.zeros(4)}
+    blobs = {(export_student(state, "vit_tiny_patch16_224", {"depth": 2}, tmp_path / str(i)) / "model.safetensors")
+             .read_bytes() for i in range(10)}
+    assert len(blobs) == 1

@@ -70,7 +70,9 @@ def export_student(state_dict: dict[str, torch.Tensor], model: str, model_kwargs
 
     out = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write_bytes(str(out / "model.safetensors"), save(tensors, metadata={"format": "pt", "model": model}))
+    # One metadata key: safetensors orders a header's metadata by hash, so two keys make the bytes
+    # (and DVC's hash of the export) differ between identical runs. The model name is in config.json.
+    atomic_write_bytes(str(out / "model.safetensors"), save(tensors, metadata={"format": "pt"}))
     cfg = {"model": model, "model_kwargs": dict(model_kwargs), **dict(preprocessing or {})}
     atomic_write_bytes(str(out / "config.json"), (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     return out
