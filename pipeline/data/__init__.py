@@ -1,0 +1,1 @@
+"""Samples: images -> deterministic tar shards + a manifest -> verified records and rendered views."""

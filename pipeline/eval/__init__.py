@@ -1,0 +1,1 @@
+"""Evaluation and analysis of students and teachers: probes, attention and spectrum properties, plots."""

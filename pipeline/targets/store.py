@@ -6,29 +6,14 @@ Layout of a store at URL (N samples, V views per sample, S = manifest shard size
     URL/<name>/                 one Zarr array per stored part of each logical array
     URL/done/<k:06d>.json       done marker of shard k, written last (readers trust nothing else)
 
-Logical arrays (`ArraySpec`) are indexed [sample, view, *shape_tail] ([sample, *shape_tail] when
-`per_view=False`, e.g. `valid` [N]). Every per-view Zarr array is chunked one sample per chunk
-(1, V, *tail) and sharded (S, V, *tail) (per-sample arrays: chunk = shard = (S, *tail)), so Zarr
-shard k holds rows [k*S, k*S + count_k) exactly
-like tar shard k; the last tar shard may be shorter and ends the array, so writing it is still a
-whole-shard write. A shard is written by one writer in one assignment per array (zarr has no
-locking: two writers on one Zarr shard, or a partial shard write, lose data).
-
-Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
-- `exact`: stored as its dtype (ints, bools, float32 crop boxes);
-- `fp16` / `int8` / `q1pct`: float targets, stored as parts: `<name>` holds part "q" and
-  `<name>_<part>` the others (`relations_scale` float16 [N, V, ..., rows] for int8;
-  `relations_step` float32 [N, V] + `relations_rowmean` / `relations_colmean` uint32 code
-  predictors + `relations` uint16 residual codes for q1pct).
-  `read_shard` / `read_rows` return them decoded to float32.
-Codecs: Blosc byte shuffle (element size = itemsize) then zstd level 3, per chunk (Zarr v3 core codecs).
-
-The `hdpipe` group attribute holds the caller's settings (teacher, weights digest, preprocessing,
-layers, scale convention, mask rule, token set, precision, view-plan digest, code version, ...;
-`REQUIRED_ATTRS` must be present) plus what the store adds itself: `schema_version`,
-`manifest_digest`, `total`, `shard_size`, `num_shards`, `views`, `arrays` (each array's spec),
-`codec`, `package_version`. `create` on an existing store with the same attribute dict resumes
-it; with a different one it refuses unless `overwrite=True`. `open(url, expect)` compares fields.
+The arrays, their stored parts, codecs and the `hdpipe` attribute are the schema's
+(`pipeline.targets.schema`). Zarr shard k holds rows [k*S, k*S + count_k) exactly like tar shard
+k; the last tar shard may be shorter and ends the array, so writing it is still a whole-shard
+write. A shard is written by one writer in one assignment per array (zarr has no locking: two
+writers on one Zarr shard, or a partial shard write, lose data). `read_shard` / `read_rows` return
+lossy arrays decoded to float32. `create` on an existing store with the same attribute dict
+resumes it; with a different one it refuses unless `overwrite=True`. `open(url, expect)` compares
+fields.
 
 Done marker (JSON): the caller's summary (e.g. `seconds`, `views`, `skipped`) plus, set by the
 store (its values win on these keys), `shard`, `first_index`, `rows`, `views_per_sample`,

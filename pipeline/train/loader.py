@@ -16,41 +16,17 @@ Batch (B = `cfg.batch_size`, P = patches, n_keep kept patches, T = 1 + n_keep to
 Exactly one of relations/attention/block_features is present, when `mim_store` is given and
 `relation_layers` is not empty; `masking: none` gives n_keep = P.
 
-The epoch plan (which rows, which batches, resume) is `pipeline.train.plan`; the store checks are
-`pipeline.train.sources`. How an epoch is planned (a pure function of cfg, epoch, rank, world_size and the stores' `valid`
-rows; see `plan_epoch`):
-1. Shard order: `default_rng([seed, epoch]).permutation(n_shards)`; rank r takes the shards at
-   positions r, r + W, r + 2W, ... of that order (disjoint across ranks, whole shards).
-2. Within the rank, worker w (of max(1, num_workers)) takes the rank's shards w, w + nw, ...,
-   grouped in that order into windows of `mix_shards` shards; its sample stream is its windows in
-   order, the valid rows of each window's shards permuted together by
-   `default_rng([seed, epoch, *window])`, so one batch mixes rows of `mix_shards` shards (a
-   class-sorted tar does not make one-class batches). Every shard is read whole by exactly one
-   process: `read_shard_records` for the images (its sha256 checked before any row is used) and
-   `store.read_shard_views(k)` for the targets (never one random Zarr read per sample), joined
-   on the global index.
-3. Batches: each worker's stream is cut into full batches of B; the rank's batch order takes them
-   round-robin over workers (w0's first, w1's first, ..., w0's second, ...); then the workers'
-   leftovers (< B each), concatenated in worker order, make the last batches (assembled in the main
-   process from the workers' pieces). The list is cut to `steps_per_epoch` batches.
-4. View per sample and epoch: `default_rng([seed, epoch, index]).integers(V)`; its stored crop box
-   and flip (`views` array) are replayed with `pipeline.data.views.render` at the student's img_size.
+Which rows each rank and worker reads, in which batches, and the resume guarantee are the epoch
+plan's (`pipeline.train.plan`); the store checks are `pipeline.train.sources`. Here, each worker
+reads every shard of its current mixing window whole: `read_shard_records` for the images (the
+tar's sha256 checked before any row is used) and `store.read_shard_views(k)` for the targets
+(never one random Zarr read per sample), joined on the global index; the stored view is replayed
+with `pipeline.data.views.render` at the student's img_size. The main process reassembles worker
+pieces by plan position, so batch j never depends on worker timing.
 
-Guarantees:
-- Every rank yields exactly `steps_per_epoch(cfg, world_size)` batches (no DDP hang at epoch end).
-  That count depends only on the manifest and the stores' valid rows, not on the epoch: it is
-  (sum of the m smallest per-shard valid counts) // B with m = n_shards // W, a lower bound of
-  every rank's sample count in every epoch, since each rank gets at least m whole shards. The
-  samples beyond it are dropped for that epoch (different ones each epoch).
-- Within an epoch, samples are disjoint across ranks and each sample is yielded at most once.
-- Memory: a worker holds one window at a time: `mix_shards` shards' encoded images and, per row,
-  the chosen view's targets still encoded (S x one view's stored bytes per shard, whatever V is;
-  rows are decoded to float32 one sample at a time), plus `prefetch_factor` pieces.
-- Batch j depends only on (cfg, epoch, rank, world_size), never on worker timing: the main process
-  reassembles worker output by its plan position. `build_loader(..., skip_batches=k)` yields exactly
-  batches k, k+1, ... of the full epoch, bit for bit, so a run resumes mid-epoch from the number of
-  batches it consumed. The plan includes `num_workers` and `mix_shards` (they decide the batches), so a
-  resume must use the same loader config and world size, which the checkpointed config ensures.
+Memory: a worker holds one window at a time: `mix_shards` shards' encoded images and, per row, the
+chosen view's targets still encoded (S x one view's stored bytes per shard, whatever V is; rows
+are decoded to float32 one sample at a time), plus `prefetch_factor` pieces.
 
 Targets: a store built with `tokens: kept` holds [CLS] + keep_progressive rows already (only
 masking `progressive` can be served); a store built with `tokens: all` serves every masking: the
