@@ -9,9 +9,9 @@ heads, T×T), so α weighs two per-element averages.
 - whiten(f) = LayerNorm without affine over the teacher's channel axis (FD/dBOT), applied here at
   load time because the stores keep raw features.
 - `relations`: raw Q·Kᵀ (no 1/√d), the store's convention. Heads are matched by `HeadRule`.
-- `attention`: the stored teacher attention was a softmax over the teacher's whole token set;
-  gathering kept rows/columns and renormalizing each row gives exactly softmax over the kept
-  tokens, i.e. what the student's softmax(R·scale) over [CLS] + kept is compared with.
+- `attention`: row-stochastic teacher attention over [CLS] + kept, as the loader serves it (a
+  `tokens: all` store's rows are renormalized over the kept tokens when gathered, which gives
+  exactly the softmax over them), compared with the student's softmax(R·scale) over the same tokens.
 - `block_features`: per-layer student block outputs through a linear head vs whitened teacher
   block features, like the final features.
 Teachers mode: `hybrid` (both terms), `disc_only` (features only), `mim_only` (MIM term only).
@@ -33,11 +33,6 @@ TEACHER_MODES = get_args(TeacherMode)
 def whiten(f: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine over the last axis: [..., D] -> [..., D] (FD/dBOT whitening)."""
     return F.layer_norm(f, f.shape[-1:])
-
-
-def renormalize_rows(att: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Rows of gathered attention probabilities rescaled to sum to 1 (softmax over the kept set)."""
-    return att / att.sum(dim=-1, keepdim=True).clamp_min(eps)
 
 
 def hybrid_loss(
@@ -84,8 +79,6 @@ def hybrid_loss(
         if target == "block_features":  # [B, n_layers, T, Dm]
             tgt = whiten(tgt)
         else:  # [B, n_layers, H, T, T]
-            if target == "attention":
-                tgt = renormalize_rows(tgt)
             if head_rule is not None:
                 pred = head_rule.student(pred, heads_dim=2)
                 tgt = head_rule.teacher(tgt, heads_dim=2)

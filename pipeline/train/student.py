@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from pipeline.errors import ConfigError
+from pipeline.targets.layout import MIM_TARGETS
 
-MIM_TARGETS = ("relations", "attention", "block_features")
 
 
 def map_relation_layers(teacher_layers: Sequence[int], teacher_depth: int, student_depth: int) -> dict[int, int]:
