@@ -87,7 +87,7 @@ def child(args) -> dict:
     from pipeline.data.views import render
     from pipeline.run.worker import cached_teacher, task_device
     from pipeline.targets.teachers import TeacherSource
-    from stages.extract import ExtractConfig, extract, view_plan
+    from stages.extract import ExtractConfig, extract
 
     def cfg_for(out: str) -> ExtractConfig:
         return ExtractConfig(manifest=args.manifest, teacher=f"timm:{args.model}", role="mim", random_init=True,
@@ -110,7 +110,7 @@ def child(args) -> dict:
         return result
 
     # Pure forward over the same views, pre-rendered in memory (not timed), same batch size.
-    plan = view_plan(cfg_for(args.out), teacher)
+    plan = cfg_for(args.out).view_plan(teacher)
     xs = []
     for k in range(manifest.num_shards):
         for s in iter_shard(manifest, k):

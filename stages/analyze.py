@@ -41,6 +41,8 @@ class AnalyzeConfig:
     checkpoint: str | None = None  # teacher only: local weights file (allowed with exactly one teacher model)
     random_init: bool = False  # teachers only: random weights (the untrained reference); students keep theirs
     model_kwargs: dict = field(default_factory=dict)  # teachers only: constructor overrides, e.g. {img_size: 64, patch_size: 8}
+    mean: tuple[float, float, float] | None = None  # teachers only: normalization mean overriding the teacher's config (a teacher trained with its own), RGB 0-1
+    std: tuple[float, float, float] | None = None  # teachers only: normalization std overriding the teacher's config
     manifest: str = "manifests/sample-probe-test.json"  # images to analyze (labels unused)
     num_images: int = 64  # the first N images of the manifest (all when it holds fewer)
     layers: tuple[int, ...] = ()  # 1-based blocks to analyze; empty = every block 1..L
@@ -90,7 +92,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     models: dict[str, dict] = {}
     for spec, label in zip(cfg.models, labels):
         print(f"hdpipe analyze: {label} ({spec})", file=sys.stderr)
-        teacher = load_subject(spec, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device)
+        teacher = load_subject(spec, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device, cfg.mean, cfg.std)
         res = analyze_model(teacher, cfg.manifest, label, num_images=cfg.num_images, layers=cfg.layers,
                             pooling=cfg.pooling, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
                             batch_size=cfg.batch_size, progress=cfg.progress)

@@ -31,6 +31,8 @@ class EvaluateConfig:
     checkpoint: str | None = None  # teacher only: local weights file instead of the hub's pretrained tag
     random_init: bool = False  # teacher only: random weights (a baseline; also what tests use)
     model_kwargs: dict = field(default_factory=dict)  # teacher only: model constructor overrides, e.g. {img_size: 64, patch_size: 8}
+    mean: tuple[float, float, float] | None = None  # teacher only: normalization mean overriding the teacher's config (a teacher trained with its own), RGB 0-1
+    std: tuple[float, float, float] | None = None  # teacher only: normalization std overriding the teacher's config
     train_manifest: str = "manifests/sample-probe-train.json"  # labeled manifest the probes are fit on
     test_manifest: str = "manifests/sample-probe-test.json"  # labeled manifest accuracy is measured on
     pooling: Literal["cls", "mean"] = "cls"  # image embedding: the CLS token, or the mean of the patch tokens
@@ -49,8 +51,9 @@ class EvaluateConfig:
         if not self.model:
             raise ConfigError("evaluate needs a model: --model student:runs/<name>/student or a teacher "
                               "name such as timm:vit_base_patch16_224 (key 'model' of the evaluate section)")
-        if self.model.startswith("student:") and (self.checkpoint or self.random_init or self.model_kwargs):
-            raise ConfigError("checkpoint / random_init / model_kwargs apply to teachers only; a student "
+        if self.model.startswith("student:") and (self.checkpoint or self.random_init or self.model_kwargs
+                                                  or self.mean or self.std):
+            raise ConfigError("checkpoint / random_init / model_kwargs / mean / std apply to teachers only; a student "
                               f"({self.model}) is loaded from its own config.json and model.safetensors")
         if self.k < 1:
             raise ConfigError(f"evaluate: k must be >= 1, got {self.k}")
@@ -85,7 +88,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise ConfigError(f"evaluate: k={cfg.k} neighbours but {cfg.train_manifest} holds {train.total} reference "
                           f"images; pass --k {train.total} or fewer (or a larger train manifest)")
     num_classes = train.num_classes
-    teacher = load_subject(cfg.model, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device)
+    teacher = load_subject(cfg.model, cfg.checkpoint, cfg.random_init, cfg.model_kwargs, device, cfg.mean, cfg.std)
     opts = dict(pooling=cfg.pooling, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
                 batch_size=cfg.batch_size, progress=cfg.progress)
     xtr, ytr = embed_manifest(teacher, cfg.train_manifest, device, **opts)

@@ -18,40 +18,27 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from pipeline import urls
 from pipeline.errors import ConfigError, StoreError
-from pipeline.targets.layout import EXTRA_TARGETS
 from pipeline.targets.quant import Precision
+from pipeline.targets.recipe import TeacherRecipe
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(TeacherRecipe):
+    """The teacher's recipe (`pipeline.targets.recipe.TeacherRecipe`: teacher, weights,
+    preprocessing, view plan, layers, masks, token set) plus where the store goes and how to run."""
+
     manifest: str = "manifests/sample.json"  # dataset manifest (path or fsspec URL) written by `hdpipe shard`
-    teacher: str = "mae"  # mae | clip | deit | dino | timm:NAME | open_clip:NAME[:TAG]
-    role: Literal["auto", "mim", "disc"] = "auto"  # auto: from the teacher table (mae -> mim, others -> disc)
-    checkpoint: str | None = None  # local weights (.pth/.bin/.safetensors) instead of the hub's pretrained tag
-    random_init: bool = False  # random weights from a fixed seed (demos and tests only)
-    model_kwargs: dict = field(default_factory=dict)  # passed to the model constructor, e.g. {img_size: 64, patch_size: 8}
     targets: str = "targets"  # folder (or fsspec URL) holding the stores: <targets>/<name>.zarr
     name: str | None = None  # store name; default: the teacher name (':' and '/' become '-')
     out: str | None = None  # full store URL; overrides targets/name
     mim_store: str | None = None  # disc teachers: the MIM store to read views/masks from; default <targets>/mae.zarr
-    # View plan (MIM teachers; None = VIEW_DEFAULTS). Discriminative teachers take the MIM store's
-    # plan: left None they inherit it, and a value that differs from it is an error.
-    views: int | None = None  # views (crops) per image, V; MIM default 1
-    seed: int | None = None  # view-plan seed: crop box and flip of view (index, v) come from rng([seed, index, v]); MIM default 0
-    scale: tuple[float, float] | None = None  # RandomResizedCrop area range, fraction of the image; MIM default (0.2, 1.0), MAE's
-    ratio: tuple[float, float] | None = None  # RandomResizedCrop aspect-ratio range (width/height); MIM default (3/4, 4/3)
-    hflip: bool | None = None  # horizontal flip with p=0.5 per view; MIM default true
-    relation_layers: tuple[int, ...] = (-2, -1)  # 1-based blocks; values <= 0 count back from the last block L (0 = L, -1 = L-1), so the default is (L-2, L-1) = (10, 11) for L = 12
-    extra_targets: tuple[str, ...] = ()  # MIM only: any of attention (softmax(R·d^-0.5) over the token set), block_features (block outputs at relation layers)
-    mask_ratio: float = 0.3  # K: fraction of kept patch tokens dropped at each of the layers (0, L/3, 2L/3)
-    tokens: Literal["auto", "kept", "all"] = "auto"  # token set of relations/features: [CLS]+kept or every token; auto = kept for MIM, the MIM store's set for disc
     precision: Precision = "fp16"  # stored float precision: fp16, int8 (per-row scales), q1pct (compact, <= 1% error per view)
     batch_size: int = 64  # views per teacher forward
     device: str = "auto"  # auto (CUDA when present, the worker's own GPU under dask), cpu, cuda, cuda:1, ...
@@ -64,29 +51,13 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Range checks that need no files or models (called by `pipeline.config.resolve`)."""
-        if self.views is not None and self.views < 1:
-            raise ConfigError(f"views must be >= 1, got {self.views}")
+        super().validate()
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.scale is not None and not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
-            raise ConfigError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        if self.ratio is not None and not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ConfigError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
-        if not self.relation_layers:
-            raise ConfigError("relation_layers must name at least one block (e.g. -2,-1 for L-2, L-1)")
-        if len(set(self.relation_layers)) != len(self.relation_layers):
-            raise ConfigError(f"relation_layers has duplicates: {self.relation_layers}")
-        for extra in self.extra_targets:
-            if extra not in EXTRA_TARGETS:
-                raise ConfigError(f"unknown extra target '{extra}'; choices: {', '.join(EXTRA_TARGETS)}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0, got {self.retries}")
-        if self.random_init and self.checkpoint:
-            raise ConfigError("pass either --checkpoint or --random-init, not both")
 
 
 def store_name(cfg: ExtractConfig) -> str:
@@ -100,18 +71,6 @@ def store_url(cfg: ExtractConfig) -> str:
 
 def mim_store_url(cfg: ExtractConfig) -> str:
     return cfg.mim_store or urls.join(cfg.targets, "mae.zarr")
-
-
-def view_plan(cfg: ExtractConfig, teacher):
-    """A MIM run's view plan: the config's settings, VIEW_DEFAULTS for those left unset."""
-    from pipeline.data.views import VIEW_DEFAULTS, ViewPlan
-
-    def get(key):
-        value = getattr(cfg, key)
-        return VIEW_DEFAULTS[key] if value is None else value
-
-    return ViewPlan(seed=get("seed"), views=get("views"), size=teacher.img_size, scale=tuple(get("scale")),
-                    ratio=tuple(get("ratio")), hflip=get("hflip"), interpolation=teacher.interpolation)
 
 
 def open_mim_store(cfg: ExtractConfig, manifest):
@@ -173,13 +132,11 @@ def extract(cfg: ExtractConfig) -> str:
     from pipeline.run.executor import run_dask, run_in_process
     from pipeline.run.worker import cached_teacher, task_device
     from pipeline.targets.layout import disc_layout, mim_layout, resolve_layers
-    from pipeline.targets.specs import parse_spec
     from pipeline.targets.store import TargetStore
     from pipeline.targets.task import ShardTask
-    from pipeline.targets.teachers import TeacherSource
 
     t0 = time.perf_counter()
-    role = cfg.role if cfg.role != "auto" else parse_spec(cfg.teacher).role  # unknown names fail here
+    role = cfg.resolved_role()  # unknown teacher names fail here
     if role == "disc" and cfg.extra_targets:
         raise ConfigError(f"extra_targets {list(cfg.extra_targets)} are MIM targets; teacher {cfg.teacher} is "
                           "discriminative (use --role mim for a MIM teacher)")
@@ -194,12 +151,12 @@ def extract(cfg: ExtractConfig) -> str:
     reason = urls.unwritable_reason(url)
     if reason:
         raise StoreError(f"cannot write the store {url}: {reason}; choose another location with --targets DIR or --out URL")
-    source = TeacherSource(cfg.teacher, cfg.checkpoint, cfg.random_init, dict(cfg.model_kwargs))
+    source = cfg.source()
     distributed = bool(cfg.scheduler) or cfg.workers > 0
     # The driver needs the teacher only for its attributes when workers extract: keep it off the GPUs.
     teacher = cached_teacher(source, torch.device("cpu") if distributed else task_device(cfg.device))
     if role == "mim":
-        plan = view_plan(cfg, teacher)
+        plan = cfg.view_plan(teacher)
         attrs, arrays = mim_layout(teacher, source, plan=plan, relation_layers=resolve_layers(cfg.relation_layers,
                                    teacher.depth), extra_targets=cfg.extra_targets, mask_ratio=cfg.mask_ratio,
                                    tokens="kept" if cfg.tokens == "auto" else cfg.tokens, precision=cfg.precision)

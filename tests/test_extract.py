@@ -76,17 +76,19 @@ def load_model(path: Path, arch: str, kwargs: dict):
     return model.eval()
 
 
-def crop(data: bytes, box, flip: bool, model, size: int = 64) -> torch.Tensor:
-    """[3, size, size] normalized with the model's own pretrained_cfg mean/std: pixel box from the
-    normalized box, PIL bicubic, then the flip."""
+def crop(data: bytes, box, flip: bool, model, size: int = 64, resample=Image.BICUBIC, mean=None,
+         std=None) -> torch.Tensor:
+    """[3, size, size] normalized with the model's own pretrained_cfg mean/std (or the given ones):
+    pixel box from the normalized box, PIL bicubic (or `resample`), then the flip."""
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
     x0, y0, x1, y1 = (int(round(v)) for v in (box[0] * w, box[1] * h, box[2] * w, box[3] * h))
-    im = im.crop((x0, y0, x1, y1)).resize((size, size), Image.BICUBIC)
+    im = im.crop((x0, y0, x1, y1)).resize((size, size), resample)
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    mean = model.pretrained_cfg["mean"] if mean is None else mean
+    std = model.pretrained_cfg["std"] if std is None else std
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
@@ -198,6 +200,34 @@ def test_disc_features_equal_final_norm_tokens(world):
     want = np.stack([feats[b, np.concatenate([[0], keep[b] + 1])].numpy() for b in range(24)])
     assert disc["features"].shape == (24, 1, 23, 192)
     assert rel_err(disc["features"][:, 0], want) < 2e-3
+
+
+def test_preprocessing_overrides_are_recorded_and_applied(world, tmp_path):
+    """--mean/--std/--interpolation override the teacher's own config: the store records them (and
+    refuses a rerun without them), hints repeat them, and the stored features are those of views
+    resized with that filter and normalized with that mean/std (an independent PIL + torch path)."""
+    from pipeline.targets.hints import extract_command
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    cfg = disc_cfg(world["manifest"], tmp_path, random_init=False, checkpoint=str(world["disc_ckpt"]),
+                   mim_store=world["mim"], mean=mean, std=std, interpolation="bilinear", name="gray")
+    store = TargetStore.open(extract(cfg))
+    assert store.attrs["preprocessing"]["mean"] == list(mean) and store.attrs["preprocessing"]["std"] == list(std)
+    assert store.attrs["preprocessing"]["interpolation"] == "bilinear"
+    assert store.attrs["preprocessing_override"] == {"mean": list(mean), "std": list(std), "interpolation": "bilinear"}
+    hint = extract_command(store.attrs, manifest=world["manifest"], out=store.url)
+    assert "--mean 0.5,0.5,0.5 --std 0.25,0.25,0.25 --interpolation bilinear" in hint
+    with pytest.raises(StoreError, match="preprocessing"):
+        extract(replace(cfg, mean=None, std=None, interpolation=None))  # same store, other settings
+    mim = read_all(world["mim"])
+    model = load_model(world["disc_ckpt"], "deit_tiny_patch16_224", DISC_KW)
+    x = torch.stack([crop(world["images"][i], mim["views"][i, 0, :4], mim["views"][i, 0, 4] > 0.5, model,
+                          resample=Image.BILINEAR, mean=mean, std=std) for i in range(24)])
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    keep = mim["keep_progressive"][:, 0].astype(np.int64)
+    want = np.stack([feats[b, np.concatenate([[0], keep[b] + 1])].numpy() for b in range(24)])
+    assert rel_err(read_all(store.url)["features"][:, 0], want) < 2e-3
 
 
 def test_all_tokens_extras_int8_match_module(world, tmp_path):

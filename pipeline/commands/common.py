@@ -77,7 +77,15 @@ def parse_mapping(ctx: click.Context, param: click.Parameter, value: str | None)
 
 def field_comments(cls: type) -> dict[str, str]:
     """{field: its comment in the class source} (its unit and meaning): the comment on the field's
-    line, else the comment lines right above it."""
+    line, else the comment lines right above it. Fields of dataclass bases come from their source."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and klass is not cls:
+            out.update(_own_comments(klass))
+    return out | _own_comments(cls)
+
+
+def _own_comments(cls: type) -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     lines = source.splitlines()
     comments = {tok.start[0]: tok.string.lstrip("#").strip()

@@ -82,14 +82,15 @@ def iter_images(manifest_path: str, limit: int | None = None, progress: bool = T
         bar.close()
 
 
-def load_subject(spec: str, checkpoint=None, random_init=False, model_kwargs=None, device=None):
-    """load_teacher for a student or a teacher; teacher-only options are left out for students."""
+def load_subject(spec: str, checkpoint=None, random_init=False, model_kwargs=None, device=None, mean=None, std=None):
+    """load_teacher for a student or a teacher; teacher-only options are left out for students
+    (a student normalizes as its config.json says: what it was trained with)."""
     from pipeline.targets.teachers import load_teacher
 
     if spec.startswith("student:"):
         return load_teacher(spec, device=device)
     return load_teacher(spec, checkpoint=checkpoint, random_init=random_init,
-                        model_kwargs=dict(model_kwargs or {}) or None, device=device)
+                        model_kwargs=dict(model_kwargs or {}) or None, device=device, mean=mean, std=std)
 
 
 @torch.no_grad()

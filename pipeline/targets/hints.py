@@ -40,6 +40,9 @@ def extract_command(attrs: Mapping[str, Any], *, manifest: str, out: str, overwr
         flags["random_init"] = True
     if attrs.get("model_kwargs"):
         flags["model_kwargs"] = dict(attrs["model_kwargs"])
+    for key, value in (attrs.get("preprocessing_override") or {}).items():
+        if value is not None:
+            flags[key] = value
     if role == "mim":
         # Every setting that enters the store's attributes is spelled out (no reliance on today's
         # defaults), so the command resumes this very store or makes its exact sibling.

@@ -21,7 +21,7 @@ Names are parsed by `pipeline.targets.specs`; weights are built and loaded by
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -44,12 +44,23 @@ class TeacherSource:
     checkpoint: str | None = None  # local weights file instead of the hub's pretrained tag
     random_init: bool = False  # seeded random weights (weights.RANDOM_INIT_SEED; demos and tests)
     model_kwargs: dict = field(default_factory=dict)  # model constructor arguments, e.g. {img_size: 64}
+    mean: tuple[float, float, float] | None = None  # normalization mean overriding the spec's (None: the spec's)
+    std: tuple[float, float, float] | None = None  # normalization std overriding the spec's
+    interpolation: str | None = None  # resize filter overriding the spec's
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "TeacherSource":
         """The source a store's `hdpipe` attributes record."""
+        over = attrs.get("preprocessing_override") or {}
+        tup = (lambda v: None if v is None else tuple(float(x) for x in v))
         return cls(attrs["teacher"], attrs.get("checkpoint"), bool(attrs.get("random_init")),
-                   dict(attrs.get("model_kwargs") or {}))
+                   dict(attrs.get("model_kwargs") or {}), tup(over.get("mean")), tup(over.get("std")),
+                   over.get("interpolation"))
+
+    def overrides(self) -> dict:
+        """The preprocessing this source sets over the spec's (None where it keeps the spec's)."""
+        return {"mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std), "interpolation": self.interpolation}
 
     def key(self) -> str:
         """A stable text key (a process caches one teacher per key and device)."""
@@ -57,7 +68,8 @@ class TeacherSource:
 
     def load(self, device: str | torch.device | None = "auto") -> "Teacher":
         return load_teacher(self.name, checkpoint=self.checkpoint, random_init=self.random_init,
-                            model_kwargs=dict(self.model_kwargs), device=device)
+                            model_kwargs=dict(self.model_kwargs), device=device, mean=self.mean, std=self.std,
+                            interpolation=self.interpolation)
 
 
 def load_teacher(
@@ -66,6 +78,9 @@ def load_teacher(
     random_init: bool = False,
     model_kwargs: dict | None = None,
     device: str | torch.device | None = "auto",
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    interpolation: str | None = None,
 ) -> "Teacher":
     """Build, load and freeze a teacher.
 
@@ -76,11 +91,14 @@ def load_teacher(
     model_kwargs: passed to timm.create_model / open_clip.create_model (nested dicts such as
         vision_cfg are merged into the named open_clip config), e.g. img_size=64, patch_size=8.
     device: "auto" (CUDA when present), "cpu", "cuda:1", or a torch.device.
+    mean, std, interpolation: preprocessing overriding the spec's (a teacher trained with its own
+        normalization: a grayscale domain, a medical model); None keeps the spec's.
     """
     if checkpoint is not None and random_init:
         raise ConfigError("--checkpoint and --random-init exclude each other; pass one")
     spec = parse_spec(name_or_spec)
     model_kwargs = dict(model_kwargs or {})
+    overrides = {k: v for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None}
     if spec.backend == "timm":
         model, source = build_timm(spec.model, checkpoint, random_init, model_kwargs)
     elif spec.backend == "open_clip":
@@ -91,6 +109,9 @@ def load_teacher(
         if checkpoint is None and not random_init:
             checkpoint = weights
         model, source = build_timm(arch, checkpoint, random_init, kwargs)
+    if overrides:  # applied last: a student's own config.json preprocessing gives way to them too
+        spec = replace(spec, **{k: tuple(float(x) for x in v) if k != "interpolation" else v
+                                for k, v in overrides.items()})
     if isinstance(device, torch.device):
         dev = device
     else:
