@@ -46,7 +46,7 @@ import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Literal
 
 import torch
 
@@ -61,8 +61,13 @@ from pipeline.train.student import MaskedStudent
 @dataclass(frozen=True)
 class DistillConfig:
     manifest: str = "manifests/sample.json"  # dataset manifest JSON the stores were extracted from
+    source: Literal["cache", "online"] = "cache"  # where targets come from: the stores (hdpipe), or both teachers run at every step (the baseline it replaces)
     mim_store: str | None = "targets/mae.zarr"  # MIM teacher store URL (relations, masks); None = disc_only
     disc_store: str | None = "targets/clip.zarr"  # discriminative teacher store URL (features); None = mim_only
+    online_mim: str = "params.yaml:extract_mim"  # online: FILE:SECTION describing the MIM teacher, view plan and masks, as for hdpipe extract
+    online_disc: str = "params.yaml:extract_disc"  # online: FILE:SECTION describing the discriminative teacher
+    view_schedule: Literal["random", "cycle"] = "random"  # cached: which stored view an epoch shows: random over views_used, or cycle (epoch mod views_used); online views are always fresh
+    views_used: int = 0  # cached: use only the first N stored views (0 = all), so one extraction serves a views sweep
     model: str = "vit_base_patch16_224"  # timm ViT name of the student (random init)
     model_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs (img_size, patch_size, depth, ...)
     relation_layers: tuple[int, ...] = ()  # teacher blocks (1-based) to distill, a subset of the store's; () = all stored
@@ -92,10 +97,12 @@ class DistillConfig:
     print_every: int = 50  # optimizer steps between progress lines on stderr (loss, images/s, ETA); 0 = epoch ends only
 
     def validate(self) -> None:
-        if self.teachers in ("hybrid", "mim_only") and not self.mim_store:
+        if self.source == "cache" and self.teachers in ("hybrid", "mim_only") and not self.mim_store:
             raise ConfigError(f"teachers '{self.teachers}' needs mim_store (the MIM teacher's store URL)")
-        if self.teachers in ("hybrid", "disc_only") and not self.disc_store:
+        if self.source == "cache" and self.teachers in ("hybrid", "disc_only") and not self.disc_store:
             raise ConfigError(f"teachers '{self.teachers}' needs disc_store (the discriminative teacher's store URL)")
+        if self.views_used < 0:
+            raise ConfigError(f"views_used must be >= 0 (0 = every stored view), got {self.views_used}")
         for key in ("epochs", "batch_size", "accum_steps", "log_every", "mix_shards"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -156,7 +163,7 @@ def build_student(cfg: DistillConfig, src) -> MaskedStudent:
     return student
 
 
-def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.device):
+def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.device, online: dict | None = None):
     """The loader's config for this run: the student's input size and normalization, and which
     targets the teachers mode reads (disc_only still replays the MIM store's views and masks)."""
     from timm.data import resolve_data_config
@@ -168,12 +175,13 @@ def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.devi
     if h != w:
         raise ConfigError(f"student img_size {(h, w)} is not square; the stored views are square crops")
     disc, layers = _loader_roles(cfg)
+    stores = {} if online else {"mim_store": cfg.mim_store, "disc_store": disc}
     return LoaderConfig(
-        manifest=cfg.manifest, mim_store=cfg.mim_store, disc_store=disc, batch_size=cfg.batch_size,
-        num_workers=cfg.workers, mix_shards=cfg.mix_shards, seed=cfg.seed, img_size=int(h),
-        mean=tuple(float(v) for v in data_cfg["mean"]), std=tuple(float(v) for v in data_cfg["std"]),
-        interpolation=str(data_cfg.get("interpolation", "bicubic")), masking=cfg.masking,
-        relation_layers=layers, mim_target=cfg.mim_target, pin_memory=device.type == "cuda",
+        manifest=cfg.manifest, batch_size=cfg.batch_size, num_workers=cfg.workers, mix_shards=cfg.mix_shards,
+        seed=cfg.seed, img_size=int(h), mean=tuple(float(v) for v in data_cfg["mean"]),
+        std=tuple(float(v) for v in data_cfg["std"]), interpolation=str(data_cfg.get("interpolation", "bicubic")),
+        masking=cfg.masking, relation_layers=layers, mim_target=cfg.mim_target, pin_memory=device.type == "cuda",
+        view_schedule=cfg.view_schedule, views_used=cfg.views_used, **stores, **(online or {}),
     )
 
 
@@ -196,6 +204,11 @@ class Run:
     dist: object  # pipeline.train.distributed.Dist
     device: torch.device
     resumed: bool = False
+    online: object = None  # pipeline.train.online.OnlineTargets (source: online): teachers in the step
+
+    def batches(self, loader) -> Iterator[dict]:
+        """The loader's batches as the step reads them (online: with the teachers' targets)."""
+        return self.online.attach(iter(loader)) if self.online is not None else iter(loader)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -215,10 +228,18 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     run_dir = cfg.run_dir
     if dist.main:
         prepare_run_dir(run_dir)
-    src = target_sources(cfg)
+    online = online_loader = None
+    if cfg.source == "online":
+        from pipeline.train.online import build_online
+
+        src, online, online_loader = build_online(
+            cfg.online_mim, cfg.online_disc, teachers=cfg.teachers, relation_layers=tuple(cfg.relation_layers),
+            mim_target=cfg.mim_target, masking=cfg.masking, seed=cfg.seed, device=device)
+    else:
+        src = target_sources(cfg)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, src).to(device)
-    lcfg = loader_config(cfg, student, device)
+    lcfg = loader_config(cfg, student, device, online_loader)
     batches = steps_per_epoch(lcfg, dist.world_size)
     steps_per = batches // cfg.accum_steps  # optimizer steps per epoch; trailing micro-batches are dropped
     if steps_per < 1:
@@ -260,7 +281,7 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     loss_fn = partial(hybrid_loss, blocks=student.capture_blocks, head_rule=student.head_rule, alpha=cfg.alpha,
                       beta=cfg.smoothl1_beta, target=cfg.mim_target, teachers=cfg.teachers)
     return Run(student, model, loss_fn, optimizer, scheduler, lcfg, steps_per, global_batch, lr, state, log, dist,
-               device, resumed=ckpt is not None)
+               device, resumed=ckpt is not None, online=online)
 
 
 def save(run: Run, cfg: DistillConfig) -> None:
@@ -302,8 +323,8 @@ def distill(cfg: DistillConfig) -> Path:
             atomic_write_bytes(str(cfg.run_dir / "env.json"), (json.dumps(env, indent=2) + "\n").encode())
         meters: dict = {}
         while state.epoch < cfg.epochs:
-            batches = iter(build_loader(run.loader_cfg, state.epoch, d.rank, d.world_size,
-                                        skip_batches=state.batches_done))
+            batches = run.batches(build_loader(run.loader_cfg, state.epoch, d.rank, d.world_size,
+                                               skip_batches=state.batches_done))
             while state.epoch_steps < run.steps_per_epoch:
                 left = run.steps_per_epoch - state.epoch_steps
                 if cfg.checkpoint_every:  # stop at the next checkpoint step, save, go on

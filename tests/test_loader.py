@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from dataclasses import replace
 import tarfile
 from pathlib import Path
 
@@ -195,6 +196,20 @@ def test_same_epoch_same_batches_other_epoch_other_order_and_views(world):
         for index, view in views.items():
             assert view == int(np.random.default_rng([cfg.seed, epoch, index]).integers(2))
     assert set(views_a.values()) == {0, 1}
+
+
+def test_view_schedules_and_views_used(world):
+    """cycle: epoch e shows stored view e mod views_used for every sample; random draws among the
+    first views_used only; asking for more views than stored is an error."""
+    base = cfg_for(world["uneven"], world["kept"], batch_size=3)
+    for epoch in range(4):
+        views = {int(v) for b in run_epoch(replace(base, view_schedule="cycle"), epoch) for v in b["view"]}
+        assert views == {epoch % 2}
+    assert {int(v) for e in range(3) for b in run_epoch(replace(base, views_used=1), e) for v in b["view"]} == {0}
+    mixed = {int(v) for e in range(3) for b in run_epoch(base, e) for v in b["view"]}
+    assert mixed == {0, 1}
+    with pytest.raises(ConfigError, match="views_used 3 exceeds the 2 views"):
+        build_loader(replace(base, views_used=3), 0)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -40,8 +40,10 @@ def mim_batch(teacher, x, layers: tuple[int, ...], extras: tuple[str, ...], rati
     """MIM targets for a normalized batch x [B, 3, S, S] -> dict of tensors.
 
     keep_progressive, keep_direct: long [B, n_keep]; relations (+attention): [B, n_layers, H, T, T];
-    block_features: [B, n_layers, T, D]. `keep` (long [B, n_keep]) gathers the token set from given
-    masks instead of the computed progressive ones (`hdpipe verify` compares values on the stored set).
+    block_features: [B, n_layers, T, D]. `keep` picks the token set gathered when tokens="kept":
+    None, the computed progressive masks; "direct", the computed direct ones; a long [B, n_keep]
+    tensor, those masks (`hdpipe verify` compares values on the stored set, online distillation
+    gathers the student's random masks). No relation layers: masks only.
     """
     depth = teacher.depth
     mlayers = tuple(mask_layers(depth))
@@ -51,9 +53,13 @@ def mim_batch(teacher, x, layers: tuple[int, ...], extras: tuple[str, ...], rati
     prog = progressive_keep({i: out["hidden"][i] for i in mlayers}, mlayers, ratio)  # [B, n_keep]
     direct = direct_keep(out["hidden"][depth], prog.shape[1])  # [B, n_keep]
     num_patches = out["hidden"][0].shape[1] - 1
-    tok = token_index(prog if keep is None else keep, num_patches, tokens, x.shape[0], x.device)
+    chosen = prog if keep is None else direct if isinstance(keep, str) and keep == "direct" else keep
+    res = {"keep_progressive": prog, "keep_direct": direct}
+    if not layers:
+        return res
+    tok = token_index(chosen, num_patches, tokens, x.shape[0], x.device)
     rel = torch.stack([gather_tokens(out["relations"][l].float(), tok) for l in layers], dim=1)  # [B, nL, H, T, T]
-    res = {"keep_progressive": prog, "keep_direct": direct, "relations": rel}
+    res["relations"] = rel
     if "attention" in extras:
         # Softmax over the stored token set: what a student that sees only these tokens can match.
         res["attention"] = torch.softmax(rel * teacher.head_dim ** -0.5, dim=-1)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from pipeline.errors import ConfigError, ShardError, StoreError
 from pipeline.targets.layout import MIM_TARGETS, MimTarget
 from pipeline.targets.masking import MASKINGS, Masking
 from pipeline.targets.specs import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, sources_of, steps_per_epoch
+from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, scheduled_view, sources_of, steps_per_epoch
 from pipeline.train.sources import Sources, open_store
 
 # The loader's public face: the plan's step count and view choice are part of its contract.
@@ -75,6 +75,10 @@ class LoaderConfig:
     prefetch_factor: int = 2  # items each worker prepares ahead (num_workers > 0 only)
     mix_shards: int = 4  # shards whose rows each worker shuffles together (memory: this many shards' images and one view of targets per sample); part of the epoch plan
     drop_last: bool = True  # cut every rank to the same whole number of batches; False only for world_size 1 (adds the last partial batch)
+    view_schedule: Literal["random", "cycle"] = "random"  # stored view per epoch: random over views_used, or cycle (epoch mod views_used)
+    views_used: int = 0  # use only the first N stored views (0 = all)
+    online_plan: tuple | None = None  # online: (seed, scale, ratio, hflip) of fresh views (view id = epoch), no store read; None = replay stored views
+    teacher_inputs: tuple[tuple[int, str], ...] = ()  # online: (size, interpolation) of each teacher's input render (batch key x01_<size>_<interp>)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -91,8 +95,10 @@ class LoaderConfig:
             raise ConfigError(f"loader masking must be one of {list(MASKINGS)}, got {self.masking!r}")
         if self.mim_target not in MIM_TARGETS:
             raise ConfigError(f"loader mim_target must be one of {list(MIM_TARGETS)}, got {self.mim_target!r}")
-        if self.mim_store is None and self.disc_store is None:
+        if self.mim_store is None and self.disc_store is None and self.online_plan is None:
             raise ConfigError("loader needs at least one target store: set mim_store and/or disc_store")
+        if self.views_used < 0:
+            raise ConfigError(f"loader views_used must be >= 0, got {self.views_used}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"loader mean/std must be 3 values with std > 0, got {self.mean} / {self.std}")
 
@@ -110,8 +116,9 @@ class _ShardTargets:
 
     def __init__(self, cfg: LoaderConfig, src: Sources, k: int, first: int, count: int, epoch: int):
         self.cfg, self.src, self.first = cfg, src, first
-        self.view_of_row = np.array([choose_view(cfg.seed, epoch, first + r, src.num_views) for r in range(count)],
-                                    dtype=np.int64)
+        used = cfg.views_used or src.num_views
+        self.view_of_row = np.array([scheduled_view(cfg.view_schedule, cfg.seed, epoch, first + r, used)
+                                     for r in range(count)], dtype=np.int64)
         # Only the arrays this masking reads: each costs one Zarr read per shard.
         view_names = ["views"] + {"progressive": ["keep_progressive"], "direct": ["keep_direct"]}.get(cfg.masking, [])
         self.parts = {name: (src.view_store, parts) for name, parts in
@@ -216,7 +223,7 @@ class _PlanDataset(IterableDataset):
     def _pieces(self, w: int) -> Iterator[dict[str, Any]]:
         from pipeline.data.reading import read_shard_records, verified_stamps
         from pipeline.data.manifest import read_manifest
-        from pipeline.data.views import render
+        from pipeline.data.views import ViewPlan, render
 
         cfg, src = self.cfg, self.src
         stream = self.plan.workers[w]
@@ -224,6 +231,11 @@ class _PlanDataset(IterableDataset):
         if not wanted:
             return
         manifest = read_manifest(cfg.manifest)
+        online = None
+        if cfg.online_plan is not None:  # view ids up to this epoch exist in the plan
+            seed, scale, ratio, hflip = cfg.online_plan
+            online = ViewPlan(seed=seed, views=self.plan.epoch + 1, size=cfg.img_size, scale=scale, ratio=ratio,
+                              hflip=hflip, interpolation=cfg.interpolation)
         mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
         piece = 0
@@ -249,7 +261,8 @@ class _PlanDataset(IterableDataset):
                 for rec in read_shard_records(manifest, k):
                     if rec["index"] in needed_idx:
                         images[rec["index"]] = rec["image"]
-                targets[k] = _ShardTargets(cfg, src, k, info.first_index, info.count, self.plan.epoch)
+                if cfg.online_plan is None:
+                    targets[k] = _ShardTargets(cfg, src, k, info.first_index, info.count, self.plan.epoch)
             for pos in range(lo, hi):
                 while piece < len(wanted) and wanted[piece][1] <= pos:
                     piece += 1
@@ -260,12 +273,18 @@ class _PlanDataset(IterableDataset):
                     continue
                 index = int(rows[pos - lo])
                 k = manifest.shard_of(index)
-                shard = targets[k]
-                local = index - shard.first
-                view = int(shard.view_of_row[local])
                 image = _decode_image(images.pop(index), index, manifest.shard_url(k))
-                img = render(image, shard.view_box(local), cfg.img_size, cfg.interpolation)
-                rec = shard.sample(local, view=view, index=index)
+                if online is not None:  # a fresh view of the plan: its targets come from the teachers
+                    view = self.plan.epoch
+                    box = online.view(index, view, *image.size)
+                    rec = {f"x01_{size}_{interp}": render(image, box, size, interp) for size, interp in cfg.teacher_inputs}
+                else:
+                    shard = targets[k]
+                    local = index - shard.first
+                    view = int(shard.view_of_row[local])
+                    box = shard.view_box(local)
+                    rec = shard.sample(local, view=view, index=index)
+                img = render(image, box, cfg.img_size, cfg.interpolation)
                 rec["image"] = (img.float() - mean) / std
                 rec["index"] = np.int64(index)
                 rec["view"] = np.int64(view)
@@ -347,7 +366,10 @@ def build_loader(
     command that fixes it. Batch j is a pure function of (cfg, epoch, rank, world_size): see the
     module docstring for the plan and the resume guarantee.
     """
-    src = sources_of(cfg)
+    cfg.validate()
+    src = None if cfg.online_plan is not None else sources_of(cfg)
+    if src is not None and cfg.views_used > src.num_views:
+        raise ConfigError(f"views_used {cfg.views_used} exceeds the {src.num_views} views stored in {src.view_store}")
     plan = plan_epoch(cfg, epoch, rank, world_size, skip_batches)
     return EpochLoader(cfg, plan, src)
 

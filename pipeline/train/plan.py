@@ -13,7 +13,9 @@ stores' `valid` rows; see `plan_epoch`):
    round-robin over workers (w0's first, w1's first, ..., w0's second, ...); then the workers'
    leftovers (< B each), concatenated in worker order, make the last batches (assembled in the main
    process from the workers' pieces). The list is cut to `steps_per_epoch` batches.
-4. View per sample and epoch: `default_rng([seed, epoch, index]).integers(V)` (`choose_view`).
+4. View per sample and epoch (`scheduled_view`): among the first `views_used` stored views, random
+   `default_rng([seed, epoch, index]).integers(views_used)` or cycle `epoch mod views_used`; online,
+   a fresh view of the plan each epoch (view id = epoch).
 
 Guarantees:
 - Every rank yields exactly `steps_per_epoch(cfg, world_size)` batches (no DDP hang at epoch end).
@@ -68,8 +70,9 @@ def _valid_rows(manifest_path: str, store_urls: tuple[str, ...]) -> tuple[np.nda
 
 
 def _valid(cfg: LoaderConfig) -> tuple[np.ndarray, ...]:
-    src = sources_of(cfg)
-    return _valid_rows(cfg.manifest, src.valid_stores)
+    if cfg.online_plan is not None:  # online: no store, every row (an unreadable image is an error)
+        return _valid_rows(cfg.manifest, ())
+    return _valid_rows(cfg.manifest, sources_of(cfg).valid_stores)
 
 
 def steps_per_epoch(cfg: LoaderConfig, world_size: int) -> int:
@@ -133,6 +136,14 @@ class EpochPlan:
 
 def shard_order(seed: int, epoch: int, n_shards: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_shards)
+
+
+def scheduled_view(schedule: str, seed: int, epoch: int, index: int, views_used: int) -> int:
+    """The stored view sample `index` shows in `epoch`, among the first `views_used`: `random`
+    (uniform, `choose_view`) or `cycle` (epoch mod views_used: every view once before any repeats)."""
+    if schedule == "cycle":
+        return epoch % views_used
+    return choose_view(seed, epoch, index, views_used)
 
 
 def choose_view(seed: int, epoch: int, index: int, num_views: int) -> int:
