@@ -346,7 +346,7 @@ def distill(cfg: DistillConfig) -> Path:
                 summary = {"epoch": cfg.epochs, "step": state.step} | {k: v for k, v in meters.items() if k != "steps"}
                 atomic_write_bytes(str(cfg.run_dir / "metrics.json"), (json.dumps(summary, indent=2) + "\n").encode())
             lcfg = run.loader_cfg
-            export_student(run.student.encoder_state_dict(), cfg.model, cfg.model_kwargs, cfg.run_dir / "student",
+            export_student(run.student.encoder_state_dict(), cfg.model, run.student.model_kwargs, cfg.run_dir / "student",
                            preprocessing={"mean": list(lcfg.mean), "std": list(lcfg.std),
                                           "interpolation": lcfg.interpolation})
         barrier(d)

@@ -43,6 +43,15 @@ class EvaluateConfig:
     crop_pct: float = 0.875  # center view: resize shorter side to img_size / crop_pct, crop img_size²
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"  # resize filter
     batch_size: int = 64  # images per model forward
+    finetune_epochs: int = 0  # end-to-end fine-tuning epochs on train_manifest, tested on test_manifest (0 = off)
+    finetune_batch_size: int = 64  # fine-tuning images per step
+    finetune_lr: float = 1e-3  # fine-tuning base lr: lr = finetune_lr x finetune_batch_size / 256 (MAE's rule)
+    finetune_weight_decay: float = 0.05  # fine-tuning AdamW weight decay
+    finetune_layer_decay: float = 0.75  # layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i); 1.0 = off
+    finetune_warmup_epochs: float = 1.0  # fine-tuning linear warmup, epochs
+    finetune_crop_scale: tuple[float, float] = (0.35, 1.0)  # fine-tuning RandomResizedCrop area range (then a horizontal flip)
+    finetune_label_smoothing: float = 0.1  # fine-tuning cross-entropy label smoothing
+    finetune_seed: int = 0  # fine-tuning seed: head init, views, batch order
     device: str = "auto"  # auto (CUDA when present, bf16 autocast), cpu, cuda, cuda:1, ...
     out: str | None = None  # metrics JSON path; default reports/evaluate/<model label>.json
     progress: bool = True  # progress bars on stderr
@@ -57,6 +66,10 @@ class EvaluateConfig:
                               f"({self.model}) is loaded from its own config.json and model.safetensors")
         if self.k < 1:
             raise ConfigError(f"evaluate: k must be >= 1, got {self.k}")
+        if self.finetune_epochs < 0 or self.finetune_batch_size < 1 or self.finetune_lr <= 0:
+            raise ConfigError("evaluate: finetune_epochs >= 0, finetune_batch_size >= 1 and finetune_lr > 0 are required")
+        if not 0 < self.finetune_layer_decay <= 1:
+            raise ConfigError(f"evaluate: finetune_layer_decay must be in (0, 1], got {self.finetune_layer_decay}")
         if self.temperature <= 0:
             raise ConfigError(f"evaluate: temperature must be > 0, got {self.temperature}")
         if not 0 < self.crop_pct <= 1:
@@ -108,6 +121,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "knn": {"k": cfg.k, "temperature": cfg.temperature, **{f"top{k}": v for k, v in knn.items()}},
         "linear": {"weight_decay": cfg.linear_weight_decay, **{f"top{k}": v for k, v in lin.items()}},
     }
+    if cfg.finetune_epochs:
+        from pipeline.eval.finetune import FinetuneRecipe, finetune
+
+        recipe = FinetuneRecipe(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, base_lr=cfg.finetune_lr,
+                                weight_decay=cfg.finetune_weight_decay, layer_decay=cfg.finetune_layer_decay,
+                                warmup_epochs=cfg.finetune_warmup_epochs, crop_scale=cfg.finetune_crop_scale,
+                                label_smoothing=cfg.finetune_label_smoothing, crop_pct=cfg.crop_pct,
+                                seed=cfg.finetune_seed)
+        metrics["finetune"] = finetune(teacher, cfg.train_manifest, cfg.test_manifest, recipe, num_classes, device,
+                                       progress=cfg.progress)
     atomic_write_bytes(str(out), (json.dumps(metrics, indent=2) + "\n").encode())
     write_resolved(cfg, out.with_name(out.stem + ".config.yaml"))
     metrics["out"] = str(out)

@@ -100,17 +100,26 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["git_sha"] and env["torch"] == torch.__version__ and env["global_batch"] == 4
 
-    # export: timm loads it strictly (no missing/unexpected keys) and gives the trained features
+    # export: the encoder without a classifier; timm loads it strictly and gives the trained features
     export = run / "student"
-    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, **STUDENT_KW)
     exported = json.loads((export / "config.json").read_text())
-    assert exported["model"] == "vit_tiny_patch16_224" and exported["model_kwargs"] == STUDENT_KW
+    assert exported["model"] == "vit_tiny_patch16_224" and exported["model_kwargs"] == {**STUDENT_KW, "num_classes": 0}
+    assert exported["head"].startswith("none")
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, **exported["model_kwargs"])
     data_cfg = timm.data.resolve_data_config({}, model=fresh)  # the normalization the student was trained with
     assert exported["mean"] == pytest.approx(list(data_cfg["mean"])) and exported["std"] == pytest.approx(list(data_cfg["std"]))
-    loaded = timm.create_model("vit_tiny_patch16_224", pretrained=False,
-                               checkpoint_path=str(export / "model.safetensors"), **STUDENT_KW).eval()
-    res = fresh.load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
+    weights = load_file(str(export / "model.safetensors"))
+    assert not [k for k in weights if k.startswith("head.")]  # no untrained classifier travels with it
+    res = fresh.load_state_dict(weights, strict=True)
     assert not res.missing_keys and not res.unexpected_keys
+    loaded = timm.create_model("vit_tiny_patch16_224", pretrained=False, checkpoint_path=str(export / "model.safetensors"),
+                               **exported["model_kwargs"]).eval()
+    # the README's fine-tuning call: a new 10-class head, every encoder weight from the export
+    tuned = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10, **STUDENT_KW,
+                              pretrained_cfg_overlay=dict(file=str(export / "model.safetensors"), num_classes=0))
+    assert tuned.head.out_features == 10
+    for k, v in weights.items():
+        torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=0)
 
     student = build_student(cfg, target_sources(cfg))
     student.load_state_dict(load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"])

@@ -311,3 +311,26 @@ def test_more_neighbours_than_reference_images_is_an_error(split):
                          train_manifest=split["train"], test_manifest=split["test"], k=n + 1, progress=False)
     with pytest.raises(ConfigError, match=f"k={n + 1} neighbours but .*probe-train.json holds {n} reference images"):
         evaluate(cfg)
+
+
+def test_finetune_learns_a_separable_set(split, tmp_path):
+    """End-to-end fine-tuning of a random-init tiny ViT on the synthetic 6-class set (colour and
+    stripe period per class): test top-1 well above chance (1/6) where the same run with an lr too
+    small to move anything stays near chance (measured 0.0-0.33 over seeds; trained: 1.0), its
+    train loss falls, and a rerun gives the same numbers."""
+    from dataclasses import replace
+
+    from stages.evaluate import EvaluateConfig, evaluate
+
+    cfg = EvaluateConfig(model="timm:vit_tiny_patch16_224", random_init=True,
+                         model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2},
+                         train_manifest=split["train"], test_manifest=split["test"], k=5, device="cpu",
+                         progress=False, out=str(tmp_path / "ft.json"), finetune_epochs=4, finetune_batch_size=12,
+                         finetune_lr=4e-3, finetune_warmup_epochs=1.0)
+    got = evaluate(cfg)["finetune"]
+    assert json.loads((tmp_path / "ft.json").read_text())["finetune"]["top1"] == got["top1"]
+    frozen = evaluate(replace(cfg, finetune_lr=1e-12, out=str(tmp_path / "frozen.json")))["finetune"]
+    assert got["epochs"] == 4 and got["top1"] >= 1 / NUM_CLASSES + 0.5 and frozen["top1"] <= 0.5, (got, frozen)
+    assert got["train_loss"] < frozen["train_loss"] - 0.5
+    again = evaluate(cfg)["finetune"]
+    assert again["top1"] == got["top1"] and again["train_loss"] == got["train_loss"]

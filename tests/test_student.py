@@ -137,12 +137,13 @@ def test_refuses_register_tokens_and_no_cls():
         MaskedStudent("resnet18")
 
 
-def test_classifier_head_frozen_and_kept_for_export():
+def test_encoder_has_no_classifier_to_export():
+    """Distillation trains no classifier, so the student has none (an untrained 1000-class head
+    would travel with the export and load as if it were trained)."""
     s = _student()
-    head = s.vit.get_classifier()
-    assert head.weight.shape[0] == 1000 and not head.weight.requires_grad
-    assert "head.weight" in s.encoder_state_dict()
-    assert not any(k.startswith("feature_head") for k in s.encoder_state_dict())
+    assert s.vit.num_classes == 0 and isinstance(s.vit.get_classifier(), torch.nn.Identity)
+    assert not [k for k in s.encoder_state_dict() if k.startswith(("head", "feature_head"))]
+    assert _student(model_kwargs={**TINY, "num_classes": 7}).vit.get_classifier().out_features == 7  # asked for: kept
 
 
 def test_gradients_reach_encoder_through_relations_and_features():

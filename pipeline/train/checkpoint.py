@@ -74,5 +74,9 @@ def export_student(state_dict: dict[str, torch.Tensor], model: str, model_kwargs
     # (and DVC's hash of the export) differ between identical runs. The model name is in config.json.
     atomic_write_bytes(str(out / "model.safetensors"), save(tensors, metadata={"format": "pt"}))
     cfg = {"model": model, "model_kwargs": dict(model_kwargs), **dict(preprocessing or {})}
+    if cfg["model_kwargs"].get("num_classes") == 0:
+        cfg["head"] = ("none: the encoder without a classifier; fine-tune with timm.create_model(model, "
+                       "pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=<model.safetensors>, "
+                       "num_classes=0), **model_kwargs minus num_classes)")
     atomic_write_bytes(str(out / "config.json"), (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     return out

@@ -71,7 +71,7 @@ class WarmupCosine:
     def _apply(self) -> None:
         lr = self.value(self.step_count)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # timm's layer-wise decay groups carry their scale
 
     def get_lr(self) -> float:
         return self.value(self.step_count)

@@ -166,8 +166,8 @@ class MaskedStudent(nn.Module):
             per-layer linear head to `mim_dim`).
         mim_dim: MIM teacher width, needed for `block_features`.
 
-    The timm classifier head is kept as timm builds it (so the export loads with no missing keys)
-    but frozen: it takes no part in distillation.
+    The encoder is built without a classifier (num_classes 0, unless model_kwargs says otherwise):
+    distillation trains none, and an exported head of random weights would load as if it were trained.
     """
 
     def __init__(
@@ -187,7 +187,7 @@ class MaskedStudent(nn.Module):
         if mim_target not in MIM_TARGETS:
             raise ConfigError(f"mim_target must be one of {list(MIM_TARGETS)}, got {mim_target!r}")
         self.model_name = model
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = {"num_classes": 0, **dict(model_kwargs or {})}
         try:
             self.vit = timm.create_model(model, pretrained=False, **self.model_kwargs)
         except RuntimeError as e:  # timm's "Unknown model" error
