@@ -15,6 +15,7 @@ Run directory `<runs_dir>/<name>/`:
                          since this process started the run), and one line per epoch end
     plots/loss.csv       step, epoch, lr and the three losses per step, for `dvc plots`
     metrics.json         last epoch's averaged meters (DVC metrics)
+    ranks/rank<r>.json   each rank's final step and weights digest (equal on every rank under DDP)
     checkpoints/last.pt  atomic checkpoint, every `checkpoint_every` optimizer steps and at each
                          epoch end (model + heads, optimizer, scheduler, loader position, RNG states)
     student/             model.safetensors (timm keys) + config.json: the exported encoder
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -349,6 +351,12 @@ def distill(cfg: DistillConfig) -> Path:
             export_student(run.student.encoder_state_dict(), cfg.model, run.student.model_kwargs, cfg.run_dir / "student",
                            preprocessing={"mean": list(lcfg.mean), "std": list(lcfg.std),
                                           "interpolation": lcfg.interpolation})
+        # Every rank says what it ended with (DDP keeps the weights equal; multi-node runs check it).
+        from pipeline.targets.weights import weights_digest
+
+        atomic_write_bytes(str(cfg.run_dir / "ranks" / f"rank{d.rank}.json"), (json.dumps({
+            "rank": d.rank, "world_size": d.world_size, "step": state.step, "host": platform.node(),
+            "weights_digest": weights_digest(run.student)}, indent=1) + "\n").encode())
         barrier(d)
         return cfg.run_dir
     finally:

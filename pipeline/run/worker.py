@@ -34,6 +34,17 @@ def worker_rank() -> int | None:
     return 0
 
 
+def worker_identity() -> dict | None:
+    """{"name", "address"} of this dask worker (recorded in done markers: who wrote a shard), None outside dask."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    return {"name": str(worker.name), "address": str(worker.address)}
+
+
 def task_device(preference: str = "auto") -> "torch.device":
     """The device this process computes on: under dask, worker i of a multi-GPU host takes GPU i % count."""
     from pipeline.device import pick_device

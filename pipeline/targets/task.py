@@ -67,7 +67,7 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
     from pipeline.data.views import View, ViewPlan, render
     from pipeline.provenance import code_version
     from pipeline.run.prefetch import prefetched
-    from pipeline.run.worker import cached_teacher, task_device, worker_rank
+    from pipeline.run.worker import cached_teacher, task_device, worker_identity, worker_rank
     from pipeline.targets.compute import disc_batch, mim_batch
     from pipeline.targets.store import TargetStore
 
@@ -157,7 +157,8 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
                for row, ok in zip(rows, valid) if not ok]
     summary = {"shard": k, "rows": S, "views": int(valid.sum()) * V, "skipped": skipped,
                "seconds": round(time.perf_counter() - t0, 3), "device": str(device), "pid": os.getpid(),
-               "worker": worker_rank(), "autocast": "bf16" if device.type == "cuda" else "none",
+               "worker": worker_rank(), "dask_worker": worker_identity(),
+               "autocast": "bf16" if device.type == "cuda" else "none",
                "code_version": code_version()}
     store.write_shard(k, out, summary)  # checks finiteness before anything is written
     return summary
