@@ -5,7 +5,8 @@
 
 (a) Overhead: `extract()` of a MIM store (decode, render, forward with Q·Kᵀ hooks, masks, gather,
     fp16 store writes, done markers) against a pure `forward_features` of the same teacher over the
-    same views and batch size, pre-rendered in memory. Target: <= 1.10x.
+    same views and batch size, pre-rendered in memory. Target: median of rounds <= 1.10x at both
+    sizes (64 and 256 images by default).
 (b) Scaling: the same run over 4x the images. Targets: time <= 4.2x, peak RSS <= 1.1x (peak RSS
     from a subprocess per size that only extracts, so it is that run's alone).
 (c) Integrity: the sha256 check of every tar against its manifest while extraction reads it
@@ -16,8 +17,9 @@
     batch). On a quiet machine it agrees with (a); on a shared one (a) swings by tens of percent.
 
 Each child loads the teacher first (not timed: a dask worker loads it once per process) and warms
-it up on one batch. Timing children alternate (pure forward, extraction) `--repeats` times and keep
-the minimum of each, which on a shared machine is the least disturbed measurement. Random-init weights: the cost does
+it up on one batch. Timing children alternate (pure forward, extraction) `--repeats` times; each
+round's ratio is its extraction over its own forward, and the median of the rounds' ratios is the
+figure judged (min and max are reported beside it). Random-init weights: the cost does
 not depend on the values. Images are JPEG crops of scikit-image's bundled photographs.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import io
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -78,7 +81,7 @@ def child(args) -> dict:
 
     mode "rss": extraction once, then the peak RSS of this process (teacher + one shard in flight).
     mode "time": `repeats` rounds of (pure forward, extraction), alternating so that load changes
-    on a shared machine hit both alike; the minimum of each is reported (the least-disturbed run).
+    on a shared machine hit both alike; each round gives a ratio (extraction / its own forward).
     """
     import torch
 
@@ -163,8 +166,10 @@ def child(args) -> dict:
                 teacher.forward_targets(x, relation_layers=layers, hidden_layers=hidden, features=False)
                 sync()
                 plain, hooked = plain + (t1 - t0), hooked + (time.perf_counter() - t1)
+    ratios = [e / f for e, f in zip(extraction, forward)]  # each round's extraction over its own forward
     result.update({"forward_runs_s": forward, "extract_runs_s": extraction, "forward_s": min(forward),
-                   "extract_s": min(extraction), "ratio": min(extraction) / min(forward),
+                   "extract_s": min(extraction), "ratio_runs": ratios, "ratio": statistics.median(ratios),
+                   "ratio_min": min(ratios), "ratio_max": max(ratios),
                    # CPU seconds of this process (all threads, prefetch included): the work done,
                    # much less sensitive than wall time to other processes on a shared machine.
                    "forward_cpu_runs_s": forward_cpu, "extract_cpu_runs_s": extraction_cpu,
@@ -172,6 +177,8 @@ def child(args) -> dict:
                    "outside_teacher_runs": outside, "outside_teacher": min(outside), "hooks_ratio": hooked / plain,
                    # extraction / pure forward = (extraction / its teacher time) x (hooked / plain forward)
                    "ratio_interleaved": min(outside) * hooked / plain})
+    if teacher.device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(teacher.device) / 2**20
     return result
 
 
@@ -184,7 +191,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard: several batches per shard, as in real runs (1024)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=3, help="alternating (forward, extract) rounds; minimum kept")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="alternating (forward, extract) rounds; the ratio is the median of the rounds' ratios")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON summary goes")
     p.add_argument("--child", choices=("rss", "time"), dest="mode", help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -219,33 +228,41 @@ def main() -> None:
         "device": small["device"], "torch_threads": small["threads"], "repeats": args.repeats,
         "load_average_1min": os.getloadavg()[0],
         "runs": runs,
-        "overhead_ratio": large["ratio"], "overhead_cpu_ratio": large["cpu_ratio"],
+        # Median over rounds of (extraction / pure forward) in each run; the goal holds at both sizes.
+        "overhead_ratio": {label: {"min": r["ratio_min"], "median": r["ratio"], "max": r["ratio_max"]}
+                           for label, r in runs.items()},
+        "overhead_meets_target": all(r["ratio"] <= 1.10 for r in runs.values()),
+        "overhead_cpu_ratio": large["cpu_ratio"],
         "overhead_interleaved": large["ratio_interleaved"], "overhead_target": 1.10,
         "time_scaling": large["extract_s"] / small["extract_s"], "time_scaling_target": 4.2,
         "rss_scaling": large["rss_peak_mib"] / small["rss_peak_mib"], "rss_scaling_target": 1.1,
         # sha256 of every tar while extraction reads it, as a share of extraction time per image
         "integrity_share": hash_share, "integrity_target": 0.03,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"bench_extract: {args.model} @ {args.img_size}px, batch {args.batch_size}, shard {args.shard_size}, "
           f"{small['device']} ({small['threads']} threads, load avg {summary['load_average_1min']:.1f})")
-    print(f"{'run':<6}{'images':>8}{'extract s':>11}{'forward s':>11}{'ratio':>8}{'cpu ratio':>11}{'img/s':>8}"
-          f"{'peak RSS MiB':>14}")
+    print(f"{'run':<6}{'images':>8}{'extract s':>11}{'forward s':>11}{'ratio min/median/max':>23}{'cpu ratio':>11}"
+          f"{'fwd img/s':>10}{'ext img/s':>10}{'peak RSS MiB':>14}")
     for label, r in runs.items():
-        print(f"{label:<6}{r['images']:>8}{r['extract_s']:>11.2f}{r['forward_s']:>11.2f}{r['ratio']:>8.3f}"
-              f"{r['cpu_ratio']:>11.3f}{r['images'] / r['extract_s']:>8.1f}{r['rss_peak_mib']:>14.0f}")
+        print(f"{label:<6}{r['images']:>8}{r['extract_s']:>11.2f}{r['forward_s']:>11.2f}"
+              f"{r['ratio_min']:>9.3f}{r['ratio']:>7.3f}{r['ratio_max']:>7.3f}{r['cpu_ratio']:>11.3f}"
+              f"{r['images'] / r['forward_s']:>10.1f}{r['images'] / r['extract_s']:>10.1f}{r['rss_peak_mib']:>14.0f}")
+        if "peak_cuda_mib" in r:
+            print(f"{'':<6}peak CUDA memory {r['peak_cuda_mib']:.0f} MiB")
     print(f"{'run':<6}{'extract/in-teacher':>20}{'hooked/plain fwd':>18}{'interleaved ratio':>19}")
     for label, r in runs.items():
         print(f"{label:<6}{r['outside_teacher']:>20.3f}{r['hooks_ratio']:>18.3f}{r['ratio_interleaved']:>19.3f}")
-    print(f"overhead (extract / pure forward, {args.factor}x run): wall {summary['overhead_ratio']:.3f}, "
-          f"CPU time {summary['overhead_cpu_ratio']:.3f}, interleaved {summary['overhead_interleaved']:.3f} "
-          "(target <= 1.10)")
+    print("overhead (extract / pure forward, median of rounds): "
+          + ", ".join(f"{label} {r['ratio']:.3f}" for label, r in runs.items())
+          + f" (target <= 1.10 at both sizes: {'met' if summary['overhead_meets_target'] else 'NOT met'}); "
+          f"{args.factor}x run CPU time {summary['overhead_cpu_ratio']:.3f}, interleaved {summary['overhead_interleaved']:.3f}")
     print(f"time scaling {args.factor}x images: {summary['time_scaling']:.2f}x (target <= 4.2x); "
           f"peak RSS scaling: {summary['rss_scaling']:.3f}x (target <= 1.1x)")
     print(f"integrity check (sha256 of each tar while it is read): {1e3 * large['integrity']['hash_s_per_image']:.3f} "
           f"ms per image = {100 * hash_share:.2f}% of extraction time (target <= 3%)")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

@@ -209,8 +209,12 @@ class Run:
     online: object = None  # pipeline.train.online.OnlineTargets (source: online): teachers in the step
 
     def batches(self, loader) -> Iterator[dict]:
-        """The loader's batches as the step reads them (online: with the teachers' targets)."""
-        return self.online.attach(iter(loader)) if self.online is not None else iter(loader)
+        """The loader's batches as the step reads them: on the device (on CUDA the next batch's copy
+        overlaps the step, `pipeline.train.prefetch`), online with the teachers' targets."""
+        from pipeline.train.prefetch import ahead_on_device
+
+        batches = ahead_on_device(iter(loader), self.device)
+        return self.online.attach(batches) if self.online is not None else batches
 
     @property
     def checkpoint_path(self) -> Path:

@@ -173,6 +173,11 @@ def extract(cfg: ExtractConfig) -> str:
                             json.dumps(to_dict(cfg), indent=1, sort_keys=True).encode())
     missing = list(store.missing_shards())
     done_before = len(manifest.shards) - len(missing)
+    # A q1pct store's channel basis is fitted by shard 0's writer: shard 0 then runs first, alone.
+    first_alone = bool(missing) and store.bases.needed()
+    if first_alone and missing[0] != 0:
+        raise StoreError(f"target store {url} has shard 0 done but no fitted channel basis (damaged); rebuild it with "
+                         "`hdpipe extract ... --overwrite`")
     if not missing:
         _log(f"extract: {url} is complete ({len(manifest.shards)} shards); nothing to do")
         return url
@@ -196,7 +201,7 @@ def extract(cfg: ExtractConfig) -> str:
     try:
         if distributed:
             run_dask(task, missing, on_done, workers=cfg.workers, scheduler=cfg.scheduler, retries=cfg.retries,
-                     name=f"extract-{store_name(cfg)}")
+                     name=f"extract-{store_name(cfg)}", first_alone=first_alone)
         else:
             run_in_process(task, missing, on_done, progress=bar.update)
     finally:

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from pipeline.targets.schema import stored_parts
+from pipeline.targets.schema import part_name, store_parts, stored_parts
 from pipeline.targets.store import TargetStore
 
 # Attributes shown in their own rows; every other `hdpipe` attribute is listed under "settings".
@@ -35,6 +35,16 @@ def bytes_per_view(store: TargetStore) -> dict[str, float]:
         out[name] = b / views if views else 0.0
     out["total"] = float(sum(out.values()))
     return out
+
+def store_level_bytes(store: TargetStore) -> dict[str, int]:
+    """{stored part: bytes on disk} of the parts a store keeps once (a q1pct channel basis)."""
+    out = {}
+    for name, spec in sorted(store.arrays.items()):
+        for part in store_parts(spec):
+            path = f"{store.path}/{part_name(name, part)}"
+            out[part_name(name, part)] = int(store.fs.du(path)) if store.fs.exists(path) else 0
+    return out
+
 
 def store_info(store: TargetStore) -> dict:
     """Everything `hdpipe inspect` shows: settings, counts, bytes per view, errors, provenance."""
@@ -71,6 +81,8 @@ def store_info(store: TargetStore) -> dict:
         "shards": {"total": store.num_shards, "done": len(done), "missing": store.missing_shards()},
         "rows_done": rows_done,
         "bytes_per_view": bpv["total"],
+        # kept once for the whole store, whatever its size (not in bytes_per_view)
+        "store_level_bytes": store_level_bytes(store),
         "arrays": arrays,
         "provenance": {
             "manifest_digest": a.get("manifest_digest"),
@@ -124,7 +136,10 @@ def format_info(info: dict) -> str:
         rows.append([name, "x".join(map(str, e["shape"])), e["dtype"], e["precision"], stored,
                      _kb(e["bytes_per_view"]), _err(e)])
     out += _table(["name", "shape", "dtype", "precision", "stored parts", "bytes/view", "rel. error vs fp32"], rows)
-    out += ["", f"bytes per view {_kb(info['bytes_per_view'])} (on disk, finished shards)", "", "provenance"]
+    out += ["", f"bytes per view {_kb(info['bytes_per_view'])} (on disk, finished shards)"]
+    if info["store_level_bytes"]:
+        out += ["kept once       " + ", ".join(f"{k} {_kb(v)}" for k, v in info["store_level_bytes"].items())]
+    out += ["", "provenance"]
     out += [f"  {k:<17}{'(not recorded)' if v is None else v}" for k, v in info["provenance"].items()]
     settings = {k: v for k, v in attrs.items() if k not in _SHOWN}
     if settings:

@@ -93,7 +93,7 @@ def _attrs(precision="fp16", **over):
 def _specs(precision="fp16"):
     return {
         "relations": ArraySpec((2, 3, T, T), "float32", precision),
-        "features": ArraySpec((T, 192), "float32", precision),
+        "features": ArraySpec((T, 192), "float32", precision, channel_basis=True),  # as extraction lays it out
         "views": ArraySpec((5,), "float32"),
         "keep_progressive": ArraySpec((T - 1,), "int16"),
         "valid": ArraySpec((), "bool", per_view=False),
@@ -246,6 +246,43 @@ def test_schema_version_and_non_stores_refused(tmp_path, targets):
         TargetStore.open(str(tmp_path / "plain.zarr"))
 
 
+def test_channel_basis_is_fitted_on_shard_0_once(tmp_path, targets):
+    from pipeline.targets import compact
+    from pipeline.targets.bases import digest
+
+    url = str(tmp_path / "t.zarr")
+    store = _make(url, targets, "q1pct", shards=())
+    assert store.bases.needed()
+    with pytest.raises(StoreError, match="shard 1 cannot be written before shard 0"):
+        store.write_shard(1, _shard(targets, store, 1))
+    assert store.missing_shards() == [0, 1, 2] and TargetStore.open(url).bases.needed()
+    for k in (0, 1, 2):
+        store.write_shard(k, _shard(targets, store, k))
+    reopened = TargetStore.open(url)
+    basis = reopened.bases.get("features")
+    # The basis is shard 0's, whoever writes the later shards, and every marker names it.
+    np.testing.assert_array_equal(basis, compact.fit_channel_basis(_shard(targets, store, 0)["features"]))
+    assert {reopened.done_marker(k)["channel_basis_digest"]["features"] for k in (0, 1, 2)} == {digest(basis)}
+    assert not reopened.bases.needed() and reopened.bases.get("relations") is None
+    _check_bound("q1pct", targets["features"], reopened.read_rows(range(N), names=["features"])["features"])
+    # A damaged basis would decode every view wrongly: it is refused by its digest.
+    arr = zarr.open_group(url, mode="r+")["features_channel_basis"]
+    arr[0, 0] = arr[0, 0] + 1
+    with pytest.raises(StoreError, match="channel basis of 'features' does not match its recorded digest"):
+        TargetStore.open(url).read_shard(0, names=["features"])
+
+
+def test_q1pct_parts_of_an_older_codec_are_refused(tmp_path, targets):
+    url = str(tmp_path / "t.zarr")
+    _make(url, targets, "q1pct", shards=(0,))
+    g = zarr.open_group(url, mode="r+")
+    attrs = dict(g.attrs["hdpipe"])
+    del attrs["q1pct_codec"]  # what a store written before codec version 2 holds
+    g.attrs["hdpipe"] = attrs
+    with pytest.raises(StoreError, match="q1pct codes of codec version 1; this hdpipe .* reads version 2"):
+        TargetStore.open(url)
+
+
 def test_create_resumes_same_settings_refuses_others_overwrite_rebuilds(tmp_path, targets):
     url = str(tmp_path / "t.zarr")
     _make(url, targets, "fp16", shards=(0, 2))
@@ -343,13 +380,17 @@ def test_fsspec_urls(tmp_path, targets, scheme):
 def test_bytes_per_view_is_what_is_on_disk(tmp_path, targets):
     root = tmp_path / "t.zarr"
     store = _make(str(root), targets, "q1pct")
-    on_disk = {}
+    on_disk, once = {}, {}
     for name in os.listdir(root):
         chunk_dir = root / name / "c"
         if chunk_dir.is_dir():
             size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(chunk_dir) for f in fs)
+            if name == "features_channel_basis":  # kept once per store, reported apart
+                once[name] = size + os.path.getsize(root / name / "zarr.json")
+                continue
             logical = next(n for n in store.arrays if name == n or name.startswith(n + "_"))
             on_disk[logical] = on_disk.get(logical, 0) + size
+    assert inspect_store(str(root))["store_level_bytes"] == once and once["features_channel_basis"] > 0
     bpv = bytes_per_view(store)
     for name, b in on_disk.items():
         assert bpv[name] * N * V == pytest.approx(b)

@@ -179,18 +179,27 @@ def _rrc_params(rng: np.random.Generator, width: int, height: int, scale, ratio)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def render(image: Image.Image, view: View, size: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """Crop, resize to size x size, flip: float32 [3, size, size] in [0, 1], not normalized.
-
-    Resizing runs on the PIL image (PIL's filters, antialiased), as torchvision's transforms do for
-    PIL input during training; each model then normalizes with its own mean/std.
-    """
+def render_pil(image: Image.Image, view: View, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """The view as a size x size RGB PIL image: crop, resize (PIL's antialiased filters, as
+    torchvision's transforms use for PIL input during training), flip."""
     if interpolation not in INTERPOLATIONS:
         raise ConfigError(f"interpolation '{interpolation}' is not one of {sorted(INTERPOLATIONS)}")
     image = image.convert("RGB")
     top, left, h, w = view.pixel_box(image.width, image.height)
     out = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=INTERPOLATIONS[interpolation],
                           antialias=True)
-    if view.flip:
-        out = TF.hflip(out)
-    return TF.to_tensor(out)  # uint8 HWC -> float32 CHW / 255
+    return TF.hflip(out) if view.flip else out
+
+
+def render_uint8(image: Image.Image, view: View, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """The view as uint8 [3, size, size]: the pixels of `render` before the division by 255 (a
+    quarter of its bytes, for a loader to move and normalize later, in one batched pass)."""
+    pixels = np.asarray(render_pil(image, view, size, interpolation))  # [size, size, 3] uint8, read-only
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def render(image: Image.Image, view: View, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Crop, resize to size x size, flip: float32 [3, size, size] in [0, 1], not normalized
+    (`render_uint8(...) / 255`, exactly as torchvision's `to_tensor`); each model then normalizes
+    with its own mean/std."""
+    return TF.to_tensor(render_pil(image, view, size, interpolation))  # uint8 HWC -> float32 CHW / 255

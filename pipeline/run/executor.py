@@ -25,8 +25,12 @@ def run_in_process(task: ShardTask, shards: list[int], on_done: Callable[[dict],
 
 
 def run_dask(task: ShardTask, shards: list[int], on_done: Callable[[dict], None], *, workers: int = 0,
-             scheduler: str | None = None, retries: int = 2, name: str = "extract") -> None:
-    """One task per shard on a LocalCluster of `workers` processes, or on the cluster at `scheduler`."""
+             scheduler: str | None = None, retries: int = 2, name: str = "extract", first_alone: bool = False) -> None:
+    """One task per shard on a LocalCluster of `workers` processes, or on the cluster at `scheduler`.
+
+    `first_alone`: the first shard runs (and finishes) before the others are submitted: its writer
+    fits what every other shard needs (a q1pct store's channel basis, `pipeline.targets.bases`).
+    """
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -40,9 +44,12 @@ def run_dask(task: ShardTask, shards: list[int], on_done: Callable[[dict], None]
     remote = task.for_workers()
     try:
         keys = [f"{name}-{k:06d}-{os.getpid()}-{time.time_ns()}" for k in shards]
-        futures = client.map(extract_shard, [remote] * len(shards), shards, retries=retries, pure=False, key=keys)
-        for fut in as_completed(futures):
-            on_done(fut.result())
+        waves = [slice(0, 1), slice(1, None)] if first_alone else [slice(None)]
+        for wave in waves:
+            futures = client.map(extract_shard, [remote] * len(shards[wave]), shards[wave], retries=retries,
+                                 pure=False, key=keys[wave])
+            for fut in as_completed(futures):
+                on_done(fut.result())
     finally:
         client.cancel(futures)
         client.close()

@@ -116,6 +116,7 @@ def disc_layout(teacher: "Teacher", source: "TeacherSource", *, mim_attrs: dict,
         "mask": mim_attrs["mask"],
         "features": "final-layer tokens after the model's final norm, raw (whiten at load time)",
     })
-    arrays = {"features": ArraySpec((T, teacher.embed_dim), "float32", precision),
+    # q1pct predicts features from a channel subspace of the store (fp16 and int8 ignore it).
+    arrays = {"features": ArraySpec((T, teacher.embed_dim), "float32", precision, channel_basis=True),
               "valid": ArraySpec((), "bool", per_view=False)}
     return attrs, arrays

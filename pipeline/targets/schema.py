@@ -9,9 +9,13 @@ Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
 - `exact`: stored as its dtype (ints, bools, float32 crop boxes);
 - `fp16` / `int8` / `q1pct`: float targets, stored as parts: `<name>` holds part "q" and
   `<name>_<part>` the others (`relations_scale` float16 [N, V, ..., rows] for int8;
-  `relations_step` float32 [N, V] + `relations_rowmean` / `relations_colmean` uint32 code
-  predictors + `relations` uint16 residual codes for q1pct).
-Codecs: Blosc byte shuffle (element size = itemsize) then zstd level 3, per chunk (Zarr v3 core codecs).
+  `<name>_step` float32 [N, V] + integer predictors + uint16 residual codes for q1pct, whose parts
+  `pipeline.targets.compact.part_specs` lists; the store attribute `q1pct_codec` versions them).
+- store-level parts, kept once: `<name>_channel_basis` int16 [D, k] for a q1pct array with
+  `channel_basis` (fitted on shard 0 by its writer, before any other shard may be written; its
+  Zarr attribute `hdpipe.fitted` turns true, with the sha256 `digest` of its bytes, after the data).
+Codecs: Blosc byte shuffle (element size = itemsize) then zstd, level 3 (level 7 and 64 KiB
+blocks for q1pct's integer codes), per chunk (Zarr v3 core codecs).
 
 The `hdpipe` group attribute holds the caller's settings (`REQUIRED_ATTRS` must be present) plus
 what the store adds itself (`STORE_ATTRS`): schema version, manifest digest, counts, each array's
@@ -30,11 +34,17 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline import __version__
-from pipeline.errors import StoreError
+from pipeline.errors import StoreError, require_finite
 from pipeline.targets import quant
 
 SCHEMA_VERSION = 1  # bump when the layout or attribute meaning changes; open() refuses others
-ZSTD_LEVEL = 3  # zstd level of every chunk (its default): int8/q1pct codes are as small as at 5, fp16 5% bigger, writes 2-3x faster
+ZSTD_LEVEL = 3  # zstd level of fp16/int8/exact chunks (its default): int8 codes are as small as at 5, fp16 5% bigger, writes 2-3x faster
+# q1pct residual codes at level 7: 6% smaller than at 3 (measured on ViT-B relations), decoded as
+# fast, encoded ~3x slower (still below the codec's own time); levels 9+ gain <0.5% more. Blosc
+# blocks of 64 KiB (vs its default for the chunk) save another 2-3% on relations.
+COMPACT_ZSTD_LEVEL = 7
+COMPACT_BLOCK_BYTES = 65536
+Q1PCT_CODEC = 2  # version of the q1pct parts (2: token subspace and channel basis predictors)
 # Settings the caller must give: without them a store cannot be checked against its consumers.
 REQUIRED_ATTRS = ("teacher", "weights_digest", "preprocessing", "precision", "tokens", "view_plan_digest")
 # Added by the store itself; a caller may pass them only with the same value.
@@ -50,14 +60,24 @@ class ArraySpec:
     dtype: str = "float32"  # dtype written and read: float32 for lossy precisions, else as stored
     precision: str = quant.LOSSLESS  # "exact" or one of quant.PRECISIONS (float32 arrays only)
     per_view: bool = True  # False: indexed [sample, *shape_tail] (e.g. `valid` [N])
+    channel_basis: bool = False  # q1pct: predict rows [.., T, D] from a channel subspace fitted on shard 0, stored once
 
     def to_json(self) -> dict:
-        return {"shape_tail": [int(s) for s in self.shape_tail], "dtype": str(np.dtype(self.dtype)),
-                "precision": self.precision, "per_view": bool(self.per_view)}
+        out = {"shape_tail": [int(s) for s in self.shape_tail], "dtype": str(np.dtype(self.dtype)),
+               "precision": self.precision, "per_view": bool(self.per_view)}
+        if self.uses_channel_basis:  # absent otherwise: stores of other precisions keep their attributes
+            out["channel_basis"] = True
+        return out
 
     @staticmethod
     def from_json(d: Mapping) -> "ArraySpec":
-        return ArraySpec(tuple(int(s) for s in d["shape_tail"]), d["dtype"], d["precision"], bool(d["per_view"]))
+        return ArraySpec(tuple(int(s) for s in d["shape_tail"]), d["dtype"], d["precision"], bool(d["per_view"]),
+                         bool(d.get("channel_basis", False)))
+
+    @property
+    def uses_channel_basis(self) -> bool:
+        """Only q1pct predicts from a channel basis; fp16 and int8 ignore the request."""
+        return self.channel_basis and self.precision == "q1pct"
 
 
 def jsonable(v: Any) -> Any:
@@ -107,13 +127,18 @@ def shard_table(manifest: Any) -> tuple[int, int, list[int], str]:
     return total, size, counts, str(digest)
 
 
-def codecs(dtype: np.dtype) -> list:
+def codecs(dtype: np.dtype, compact: bool = False) -> list:
     """Blosc: byte shuffle (multi-byte types) then zstd, both in the Zarr v3 core spec.
 
     Shuffling puts the mostly-zero high bytes of small codes together; zstd's entropy stage then
     codes the low bytes near their entropy. Same size as numcodecs Shuffle + plain zstd (measured).
+    `compact` (q1pct codes): zstd level 7 and 64 KiB Blosc blocks, each its own zstd frame, so its
+    Huffman tables follow the code statistics of a few heads or channels at a time.
     """
     shuffle = "shuffle" if dtype.itemsize > 1 else "noshuffle"
+    if compact:
+        return [BloscCodec(cname="zstd", clevel=COMPACT_ZSTD_LEVEL, shuffle=shuffle, typesize=dtype.itemsize,
+                           blocksize=COMPACT_BLOCK_BYTES)]
     return [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle, typesize=dtype.itemsize)]
 
 
@@ -137,12 +162,14 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
                 raise StoreError(f"array {name!r} has precision {spec.precision!r} but the store's precision is {precision!r}")
             if np.dtype(spec.dtype) != np.float32:
                 raise StoreError(f"array {name!r}: lossy precision {spec.precision!r} needs dtype float32, got {spec.dtype}")
-            quant.part_specs(spec.shape_tail, spec.precision)  # checks rows exist
-    stored = [part_name(n, p) for n, s in arrays.items() for p in stored_parts(s)]
+            quant.part_specs(spec.shape_tail, spec.precision, spec.uses_channel_basis)  # checks rows exist
+    stored = [part_name(n, p) for n, s in arrays.items() for p in list(stored_parts(s)) + list(store_parts(s))]
     clash = sorted({x for x in stored if stored.count(x) > 1})
     if clash:
         raise StoreError(f"array names collide with the stored parts of other arrays: {clash}")
     total, size, counts, digest = shard_table(manifest)
+    if precision == "q1pct":  # its parts changed with the codec: older q1pct stores are refused by `open`
+        attrs = {**attrs, "q1pct_codec": Q1PCT_CODEC}
     own = {
         "schema_version": SCHEMA_VERSION,
         "manifest_digest": digest,
@@ -152,7 +179,8 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
         "views": int(views),
         "arrays": {n: s.to_json() for n, s in arrays.items()},
         "codec": (f"per-view arrays: chunks (1, V, ...), shards (S, V, ...); per-sample arrays: chunk = shard "
-                  f"(S, ...); blosc byte shuffle + zstd level {ZSTD_LEVEL}"),
+                  f"(S, ...); blosc byte shuffle + zstd level {ZSTD_LEVEL} ({COMPACT_ZSTD_LEVEL}, "
+                  f"{COMPACT_BLOCK_BYTES // 1024} KiB blocks for q1pct codes)"),
         "package_version": __version__,
     }
     given = jsonable(dict(attrs))
@@ -175,17 +203,55 @@ def create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> 
         dt = np.dtype(dtype)
         arr = group.create_array(
             part_name(name, part), shape=lead + tuple(tail), chunks=chunk_lead + tuple(tail),
-            shards=shard_lead + tuple(tail), dtype=dt, compressors=codecs(dt),
+            shards=shard_lead + tuple(tail), dtype=dt,
+            compressors=codecs(dt, compact=spec.precision == "q1pct"),
             fill_value=False if dt == np.bool_ else 0,
         )
         arr.attrs["hdpipe"] = {"array": name, "part": part, "precision": spec.precision}
+    for part, (shape, dtype) in store_parts(spec).items():
+        # One chunk, written once (by shard 0's writer); "fitted" is set only after its data.
+        arr = group.create_array(part_name(name, part), shape=shape, chunks=shape, dtype=np.dtype(dtype),
+                                 compressors=codecs(np.dtype(dtype)), fill_value=0)
+        arr.attrs["hdpipe"] = {"array": name, "part": part, "precision": spec.precision, "fitted": False}
 
 
 def stored_parts(spec: ArraySpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The per-view (per-sample) parts of an array: {part: (shape after [N, V], dtype)}."""
     if spec.precision == quant.LOSSLESS:
         return {"q": (tuple(spec.shape_tail), str(np.dtype(spec.dtype)))}
-    return quant.part_specs(spec.shape_tail, spec.precision)
+    return quant.part_specs(spec.shape_tail, spec.precision, spec.uses_channel_basis)
+
+
+def store_parts(spec: ArraySpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Parts an array keeps once for the whole store: {part: (shape, dtype)} (the channel basis)."""
+    if not spec.uses_channel_basis:
+        return {}
+    from pipeline.targets import compact
+
+    D = int(spec.shape_tail[-1])
+    return {"channel_basis": ((D, min(compact.CHANNELS, D)), "int16")}
 
 
 def part_name(name: str, part: str) -> str:
     return name if part == "q" else f"{name}_{part}"
+
+
+def check_input(spec: ArraySpec, views: int, k: int, name: str, a: np.ndarray, count: int) -> np.ndarray:
+    """Shard k's rows of array `name` as the store writes them (float32 for lossy precisions), or
+    StoreError naming what is wrong (shape, dtype, values that do not fit, non-finite values)."""
+    want = ((count, views) if spec.per_view else (count,)) + spec.shape_tail
+    a = np.asarray(a)
+    if a.shape != want:
+        raise StoreError(f"shard {k}: array {name!r} has shape {a.shape}, the store expects {want}")
+    if spec.precision != quant.LOSSLESS:
+        if not np.issubdtype(a.dtype, np.floating):
+            raise StoreError(f"shard {k}: array {name!r} must be floating point, got {a.dtype}")
+        a = a.astype(np.float32, copy=False)
+    elif a.dtype != np.dtype(spec.dtype):
+        cast = a.astype(spec.dtype)
+        if not np.array_equal(cast, a):
+            raise StoreError(f"shard {k}: array {name!r} has dtype {a.dtype}; its values do not fit the store's {spec.dtype}")
+        a = cast
+    if np.issubdtype(a.dtype, np.floating):
+        require_finite(a, f"shard {k}: array {name!r}", "nothing of this shard was stored")
+    return a

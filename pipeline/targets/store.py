@@ -35,10 +35,11 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.errors import StoreError, require_finite
+from pipeline.errors import StoreError
 from pipeline.targets import quant
-from pipeline.targets.schema import (SCHEMA_VERSION, ArraySpec, create_arrays, diff, full_attrs, jsonable,
-                                     part_name, stored_parts)
+from pipeline.targets.bases import ChannelBases, digest
+from pipeline.targets.schema import (Q1PCT_CODEC, SCHEMA_VERSION, ArraySpec, check_input, create_arrays, diff,
+                                     full_attrs, jsonable, part_name, store_parts, stored_parts)
 from pipeline.urls import atomic_write_bytes, fs_and_path, is_local_fs
 
 _DONE_RE = re.compile(r"^(\d{6})\.json$")
@@ -67,7 +68,9 @@ class TargetStore:
         self.precision: str = str(self.attrs["precision"])
         self.arrays: dict[str, ArraySpec] = {n: ArraySpec.from_json(d) for n, d in self.attrs["arrays"].items()}
         self._zarr: dict[str, zarr.Array] = {}
-        self._part_dtypes = {part_name(n, p): np.dtype(d) for n, s in self.arrays.items() for p, (_, d) in stored_parts(s).items()}
+        self._part_dtypes = {part_name(n, p): np.dtype(d) for n, s in self.arrays.items()
+                             for p, (_, d) in {**stored_parts(s), **store_parts(s)}.items()}
+        self.bases = ChannelBases(self)  # q1pct arrays with a channel basis (`pipeline.targets.bases`)
 
     # --- making and opening ----------------------------------------------------------------------
 
@@ -141,6 +144,11 @@ class TargetStore:
                 f"target store {url} has schema_version {attrs.get('schema_version')!r}; this hdpipe "
                 f"({__version__}) reads {SCHEMA_VERSION}: re-extract it with `hdpipe extract --overwrite`"
             )
+        if attrs.get("precision") == "q1pct" and attrs.get("q1pct_codec") != Q1PCT_CODEC:
+            raise StoreError(
+                f"target store {url} holds q1pct codes of codec version {attrs.get('q1pct_codec', 1)!r}; this hdpipe "
+                f"({__version__}) reads version {Q1PCT_CODEC}: re-extract it with `hdpipe extract --overwrite`"
+            )
         store = cls(url, group, mode)
         if expect:
             diffs = []
@@ -213,25 +221,6 @@ class TargetStore:
             self._zarr[name] = arr
         return self._zarr[name]
 
-    def _check(self, k: int, name: str, a: np.ndarray, count: int) -> np.ndarray:
-        spec = self.arrays[name]
-        want = ((count, self.views) if spec.per_view else (count,)) + spec.shape_tail
-        a = np.asarray(a)
-        if a.shape != want:
-            raise StoreError(f"shard {k}: array {name!r} has shape {a.shape}, the store expects {want}")
-        if spec.precision != quant.LOSSLESS:
-            if not np.issubdtype(a.dtype, np.floating):
-                raise StoreError(f"shard {k}: array {name!r} must be floating point, got {a.dtype}")
-            a = a.astype(np.float32, copy=False)
-        elif a.dtype != np.dtype(spec.dtype):
-            cast = a.astype(spec.dtype)
-            if not np.array_equal(cast, a):
-                raise StoreError(f"shard {k}: array {name!r} has dtype {a.dtype}; its values do not fit the store's {spec.dtype}")
-            a = cast
-        if np.issubdtype(a.dtype, np.floating):
-            require_finite(a, f"shard {k}: array {name!r}", "nothing of this shard was stored")
-        return a
-
     def write_shard(self, k: int, arrays: Mapping[str, np.ndarray], summary: Mapping[str, Any] | None = None) -> dict:
         """Write shard k of every array (one whole-shard assignment each), then its done marker.
 
@@ -244,21 +233,26 @@ class TargetStore:
         names, want = set(arrays), set(self.arrays)
         if names != want:
             raise StoreError(f"shard {k}: arrays missing {sorted(want - names)}, unknown {sorted(names - want)}")
-        checked = {n: self._check(k, n, arrays[n], count) for n in sorted(self.arrays)}
+        checked = {n: check_input(self.arrays[n], self.views, k, n, arrays[n], count) for n in sorted(self.arrays)}
+        if self._mode == "r":
+            self._group = zarr.open_group(store=_zarr_store(self.url, "r+"), mode="r+")
+            self._zarr, self._mode = {}, "r+"
         encoded: dict[str, dict[str, np.ndarray]] = {}
         errors: dict[str, dict] = {}
+        bases: dict[str, str] = {}
         for name, a in checked.items():
             spec = self.arrays[name]
             if spec.precision == quant.LOSSLESS:
                 encoded[name] = {"q": a}
                 continue
             view_axes = 2 if spec.per_view else 1
-            parts = quant.encode(a, spec.precision, view_axes=view_axes)
-            errors[name] = quant.error_stats(a, parts, spec.precision, view_axes=view_axes)
+            basis = None
+            if spec.uses_channel_basis:
+                basis = self.bases.get(name) if self.bases.get(name) is not None else self.bases.fit(k, name, a)
+                bases[name] = digest(basis)
+            parts = quant.encode(a, spec.precision, view_axes=view_axes, channel_basis=basis)
+            errors[name] = quant.error_stats(a, parts, spec.precision, view_axes=view_axes, channel_basis=basis)
             encoded[name] = parts
-        if self._mode == "r":
-            self._group = zarr.open_group(store=_zarr_store(self.url, "r+"), mode="r+")
-            self._zarr, self._mode = {}, "r+"
         marker_path = f"{self.path}/done/{int(k):06d}.json"
         if self.fs.exists(marker_path):
             self.fs.rm(marker_path)
@@ -276,6 +270,7 @@ class TargetStore:
             "stored_bytes": stored_bytes,
             "bytes": int(sum(stored_bytes.values())),
             "error": errors,
+            **({"channel_basis_digest": bases} if bases else {}),
             "seconds_store": round(time.perf_counter() - t0, 4),
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -297,7 +292,12 @@ class TargetStore:
         spec = self.arrays[name]
         if spec.precision == quant.LOSSLESS:
             return parts["q"]
-        return quant.decode(parts, spec.precision)
+        basis = None
+        if spec.uses_channel_basis:
+            basis = self.bases.get(name)
+            if basis is None:  # shards are read only when done, and shard 0 fits the basis first
+                raise StoreError(f"target store {self.url}: array {name!r} has no fitted channel basis; re-extract it")
+        return quant.decode(parts, spec.precision, basis)
 
     def _names(self, names: Iterable[str] | None) -> list[str]:
         if names is None:
@@ -375,6 +375,3 @@ class TargetStore:
     def _out_dtype(self, name: str) -> np.dtype:
         spec = self.arrays[name]
         return np.dtype(np.float32) if spec.precision != quant.LOSSLESS else np.dtype(spec.dtype)
-
-    # --- reporting ---------------------------------------------------------------------------------
-

@@ -1,0 +1,47 @@
+"""Batches on the training device one step ahead: the host-to-GPU copy of batch j+1 runs on a side
+CUDA stream while step j computes.
+
+    for batch in ahead_on_device(iter(loader), device): ...
+
+On CUDA the loader's batches are in page-locked memory (`LoaderConfig.pin_memory`), so
+`non_blocking` copies are truly asynchronous; issuing the next batch's copy *before* handing out
+the current one is what lets it overlap (the step ends with a host sync when it reads its loss,
+so a copy issued after that would wait for nothing and overlap nothing). The consumer's stream
+waits for the copy stream before it touches a batch, and each tensor is recorded on the consumer's
+stream so its memory is not reused while the step still reads it.
+
+On CPU (or any non-CUDA device) batches pass through unchanged: there is no copy to hide.
+The iterator holds one batch beyond the one handed out; a caller that stops early (a mid-epoch
+checkpoint) loses nothing, because the epoch's position is counted in batches *consumed* and a
+resume replays from there.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def ahead_on_device(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    """`batches` with every tensor on `device`; on CUDA the copy of the next batch overlaps the step."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def start_copy(batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
+        with torch.cuda.stream(copy_stream):
+            return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    upcoming = start_copy(next(batches, None))
+    while upcoming is not None:
+        current = upcoming
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        for v in current.values():
+            if torch.is_tensor(v) and v.device.type == "cuda":
+                v.record_stream(compute)
+        upcoming = start_copy(next(batches, None))  # issued before step j runs: it overlaps it
+        yield current
