@@ -156,17 +156,18 @@ def phase_ceiling(args, data) -> dict:
 def phase_cached(args, data) -> dict:
     """The real loader (tar decode, view replay, Zarr shard reads, `workers` processes) feeding the
     same step, epoch after epoch (a new epoch plan and worker start-up at each boundary)."""
-    from pipeline.train.loader import build_loader, steps_per_epoch
+    from pipeline.train.epochs import epoch_iterators
+    from pipeline.train.loader import steps_per_epoch
 
     cfg = distill_config(args, data, "cached")
     lcfg = _setup(cfg).loader_cfg
     per_epoch = steps_per_epoch(lcfg, 1)
 
     def stream(run):
-        epoch = 0
-        while True:  # as `distill` reads them: pinned, copied to the GPU one step ahead there
-            yield from run.batches(build_loader(lcfg, epoch))
-            epoch += 1
+        # As `distill` reads them: each epoch's loader started before the previous one ends
+        # (`pipeline.train.epochs`); on a GPU pinned, uint8, copied one step ahead and normalized there.
+        for _, loader_it in epoch_iterators(lcfg, 0, 10**6):
+            yield from run.batches(loader_it)
 
     out = _timed_steps(cfg, stream, args.steps)
     out["steps_per_epoch"] = per_epoch

@@ -3,8 +3,8 @@
     python benchmarks/bench_extract.py                 # ViT-S/16 at 224, 64 and 256 images, CPU
     python benchmarks/bench_extract.py --images 64 --device cuda
 
-(a) Overhead: `extract()` of a MIM store (decode, render, forward with Q·Kᵀ hooks, masks, gather,
-    fp16 store writes, done markers) against a pure `forward_features` of the same teacher over the
+(a) Overhead: `extract()` of a MIM store (decode, render, forward with Q and K hooks, masks, Q·Kᵀ on the
+    kept tokens, fp16 store writes, done markers) against a pure `forward_features` of the same teacher over the
     same views and batch size, pre-rendered in memory. Target: median of rounds <= 1.10x at both
     sizes (64 and 256 images by default).
 (b) Scaling: the same run over 4x the images. Targets: time <= 4.2x, peak RSS <= 1.1x (peak RSS
@@ -13,7 +13,7 @@
     (`benchmarks/integrity.py`), as a share of extraction time per image. Target: <= 3%.
 
 (a') Interleaved estimate, robust to load drift: (extraction time / time inside its own teacher
-    forwards) x (forward with the Q·Kᵀ and hidden-state hooks / plain forward, alternated batch by
+    forwards) x (forward with the Q, K and hidden-state hooks / plain forward, alternated batch by
     batch). On a quiet machine it agrees with (a); on a shared one (a) swings by tens of percent.
 
 Each child loads the teacher first (not timed: a dask worker loads it once per process) and warms
@@ -102,7 +102,7 @@ def child(args) -> dict:
     sync = torch.cuda.synchronize if teacher.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         teacher.forward_targets(torch.zeros(args.batch_size, 3, teacher.img_size, teacher.img_size,
-                                            device=teacher.device), relation_layers=(teacher.depth - 1,))
+                                            device=teacher.device), qk_layers=(teacher.depth - 1,))
     manifest = read_manifest(args.manifest)
     result = {"images": manifest.total, "device": str(teacher.device), "threads": torch.get_num_threads()}
     if args.mode == "rss":
@@ -150,7 +150,7 @@ def child(args) -> dict:
         extraction_cpu.append(time.process_time() - c0)
         outside.append(extraction[-1] / inside[0])  # extraction time / its own teacher-forward time
     del teacher.forward_targets
-    # The targets' own cost: forward with Q·Kᵀ and hidden-state hooks vs a plain forward, alternated
+    # The targets' own cost: forward with Q, K and hidden-state hooks vs a plain forward, alternated
     # batch by batch so that slow load drift on a shared machine hits both alike.
     layers = (teacher.depth - 2, teacher.depth - 1)
     hidden = (0, teacher.depth // 3, 2 * teacher.depth // 3, teacher.depth)
@@ -163,7 +163,7 @@ def child(args) -> dict:
                 teacher.model.forward_features(x)
                 sync()
                 t1 = time.perf_counter()
-                teacher.forward_targets(x, relation_layers=layers, hidden_layers=hidden, features=False)
+                teacher.forward_targets(x, qk_layers=layers, hidden_layers=hidden, features=False)
                 sync()
                 plain, hooked = plain + (t1 - t0), hooked + (time.perf_counter() - t1)
     ratios = [e / f for e, f in zip(extraction, forward)]  # each round's extraction over its own forward

@@ -212,6 +212,32 @@ def test_view_schedules_and_views_used(world):
         build_loader(replace(base, views_used=3), 0)
 
 
+def test_epochs_back_to_back_start_the_next_loader_early_and_change_nothing(world, monkeypatch):
+    from pipeline.train import epochs as E
+    from pipeline.train import loader as L
+
+    cfg = cfg_for(world["uneven"], world["kept"], num_workers=2)
+    per_epoch = steps_per_epoch(cfg, 1)
+    calls, consumed = [], []
+    real = L.build_loader
+    monkeypatch.setattr(L, "build_loader", lambda c, epoch, *a, **k: calls.append((epoch, len(consumed))) or real(c, epoch, *a, **k))
+    got = {}
+    for epoch, it in E.epoch_iterators(cfg, 1, 4, skip_batches=1):
+        got[epoch] = []
+        for b in it:
+            consumed.append(epoch)
+            got[epoch].append(b)
+    # Epoch 2's loader started while epoch 1 still had AHEAD batches to go, epoch 3's likewise.
+    first = per_epoch - 1  # epoch 1 resumed after one batch
+    assert calls == [(1, 0), (2, first - E.AHEAD), (3, first + per_epoch - E.AHEAD)]
+    # ... and the batches are exactly those of a loader built at the boundary.
+    for epoch, batches in got.items():
+        want = list(real(cfg, epoch, skip_batches=1 if epoch == 1 else 0))
+        assert len(batches) == len(want)
+        for a, b in zip(batches, want):
+            assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_batches_yields_exactly_the_tail(world, workers):
     cfg = cfg_for(world["uneven"], world["all"], batch_size=2, num_workers=workers)
@@ -405,6 +431,23 @@ def test_compact_precision_store_is_decoded(world):
     batches = run_epoch(cfg, epoch=0)
     assert batches[0]["relations"].dtype == torch.float32 and batches[0]["features"].dtype == torch.float32
     assert check_batches(cfg, batches[:2], _images(world["even"]), epoch=0, views=1) == 6
+
+
+def test_uint8_image_transport_normalized_on_the_device_equals_the_float_path(world):
+    """What a GPU run gets (uint8 pixels, normalized after the copy by ahead_on_device) is bit for
+    bit what the loader's float path gives (here the "device" is the CPU; the ops are the same)."""
+    from pipeline.train.prefetch import ahead_on_device
+
+    cfg = cfg_for(world["uneven"], world["kept"], num_workers=2)
+    floats = run_epoch(cfg, epoch=1)
+    u8 = replace(cfg, image_transport="uint8")
+    raw = list(build_loader(u8, 1))
+    assert raw[0]["image"].dtype == torch.uint8 and raw[0]["image"].nbytes * 4 == floats[0]["image"].nbytes
+    got = list(ahead_on_device(iter(raw), torch.device("cpu"), normalize=(cfg.mean, cfg.std)))
+    assert len(got) == len(floats)
+    for a, b in zip(got, floats, strict=True):
+        assert a["image"].dtype == torch.float32 and torch.equal(a["image"], b["image"])
+        assert all(torch.equal(a[k], b[k]) for k in b if k != "image")
 
 
 def test_kept_and_all_token_stores_give_the_same_targets(world):

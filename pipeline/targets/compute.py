@@ -27,6 +27,14 @@ def gather_tokens(x, tok):
     return torch.gather(rows, 3, tok[:, None, None, :].expand(b, h, t, t))
 
 
+def token_relations(q, k, tok):
+    """Q·Kᵀ over tokens `tok` only: q, k [B, H, N, hd], tok long [B, T] -> [B, H, T, T] (row i is
+    token tok[:, i]). The same dot products as gathering the full [N, N] relations, ~(N/T)² fewer."""
+    b, h, _, d = q.shape
+    idx = tok[:, None, :, None].expand(b, h, tok.shape[1], d)
+    return torch.gather(q, 2, idx) @ torch.gather(k, 2, idx).transpose(-1, -2)
+
+
 def token_index(keep, num_patches: int, tokens: str, batch: int, device):
     """long [B, T]: CLS (0) then kept patches shifted by one (tokens=kept), or every token (all)."""
     if tokens == "all":
@@ -48,7 +56,8 @@ def mim_batch(teacher, x, layers: tuple[int, ...], extras: tuple[str, ...], rati
     depth = teacher.depth
     mlayers = tuple(mask_layers(depth))
     want_blocks = layers if "block_features" in extras else ()
-    out = teacher.forward_targets(x, relation_layers=layers, hidden_layers=tuple(sorted(set(mlayers) | {depth})),
+    # Q and K, not Q·Kᵀ: relations are needed on the stored tokens only, known after the masks.
+    out = teacher.forward_targets(x, qk_layers=layers, hidden_layers=tuple(sorted(set(mlayers) | {depth})),
                                   block_layers=want_blocks, features=False)
     prog = progressive_keep({i: out["hidden"][i] for i in mlayers}, mlayers, ratio)  # [B, n_keep]
     direct = direct_keep(out["hidden"][depth], prog.shape[1])  # [B, n_keep]
@@ -58,7 +67,7 @@ def mim_batch(teacher, x, layers: tuple[int, ...], extras: tuple[str, ...], rati
     if not layers:
         return res
     tok = token_index(chosen, num_patches, tokens, x.shape[0], x.device)
-    rel = torch.stack([gather_tokens(out["relations"][l].float(), tok) for l in layers], dim=1)  # [B, nL, H, T, T]
+    rel = torch.stack([token_relations(*out["qk"][l], tok) for l in layers], dim=1)  # [B, nL, H, T, T]
     res["relations"] = rel
     if "attention" in extras:
         # Softmax over the stored token set: what a student that sees only these tokens can match.

@@ -6,6 +6,8 @@
 Batch (B = `cfg.batch_size`, P = patches, n_keep kept patches, T = 1 + n_keep tokens in
 [CLS] + kept order, L = number of relation layers asked for, Ht/Dt the teacher's heads/width):
     image         float32 [B, 3, img_size, img_size]  the stored view replayed, student-normalized
+                  (image_transport "uint8": its uint8 pixels; `normalize_image` makes the float input
+                  on the training device, `pipeline.train.prefetch.ahead_on_device` calls it)
     keep_index    int64   [B, n_keep]  sorted kept patch indices (0-based, CLS excluded)
     index         int64   [B]          global sample index (the tar `__key__`)
     view          int64   [B]          view id in [0, V) chosen for this epoch
@@ -79,6 +81,7 @@ class LoaderConfig:
     views_used: int = 0  # use only the first N stored views (0 = all)
     online_plan: tuple | None = None  # online: (seed, scale, ratio, hflip) of fresh views (view id = epoch), no store read; None = replay stored views
     teacher_inputs: tuple[tuple[int, str], ...] = ()  # online: (size, interpolation) of each teacher's input render (batch key x01_<size>_<interp>)
+    image_transport: Literal["float", "uint8"] = "float"  # float: normalized here; uint8: 4x fewer bytes to move, normalized on the training device
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -97,6 +100,8 @@ class LoaderConfig:
             raise ConfigError(f"loader mim_target must be one of {list(MIM_TARGETS)}, got {self.mim_target!r}")
         if self.mim_store is None and self.disc_store is None and self.online_plan is None:
             raise ConfigError("loader needs at least one target store: set mim_store and/or disc_store")
+        if self.image_transport not in ("float", "uint8"):
+            raise ConfigError(f"loader image_transport must be 'float' or 'uint8', got {self.image_transport!r}")
         if self.views_used < 0:
             raise ConfigError(f"loader views_used must be >= 0, got {self.views_used}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -197,6 +202,15 @@ def _decode_image(data: bytes, index: int, url: str):
                          "extracted (re-run `hdpipe shard` and `hdpipe extract`)") from None
 
 
+def normalize_image(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, S, S] view pixels -> the student's float32 input: (pixels / 255 - mean) / std,
+    the same operations in the same order as `render` then normalization, so the same bits on any
+    device (IEEE float32 division and subtraction)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return pixels.float().div_(255).sub_(m).div_(s)
+
+
 def _stack(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     keys = samples[0].keys()
     out = {}
@@ -223,7 +237,7 @@ class _PlanDataset(IterableDataset):
     def _pieces(self, w: int) -> Iterator[dict[str, Any]]:
         from pipeline.data.reading import read_shard_records, verified_stamps
         from pipeline.data.manifest import read_manifest
-        from pipeline.data.views import ViewPlan, render
+        from pipeline.data.views import ViewPlan, render, render_uint8
 
         cfg, src = self.cfg, self.src
         stream = self.plan.workers[w]
@@ -236,8 +250,6 @@ class _PlanDataset(IterableDataset):
             seed, scale, ratio, hflip = cfg.online_plan
             online = ViewPlan(seed=seed, views=self.plan.epoch + 1, size=cfg.img_size, scale=scale, ratio=ratio,
                               hflip=hflip, interpolation=cfg.interpolation)
-        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
         piece = 0
         samples: list[dict[str, Any]] = []
         reported: set = set()
@@ -284,13 +296,14 @@ class _PlanDataset(IterableDataset):
                     view = int(shard.view_of_row[local])
                     box = shard.view_box(local)
                     rec = shard.sample(local, view=view, index=index)
-                img = render(image, box, cfg.img_size, cfg.interpolation)
-                rec["image"] = (img.float() - mean) / std
+                rec["image"] = render_uint8(image, box, cfg.img_size, cfg.interpolation)
                 rec["index"] = np.int64(index)
                 rec["view"] = np.int64(view)
                 samples.append(rec)
                 if pos + 1 == e:
                     out = _stack(samples)
+                    if cfg.image_transport == "float":  # the whole piece at once
+                        out["image"] = normalize_image(out["image"], cfg.mean, cfg.std)
                     out["_piece"] = torch.tensor([w, s, e], dtype=torch.int64)
                     # Tell the main process which tars this worker verified: the next epoch's
                     # workers (forked from it) then trust them while their stamps are unchanged.
@@ -329,12 +342,16 @@ class EpochLoader:
         return len(self.plan.batches)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Starts the workers now (not at the first `next`), so an epoch can be started ahead of
+        time (`pipeline.train.epochs`): its workers read their first windows while the step runs."""
+        if not self.plan.batches:
+            return iter(())
+        return self._batches(iter(self._loader))
+
+    def _batches(self, it) -> Iterator[dict[str, torch.Tensor]]:
         from pipeline.data.reading import remember_verified
 
-        if not self.plan.batches:
-            return
         queues: dict[int, deque] = {w: deque() for w in range(len(self.plan.workers))}
-        it = iter(self._loader)
         for segments in self.plan.batches:
             parts = []
             for w, s, e in segments:

@@ -10,7 +10,8 @@ so a copy issued after that would wait for nothing and overlap nothing). The con
 waits for the copy stream before it touches a batch, and each tensor is recorded on the consumer's
 stream so its memory is not reused while the step still reads it.
 
-On CPU (or any non-CUDA device) batches pass through unchanged: there is no copy to hide.
+On CPU (or any non-CUDA device) batches pass through (a uint8 image is normalized in place of
+the copy): there is no copy to hide.
 The iterator holds one batch beyond the one handed out; a caller that stops early (a mid-epoch
 checkpoint) loses nothing, because the epoch's position is counted in batches *consumed* and a
 resume replays from there.
@@ -22,10 +23,22 @@ from typing import Iterator
 import torch
 
 
-def ahead_on_device(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
-    """`batches` with every tensor on `device`; on CUDA the copy of the next batch overlaps the step."""
+def ahead_on_device(batches: Iterator[dict], device: torch.device, normalize: tuple | None = None) -> Iterator[dict]:
+    """`batches` with every tensor on `device`; on CUDA the copy of the next batch overlaps the step.
+
+    `normalize` (mean, std): a uint8 `image` (the loader's image_transport "uint8") becomes the
+    student's float input on the device (`pipeline.train.loader.normalize_image`), after a copy of a
+    quarter of the bytes.
+    """
+    from pipeline.train.loader import normalize_image
+
+    def finish(batch: dict) -> dict:
+        if normalize is not None and batch.get("image") is not None and batch["image"].dtype == torch.uint8:
+            batch = {**batch, "image": normalize_image(batch["image"], *normalize)}
+        return batch
+
     if device.type != "cuda":
-        yield from batches
+        yield from (finish(b) for b in batches)
         return
     copy_stream = torch.cuda.Stream(device)
 
@@ -33,7 +46,7 @@ def ahead_on_device(batches: Iterator[dict], device: torch.device) -> Iterator[d
         if batch is None:
             return None
         with torch.cuda.stream(copy_stream):
-            return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            return finish({k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()})
 
     upcoming = start_copy(next(batches, None))
     while upcoming is not None:
