@@ -179,3 +179,17 @@ def test_error_stats_blockwise_equals_direct(precision):
     assert got["relative"] == pytest.approx(quant.relative_error(x, x_hat), rel=1e-9)
     assert got["max_view"] == pytest.approx(quant.per_view_relative_error(x, x_hat, 2).max(), rel=1e-9)
     assert got["ref_l2"] == pytest.approx(np.linalg.norm(x.astype(np.float64)), rel=1e-9)
+
+
+def test_finite_check_is_exact_behind_its_fast_path():
+    import torch
+
+    from pipeline.errors import require_finite
+
+    # Sums that overflow to Inf while every value is finite are not an error (the fast path falls back).
+    require_finite(np.full(4, 3e38, np.float32), "big")
+    require_finite(torch.full((4,), 3e38), "big")
+    require_finite(np.arange(7), "ints")  # integers are always finite
+    for values in (np.array([1.0, np.nan, np.inf]), torch.tensor([[np.inf, -np.inf], [0.0, 1.0]])):
+        with pytest.raises(NonFiniteError, match="holds 2 non-finite value"):
+            require_finite(values, "x")
