@@ -135,7 +135,10 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
         return xs, np.array(ok)
 
     with torch.inference_mode():
-        for batch, (xs, ok) in prefetched(batches, prepare):
+        def join(first, second):  # prepare(a + b) from prepare(a) and prepare(b)
+            return first[0] + second[0], np.concatenate([first[1], second[1]])
+
+        for batch, (xs, ok) in prefetched(batches, prepare, join):
             x = teacher.normalize(torch.stack(xs))  # [B, 3, size, size] on the teacher's device
             if role == "mim":
                 res = mim_batch(teacher, x, layers, extras, float(attrs["mask"]["ratio"]), attrs["tokens"])
