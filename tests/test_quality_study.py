@@ -29,12 +29,13 @@ def test_quick_study_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "out" / "views.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     students = saved["students"]
     for label in ("hybrid-lr0.002", "disc_only-lr0.02", "mim_only-lr0.002", "online-hybrid", "hybrid-views1",
-                  "hybrid-alpha0.3", "online-hybrid-seed1"):
+                  "hybrid-alpha0.3", "hybrid-beta2", "online-hybrid-seed1"):
         r = students[label]
         for key in ("knn_top1", "linear_top1", "finetune_top1", "attention_distance_mean", "nmi_mean", "train_wall_s"):
             assert 0 <= r[key] and r[key] == r[key], (label, key)
     assert students["online-hybrid"]["settings"]["source"] == "online"
     assert students["hybrid-views1"]["settings"]["views_used"] == 1
+    assert students["hybrid-beta2"]["settings"]["smoothl1_beta"] == 2.0
     assert saved["extraction"]["extract_mim"]["views"] == 2 and saved["comparison"]["bytes_per_view"] > 0
     assert set(saved["teachers"]) == {"mim", "disc"} and "finetune_top1" in saved["teachers"]["mim"]["eval"]
     assert "| online-hybrid |" in capsys.readouterr().out

@@ -13,7 +13,7 @@ Steps (each cached in --work, so an interrupted study resumes):
 4. students (same geometry; `hdpipe distill`, fixed epochs): an lr sweep (>= 3 values spanning
    10x) for hybrid, disc_only and mim_only (cached, all V views, random schedule), settings compared
    at each one's best; then at hybrid's best lr: online hybrid (`--source online`), cached hybrid
-   with views_used in {1, 2, 4, V}, a few alphas, and the key comparisons with a second seed;
+   with views_used in {1, 2, 4, V}, a few alphas, SmoothL1 beta 2.0, and the key comparisons with a second seed;
 5. every student and teacher: k-NN, linear probe, fine-tune top-1 (`hdpipe evaluate`), mean
    attention distance and its spread over heads, NMI (`hdpipe analyze`); wall and CPU time of
    every step; bytes on disk.
@@ -245,6 +245,9 @@ def run(args) -> dict:
     students[f"hybrid-views{V}"] = students[f"hybrid-lr{lr:g}"]
     for alpha in args.alphas:
         students[f"hybrid-alpha{alpha:g}"] = study.distill(f"hybrid-alpha{alpha:g}", data, stores, params, base_lr=lr, alpha=alpha)
+    for beta in args.betas:  # SmoothL1 beta: the paper states none; dBOT, whose recipe it follows, uses 2.0
+        students[f"hybrid-beta{beta:g}"] = study.distill(f"hybrid-beta{beta:g}", data, stores, params, base_lr=lr,
+                                                         smoothl1_beta=beta)
     for seed in args.seeds[1:]:  # the key comparisons again: the spread is the noise floor
         for label, kw in {"hybrid": {"base_lr": lr}, "online-hybrid": {"source": "online", "base_lr": lr},
                           "disc_only": {"teachers": "disc_only", "base_lr": best["disc_only"]},
@@ -347,10 +350,10 @@ def main(argv=None) -> dict:
     # raise distill_images, probe_images and student_epochs; nothing else depends on them.
     full = dict(pretrain_images=20000, mae_epochs=12, sup_epochs=4, distill_images=2000, probe_images=2000,
                 test_images=1000, shard_size=250, views=8, views_sweep=(1, 2, 4, 8), student_epochs=8, batch_size=128,
-                lrs=(2e-3, 6e-3, 2e-2), alphas=(0.1, 0.3), seeds=(0, 1), finetune_epochs=2, finetune_lr=2e-3)
+                lrs=(2e-3, 6e-3, 2e-2), alphas=(0.1, 0.3), betas=(2.0,), seeds=(0, 1), finetune_epochs=2, finetune_lr=2e-3)
     quick = dict(pretrain_images=96, mae_epochs=1, sup_epochs=1, distill_images=48, probe_images=40, test_images=20,
                  shard_size=16, views=2, views_sweep=(1, 2), student_epochs=1, batch_size=8, lrs=(2e-3, 2e-2),
-                 alphas=(0.3,), seeds=(0, 1), finetune_epochs=1, finetune_lr=2e-3)
+                 alphas=(0.3,), betas=(2.0,), seeds=(0, 1), finetune_epochs=1, finetune_lr=2e-3)
     for k, v in (quick if args.quick else full).items():
         setattr(args, k, v)
     return run(args)
