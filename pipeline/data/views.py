@@ -184,7 +184,8 @@ def render_pil(image: Image.Image, view: View, size: int, interpolation: str = "
     torchvision's transforms use for PIL input during training), flip."""
     if interpolation not in INTERPOLATIONS:
         raise ConfigError(f"interpolation '{interpolation}' is not one of {sorted(INTERPOLATIONS)}")
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # convert() copies even an RGB image: a whole decoded photo per view
+        image = image.convert("RGB")
     top, left, h, w = view.pixel_box(image.width, image.height)
     out = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=INTERPOLATIONS[interpolation],
                           antialias=True)
