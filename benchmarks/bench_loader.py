@@ -63,7 +63,7 @@ def make_photos(folder: Path, n: int, seed: int = 0) -> None:
         im.save(folder / f"{i:06d}.jpg", "JPEG", quality=90, subsampling="4:2:0")
 
 
-def prepare(work: Path, images: int, shard_size: int) -> dict:
+def prepare(work: Path, images: int, shard_size: int, views: int = 1) -> dict:
     from stages.extract import ExtractConfig, extract
     from stages.shard import ShardConfig, shard
 
@@ -74,7 +74,7 @@ def prepare(work: Path, images: int, shard_size: int) -> dict:
                           manifest=str(manifest), shard_size=shard_size, progress=False))
     common = dict(manifest=str(manifest), random_init=True, targets=str(work / "targets"), batch_size=32,
                   progress=False)
-    mim = extract(ExtractConfig(teacher=MIM, role="mim", name="mim", **common))
+    mim = extract(ExtractConfig(teacher=MIM, role="mim", name="mim", views=views, **common))
     disc = extract(ExtractConfig(teacher=DISC, role="disc", name="disc", mim_store=mim, **common))
     return {"manifest": str(manifest), "mim": mim, "disc": disc}
 
@@ -187,6 +187,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256, help="ImageNet-sized JPEGs")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--views", type=int, default=1,
+                   help="stored views per image (each epoch reads one; a Zarr chunk holds every view of a sample)")
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per measurement; min/median/max reported")
     p.add_argument("--work", type=Path, default=None, help="work folder (kept; default: a temporary one)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/loader.json"))
@@ -200,7 +202,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-loader-")
         args.work = Path(tmp.name)
     args.work.mkdir(parents=True, exist_ok=True)
-    data = prepare(args.work, args.images, args.shard_size)
+    data = prepare(args.work, args.images, args.shard_size, args.views)
     (args.work / "data.json").write_text(json.dumps(data))
     runs: dict[str, list[dict]] = {"phases": [], "loader": []}
     for _ in range(args.rounds):
@@ -222,8 +224,8 @@ def main() -> None:
         "benchmark": "stage-two loader CPU per image on ImageNet-sized JPEGs (issue 12)",
         "setting": {"images": args.images, "size": "500x375 / 375x500 JPEG q90 4:2:0", "student_px": 224,
                     "batch": args.batch, "shard_size": args.shard_size, "stores": "MIM relations (ViT-S, 2 layers) + "
-                    "disc features (DeiT-S), fp16, [CLS]+67 kept tokens", "workers": 0, "torch_threads": 1,
-                    "rounds": args.rounds},
+                    "disc features (DeiT-S), fp16, [CLS]+67 kept tokens", "views": args.views, "workers": 0,
+                    "torch_threads": 1, "rounds": args.rounds},
         "phases_ms_per_image": phases,
         "sum_of_phases_ms": {"warm (no sha256)": spread(steady), "first epoch": spread(first)},
         "loader_ms_per_image": {"warm": warm, "warm, uint8 transport (GPU runs)": warm_u8, "first epoch": cold},
@@ -234,7 +236,8 @@ def main() -> None:
                     "pillow": __import__("PIL").__version__, "libjpeg_turbo": features.check_feature("libjpeg_turbo"),
                     "load_average_1min": os.getloadavg()[0]},
     }
-    print(f"loader CPU ms per image, {args.images} ImageNet-sized JPEGs -> 224 px, {args.rounds} rounds "
+    print(f"loader CPU ms per image, {args.images} ImageNet-sized JPEGs -> 224 px, {args.views} stored view(s), "
+          f"{args.rounds} rounds "
           "(min / median / max)")
     for ph in PHASES:
         s = phases[ph]
