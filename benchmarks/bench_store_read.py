@@ -47,15 +47,16 @@ def measure(V: int, S: int, repeats: int = 3) -> dict:
 
     rng = np.random.default_rng(0)
     views = rng.integers(0, V, S)
-    root = zarr.open_group(tempfile.mkdtemp(prefix="bench-store-read-"), mode="w")
+    folder = tempfile.TemporaryDirectory(prefix="bench-store-read-")
+    root = zarr.open_group(folder.name, mode="w")
     layouts = {"chunk (1, V): all views of a sample": ((1, V), whole_chunks),
                "chunk (1, 1): one view": ((1, 1), per_view_reads)}
     data = {n: rng.normal(size=(S, V) + t).astype(np.float16) for n, t in TAILS.items()}
     out = {}
-    for label, (lead, read) in layouts.items():
+    for i, (label, (lead, read)) in enumerate(layouts.items()):
         arrays = []
         for name, tail in TAILS.items():
-            a = root.create_array(f"{lead[1]}_{name}", shape=(S, V) + tail, chunks=lead + tail, shards=(S, V) + tail,
+            a = root.create_array(f"layout{i}_{name}", shape=(S, V) + tail, chunks=lead + tail, shards=(S, V) + tail,
                                   dtype="float16", compressors=codecs(np.dtype("float16")), fill_value=0)
             a[:] = data[name]
             arrays.append((a, data[name][np.arange(S), views]))
@@ -68,6 +69,7 @@ def measure(V: int, S: int, repeats: int = 3) -> dict:
                 read(a, views)
             best = min(best, time.process_time() - t)
         out[label] = 1e3 * best / S
+    folder.cleanup()
     return out
 
 
