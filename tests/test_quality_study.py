@@ -38,7 +38,11 @@ def test_quick_study_runs_end_to_end(tmp_path, capsys):
     assert students["hybrid-beta2"]["settings"]["smoothl1_beta"] == 2.0
     assert saved["extraction"]["extract_mim"]["views"] == 2 and saved["comparison"]["bytes_per_view"] > 0
     assert set(saved["teachers"]) == {"mim", "disc"} and "finetune_top1" in saved["teachers"]["mim"]["eval"]
-    assert "| online-hybrid |" in capsys.readouterr().out
+    long = saved["finetune_long"]  # the longer fine-tune of the models the conclusions rest on
+    assert {"teacher-mim", "teacher-disc", "online-hybrid", "hybrid-seed1", "online-hybrid-seed1"} <= set(long)
+    assert all(0 <= v <= 1 for v in long.values()) and saved["comparison"]["cached_over_online_finetune_long"] > 0
+    printed = capsys.readouterr().out
+    assert "| online-hybrid |" in printed and "fine-tune (1 ep)" in printed
     # rerun: every step is cached in the work folder, nothing is recomputed
     again = main(["--quick", "--idx-dir", str(idx), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out2"),
                   "--device", "cpu"])

@@ -16,7 +16,8 @@ Steps (each cached in --work, so an interrupted study resumes):
    with views_used in {1, 2, 4, V}, a few alphas, SmoothL1 beta 2.0, and the key comparisons with a second seed;
 5. every student and teacher: k-NN, linear probe, fine-tune top-1 (`hdpipe evaluate`), mean
    attention distance and its spread over heads, NMI (`hdpipe analyze`); wall and CPU time of
-   every step; bytes on disk.
+   every step; bytes on disk. The models the conclusions rest on (teachers, each setting at its
+   best lr, cached and online hybrid with both seeds) are fine-tuned again for longer.
 Writes `<out>/study.json`, `<out>/views.png` and prints the README table. Numbers are what this run
 measured; the machine is named in the JSON.
 """
@@ -108,10 +109,17 @@ class Study:
     def teacher_kwargs(self) -> dict:
         return {**self.geometry, "num_classes": 0}
 
+    def teacher_spec(self, checkpoint: str) -> dict:
+        """How evaluate/analyze load a teacher: the timm model, its weights, its own normalization."""
+        from teachers import MEAN, STD
+
+        return {"model": f"timm:{STUDENT}", "checkpoint": checkpoint, "model_kwargs": self.teacher_kwargs(),
+                "mean": MEAN, "std": STD}
+
     def teachers(self) -> dict:
         import torch
 
-        from teachers import MEAN, STD, pretrain_mae, pretrain_supervised
+        from teachers import pretrain_mae, pretrain_supervised
 
         a = self.args
         x, y = load_split(Path(a.idx_dir), "train")
@@ -131,8 +139,7 @@ class Study:
 
         out = {kind: self.step(f"teacher-{kind}", train(kind)) for kind in ("mim", "disc")}
         for kind in ("mim", "disc"):
-            spec = {"model": f"timm:{STUDENT}", "checkpoint": out[kind]["checkpoint"],
-                    "model_kwargs": self.teacher_kwargs(), "mean": MEAN, "std": STD}
+            spec = self.teacher_spec(out[kind]["checkpoint"])
             out[kind]["eval"] = self.step(f"eval-teacher-{kind}", lambda spec=spec, kind=kind: self.evaluate(spec, f"teacher-{kind}"))
         return out
 
@@ -195,6 +202,25 @@ class Study:
         return self.step(f"student-{label}", run)
 
     # ---- 5. evaluation --------------------------------------------------------------------------
+    def long_finetune(self, label: str, spec: dict) -> dict:
+        """Fine-tune top-1 after `long_finetune_epochs` (the sweep's short fine-tune is half warmup):
+        for the models the study's conclusions rest on."""
+        from stages.evaluate import EvaluateConfig, evaluate
+
+        a = self.args
+        data = self.results["data"]
+        teacher = {k: v for k, v in spec.items() if k != "model"}
+
+        def run():
+            m = evaluate(EvaluateConfig(model=spec["model"], train_manifest=data["probe"], test_manifest=data["test"],
+                                        k=min(20, a.probe_images), out=str(self.work / "eval-long" / f"{label}.json"),
+                                        finetune_epochs=a.long_finetune_epochs, finetune_batch_size=a.batch_size,
+                                        finetune_lr=a.finetune_lr, finetune_crop_scale=(0.5, 1.0), device=a.device,
+                                        progress=False, **teacher))
+            return {"finetune_top1": m["finetune"]["top1"], "epochs": a.long_finetune_epochs}
+
+        return self.step(f"finetune{a.long_finetune_epochs}-{label}", run)
+
     def evaluate(self, spec: dict, label: str) -> dict:
         from stages.analyze import AnalyzeConfig, analyze
         from stages.evaluate import EvaluateConfig, evaluate
@@ -253,12 +279,20 @@ def run(args) -> dict:
                           "disc_only": {"teachers": "disc_only", "base_lr": best["disc_only"]},
                           "mim_only": {"teachers": "mim_only", "base_lr": best["mim_only"]}}.items():
             students[f"{label}-seed{seed}"] = study.distill(f"{label}-seed{seed}", data, stores, params, seed=seed, **kw)
-    report = summarize(study, teachers, stores, students, best)
+    # The conclusions rest on these: a longer fine-tune for them (teachers, each setting at its best lr,
+    # online vs cached with both seeds).
+    key = {f"teacher-{kind}": study.teacher_spec(teachers[kind]["checkpoint"]) for kind in ("mim", "disc")}
+    for label in [f"hybrid-lr{lr:g}", "online-hybrid", f"disc_only-lr{best['disc_only']:g}",
+                  f"mim_only-lr{best['mim_only']:g}"] + [f"{name}-seed{seed}" for seed in args.seeds[1:]
+                                                           for name in ("hybrid", "online-hybrid")]:
+        key[label] = {"model": f"student:{study.work / 'runs' / label / 'student'}"}
+    long = {label: study.long_finetune(label, spec) for label, spec in key.items()}
+    report = summarize(study, teachers, stores, students, best, long)
     write_outputs(report, Path(args.out))
     return report
 
 
-def summarize(study: Study, teachers: dict, stores: dict, students: dict, best: dict) -> dict:
+def summarize(study: Study, teachers: dict, stores: dict, students: dict, best: dict, long: dict) -> dict:
     a = study.args
     lr = best["hybrid"]
     cached = students[f"hybrid-lr{lr:g}"]
@@ -276,8 +310,10 @@ def summarize(study: Study, teachers: dict, stores: dict, students: dict, best: 
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "device": "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"},
         "teachers": teachers, "extraction": stores, "students": students, "best_lr": best,
+        "finetune_long": {label: r["finetune_top1"] for label, r in long.items()},
         "comparison": {
             "cached_over_online_finetune": cached["finetune_top1"] / online["finetune_top1"],
+            "cached_over_online_finetune_long": long[f"hybrid-lr{lr:g}"]["finetune_top1"] / long["online-hybrid"]["finetune_top1"],
             "cached_over_online_knn": cached["knn_top1"] / online["knn_top1"],
             "single_run": {"cached_train_wall_s": cached["train_wall_s"], "extract_wall_s": extract_s,
                            "online_train_wall_s": online["train_wall_s"],
@@ -323,18 +359,21 @@ def write_outputs(report: dict, out: Path) -> None:
 
 
 def table(report: dict) -> str:
-    rows = ["| student | lr | k-NN | linear | fine-tune | attn dist (px) | head spread | NMI | train s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    long = report["finetune_long"]
+    epochs = report["setup"]["long_finetune_epochs"]
+    rows = [f"| model | lr | k-NN | linear | fine-tune | fine-tune ({epochs} ep) | attn dist (px) | head spread | NMI "
+            "| train s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(name: str, lr: str, r: dict, key: str, seconds: float) -> str:
+        f = f"{long[key]:.3f}" if key in long else "-"
+        return (f"| {name} | {lr} | {r['knn_top1']:.3f} | {r['linear_top1']:.3f} | {r['finetune_top1']:.3f} | {f} | "
+                f"{r['attention_distance_mean']:.2f} | {r['attention_distance_head_spread']:.2f} | {r['nmi_mean']:.3f} | "
+                f"{seconds:.0f} |")
+
     for name, t in report["teachers"].items():
-        e = t["eval"]
-        rows.append(f"| teacher {name} | - | {e['knn_top1']:.3f} | {e['linear_top1']:.3f} | {e['finetune_top1']:.3f} | "
-                    f"{e['attention_distance_mean']:.2f} | {e['attention_distance_head_spread']:.2f} | {e['nmi_mean']:.3f} | "
-                    f"{t['wall_s']:.0f} |")
+        rows.append(row(f"teacher {name}", "-", t["eval"], f"teacher-{name}", t["wall_s"]))
     for name, r in report["students"].items():
-        lr = r["settings"].get("base_lr", "")
-        rows.append(f"| {name} | {lr:g} | {r['knn_top1']:.3f} | {r['linear_top1']:.3f} | {r['finetune_top1']:.3f} | "
-                    f"{r['attention_distance_mean']:.2f} | {r['attention_distance_head_spread']:.2f} | {r['nmi_mean']:.3f} | "
-                    f"{r['train_wall_s']:.0f} |")
+        rows.append(row(name, f"{r['settings']['base_lr']:g}", r, name, r["train_wall_s"]))
     return "\n".join(rows)
 
 
@@ -350,10 +389,12 @@ def main(argv=None) -> dict:
     # raise distill_images, probe_images and student_epochs; nothing else depends on them.
     full = dict(pretrain_images=20000, mae_epochs=12, sup_epochs=4, distill_images=2000, probe_images=2000,
                 test_images=1000, shard_size=250, views=8, views_sweep=(1, 2, 4, 8), student_epochs=8, batch_size=128,
-                lrs=(2e-3, 6e-3, 2e-2), alphas=(0.1, 0.3), betas=(2.0,), seeds=(0, 1), finetune_epochs=2, finetune_lr=2e-3)
+                lrs=(2e-3, 6e-3, 2e-2), alphas=(0.1, 0.3), betas=(2.0,), seeds=(0, 1), finetune_epochs=2, finetune_lr=2e-3,
+                long_finetune_epochs=6)
     quick = dict(pretrain_images=96, mae_epochs=1, sup_epochs=1, distill_images=48, probe_images=40, test_images=20,
                  shard_size=16, views=2, views_sweep=(1, 2), student_epochs=1, batch_size=8, lrs=(2e-3, 2e-2),
-                 alphas=(0.3,), betas=(2.0,), seeds=(0, 1), finetune_epochs=1, finetune_lr=2e-3)
+                 alphas=(0.3,), betas=(2.0,), seeds=(0, 1), finetune_epochs=1, finetune_lr=2e-3,
+                 long_finetune_epochs=1)
     for k, v in (quick if args.quick else full).items():
         setattr(args, k, v)
     return run(args)
