@@ -390,7 +390,7 @@ def main(argv=None) -> dict:
     full = dict(pretrain_images=20000, mae_epochs=12, sup_epochs=4, distill_images=2000, probe_images=2000,
                 test_images=1000, shard_size=250, views=8, views_sweep=(1, 2, 4, 8), student_epochs=8, batch_size=128,
                 lrs=(2e-3, 6e-3, 2e-2), alphas=(0.1, 0.3), betas=(2.0,), seeds=(0, 1), finetune_epochs=2, finetune_lr=2e-3,
-                long_finetune_epochs=6)
+                long_finetune_epochs=5)
     quick = dict(pretrain_images=96, mae_epochs=1, sup_epochs=1, distill_images=48, probe_images=40, test_images=20,
                  shard_size=16, views=2, views_sweep=(1, 2), student_epochs=1, batch_size=8, lrs=(2e-3, 2e-2),
                  alphas=(0.3,), betas=(2.0,), seeds=(0, 1), finetune_epochs=1, finetune_lr=2e-3,
