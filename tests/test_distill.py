@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from pipeline.errors import ConfigError, HdpipeError, NonFiniteError, StoreError
-from toydata import structured_jpeg, write_dataset
+from toydata import feed_one_process_both_ranks, structured_jpeg, write_dataset
 from stages.distill import DistillConfig, distill
 
 TEACHER_KW = {"img_size": 64, "patch_size": 8, "depth": 6}  # 64 patches, 3 heads, 192-d, L = 6
@@ -287,25 +287,11 @@ def test_ddp_two_ranks_equal_one_process_on_the_same_global_batches(world, tmp_p
     same losses per step (float tolerance 1e-5: gradient all-reduce sums in another order)."""
     import torch.multiprocessing as mp
 
-    import pipeline.train.loader as loader_mod
-
     ddp_cfg = _cfg(world, tmp_path, name="ddp", epochs=2, checkpoint_every=0)
     mp.start_processes(_ddp_worker, args=(2, _free_port(), ddp_cfg), nprocs=2, join=True, start_method="spawn")
     ddp_rows = _steps(tmp_path / "runs" / "ddp")
 
-    real_build, real_steps = loader_mod.build_loader, loader_mod.steps_per_epoch
-
-    def both_ranks(cfg, epoch, rank=0, world_size=1, skip_batches=0):
-        half = replace(cfg, batch_size=cfg.batch_size // 2)
-        parts = [real_build(half, epoch, r, 2, skip_batches) for r in (0, 1)]
-        for b0, b1 in zip(*parts):
-            yield {k: torch.cat([b0[k], b1[k]]) for k in b0}
-
-    monkeypatch.setattr(loader_mod, "build_loader", both_ranks)
-    def steps(cfg, world_size):  # the loader calls it too, for the half-batch configs
-        return real_steps(replace(cfg, batch_size=4), 2) if cfg.batch_size == 8 else real_steps(cfg, world_size)
-
-    monkeypatch.setattr(loader_mod, "steps_per_epoch", steps)
+    feed_one_process_both_ranks(monkeypatch, rank_batch=4)
     one_rows = _steps(distill(_cfg(world, tmp_path, name="one", epochs=2, checkpoint_every=0, batch_size=8)))
     # 3 shards over 2 ranks: every rank gets >= 1 whole shard = 8 samples -> 2 steps of 4 per epoch
     assert len(ddp_rows) == len(one_rows) == 4

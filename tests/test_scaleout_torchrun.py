@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from stores import free_port
+from toydata import feed_one_process_both_ranks
 from test_distill import STUDENT_KW, _cfg, _steps, world  # noqa: F401 (the module's store fixture)
 
 pytestmark = pytest.mark.slow
@@ -77,20 +76,9 @@ def test_two_nodes_equal_steps_weights_and_one_process_curve(world, tmp_path, mo
     assert ranks[0]["step"] == ranks[1]["step"] == 4  # 3 shards over 2 ranks: 8 samples each, 2 steps x 2 epochs
     assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"]
     # one process, global batch 8 = both ranks' batches of 4 concatenated (as test_distill's DDP test)
-    import pipeline.train.loader as loader_mod
     from stages.distill import distill
 
-    real_build, real_steps = loader_mod.build_loader, loader_mod.steps_per_epoch
-
-    def both_ranks(cfg, epoch, rank=0, world_size=1, skip_batches=0):
-        half = replace(cfg, batch_size=cfg.batch_size // 2)
-        parts = [real_build(half, epoch, r, 2, skip_batches) for r in (0, 1)]
-        for b0, b1 in zip(*parts):
-            yield {k: torch.cat([b0[k], b1[k]]) for k in b0}
-
-    monkeypatch.setattr(loader_mod, "build_loader", both_ranks)
-    monkeypatch.setattr(loader_mod, "steps_per_epoch",
-                        lambda cfg, w: real_steps(replace(cfg, batch_size=4), 2) if cfg.batch_size == 8 else real_steps(cfg, w))
+    feed_one_process_both_ranks(monkeypatch, rank_batch=4)
     one = _steps(distill(_cfg(world, tmp_path, name="one", epochs=2, checkpoint_every=0, batch_size=8)))
     nodes = _steps(run)
     assert len(one) == len(nodes) == 4

@@ -47,3 +47,29 @@ def write_dataset(folder: Path, payloads: Sequence[bytes], shard_size: int, ext:
     path = folder / "toy.json"
     write_manifest(Manifest(name="toy", shard_size=shard_size, total=n, shards=tuple(shards), class_map=None), path)
     return str(path)
+
+
+def feed_one_process_both_ranks(monkeypatch, rank_batch: int = 4, ranks: int = 2) -> None:
+    """Make a one-process distill with batch `ranks * rank_batch` see, at every step, the
+    concatenation of what `ranks` DDP ranks of batch `rank_batch` would each load: the reference a
+    multi-rank run's loss curve is compared with."""
+    from dataclasses import replace
+
+    import torch
+
+    import pipeline.train.loader as loader_mod
+
+    real_build, real_steps = loader_mod.build_loader, loader_mod.steps_per_epoch
+
+    def all_ranks(cfg, epoch, rank=0, world_size=1, skip_batches=0):
+        part = replace(cfg, batch_size=cfg.batch_size // ranks)
+        for batches in zip(*[real_build(part, epoch, r, ranks, skip_batches) for r in range(ranks)]):
+            yield {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+    def steps(cfg, world_size):  # the loader calls it too, for the per-rank configs
+        if cfg.batch_size == ranks * rank_batch:
+            return real_steps(replace(cfg, batch_size=rank_batch), ranks)
+        return real_steps(cfg, world_size)
+
+    monkeypatch.setattr(loader_mod, "build_loader", all_ranks)
+    monkeypatch.setattr(loader_mod, "steps_per_epoch", steps)
