@@ -38,7 +38,7 @@ def _extract(manifest: str, targets: Path, name: str, role: str, **kw) -> str:
     from stages.extract import ExtractConfig, extract
 
     if role == "mim":
-        base = dict(teacher="timm:vit_tiny_patch16_224", role="mim", model_kwargs=TEACHER_KW)
+        base = dict(teacher="timm:vit_tiny_patch16_224", role="mim", model_kwargs=TEACHER_KW, views=1)
     else:
         base = dict(teacher="timm:deit_tiny_patch16_224", role="disc", model_kwargs=DISC_KW,
                     mim_store=str(targets / "mim.zarr"))

@@ -42,7 +42,7 @@ def make_dataset(folder: Path, n: int = 24, seed: int = 0, corrupt: tuple[int, .
 
 
 def mim_cfg(manifest: str, targets: Path, **kw) -> ExtractConfig:
-    base = dict(manifest=manifest, teacher=TINY, role="mim", random_init=True, model_kwargs=TINY_KW,
+    base = dict(manifest=manifest, teacher=TINY, role="mim", random_init=True, model_kwargs=TINY_KW, views=1,
                 targets=str(targets), name="mim", batch_size=16, device="cpu", progress=False)
     base.update(kw)
     return ExtractConfig(**base)

@@ -30,7 +30,7 @@ def _dataset(folder, seed: int) -> str:
 
 
 def _mim(manifest: str, out: str, **kw) -> ExtractConfig:
-    base = dict(manifest=manifest, teacher=MIM, role="mim", random_init=True, model_kwargs=KW, out=out,
+    base = dict(manifest=manifest, teacher=MIM, role="mim", random_init=True, model_kwargs=KW, out=out, views=1,
                 batch_size=16, device="cpu", progress=False)
     return ExtractConfig(**{**base, **kw})
 

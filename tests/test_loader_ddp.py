@@ -71,8 +71,8 @@ def ddp(tmp_path_factory):
     ):
         manifest = make_dataset(root / name, n=n, corrupt=corrupt)
         url = extract(ExtractConfig(manifest=manifest, teacher=MIM, role="mim", random_init=True, model_kwargs=MIM_KW,
-                                    out=str(root / name / "mim.zarr"), batch_size=32, device="cpu", progress=False,
-                                    on_error="skip"))
+                                    out=str(root / name / "mim.zarr"), views=1, batch_size=32, device="cpu",
+                                    progress=False, on_error="skip"))
         jobs[name] = (_cfg(manifest, url, **kw), epochs)
     script = root / "ddp_worker.py"
     script.write_text(WORKER)

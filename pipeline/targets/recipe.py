@@ -32,7 +32,7 @@ class TeacherRecipe:
     interpolation: Interpolation | None = None  # resize filter of the teacher's views overriding its own config; None: the hub's
     # View plan (MIM teachers; None = VIEW_DEFAULTS). Discriminative teachers take the MIM store's
     # plan: left None they inherit it, and a value that differs from it is an error.
-    views: int | None = None  # views (crops) per image, V; MIM default 1
+    views: int | None = None  # views (crops) per image, V; MIM default 2 (VIEW_DEFAULTS)
     seed: int | None = None  # view-plan seed: crop box and flip of view (index, v) come from rng([seed, index, v]); MIM default 0
     scale: tuple[float, float] | None = None  # RandomResizedCrop area range, fraction of the image; MIM default (0.2, 1.0), MAE's
     ratio: tuple[float, float] | None = None  # RandomResizedCrop aspect-ratio range (width/height); MIM default (3/4, 4/3)
