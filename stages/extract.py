@@ -47,6 +47,7 @@ class ExtractConfig(TeacherRecipe):
     retries: int = 2  # dask retries per shard task (a lost worker; deterministic errors fail again)
     on_error: Literal["fail", "skip"] = "fail"  # unreadable image inside a shard: stop, or store valid=false and list it in the done marker
     overwrite: bool = False  # delete and rebuild an existing store built with other settings
+    rebuild_shards: tuple[int, ...] = ()  # shards to extract again although done (damaged: readers and `hdpipe inspect --content` name them)
     progress: bool = True  # progress bar and summary on stderr
 
     def validate(self) -> None:
@@ -58,6 +59,8 @@ class ExtractConfig(TeacherRecipe):
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0, got {self.retries}")
+        if any(k < 0 for k in self.rebuild_shards):
+            raise ConfigError(f"rebuild_shards must be shard numbers >= 0, got {list(self.rebuild_shards)}")
 
 
 def store_name(cfg: ExtractConfig) -> str:
@@ -122,6 +125,20 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _invalidate_damaged(store, rebuild: tuple[int, ...]) -> None:
+    """Un-finish the shards asked for and those whose files are missing or of the wrong length, so
+    this run extracts them again (their done markers go first: no reader trusts them meanwhile)."""
+    from pipeline.targets import integrity
+
+    for k in rebuild:
+        store.shard_rows(k)  # out of range: a StoreError naming the store's shards
+    damaged = integrity.damaged_shards(store)
+    for k, why in sorted(damaged.items()):
+        _log(f"extract: shard {k} of {store.url} is damaged ({why}); extracting it again")
+    for k in sorted(set(rebuild) | set(damaged)):
+        store.invalidate(k)
+
+
 def extract(cfg: ExtractConfig) -> str:
     """Run teacher `cfg.teacher` over every missing shard of `cfg.manifest`; returns the store URL."""
     import torch
@@ -171,6 +188,7 @@ def extract(cfg: ExtractConfig) -> str:
         raise StoreError(f"cannot write the store {url}: {e}; choose another location with --targets or --out") from None
     urls.atomic_write_bytes(urls.join(url, "extract-config.json"),
                             json.dumps(to_dict(cfg), indent=1, sort_keys=True).encode())
+    _invalidate_damaged(store, cfg.rebuild_shards)
     missing = list(store.missing_shards())
     done_before = len(manifest.shards) - len(missing)
     # A q1pct store's channel basis is fitted by shard 0's writer: shard 0 then runs first, alone.

@@ -1,9 +1,11 @@
 """`hdpipe inspect STORE`: what a target store holds, how big it is, and how exact.
 
-`inspect_store(url) -> dict` is `store_info(store)` (schema, teacher, counts, shards done/missing,
-bytes per view per array measured on disk, precision and the relative error against the float32
-teacher output recorded in the done markers, provenance); `format_info(info) -> str` renders it
-as the table the command prints.
+`inspect_store(url, content=False) -> dict` is `store_info(store)` (schema, teacher, counts, shards
+done/missing/damaged, bytes per view per array measured on disk, precision and the relative error
+against the float32 teacher output recorded in the done markers, provenance); `format_info(info)
+-> str` renders it as the table the command prints. Damaged shards are those whose files are
+missing or not the length their done marker records (one listing per array); with `content` every
+chunk of every done shard is read and its crc32c checked too (`pipeline.targets.integrity`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import math
 from typing import Any
 
+from pipeline.targets import integrity
 from pipeline.targets.schema import part_name, store_parts, stored_parts
 from pipeline.targets.store import TargetStore
 
@@ -20,9 +23,9 @@ _SHOWN = {"schema_version", "teacher", "precision", "codec", "total", "views", "
           "code_version", "created"}
 
 
-def inspect_store(url: str) -> dict:
+def inspect_store(url: str, content: bool = False) -> dict:
     """Everything known about the store at `url` (StoreError if there is none)."""
-    return store_info(TargetStore.open(url))
+    return store_info(TargetStore.open(url), content=content)
 
 
 def bytes_per_view(store: TargetStore) -> dict[str, float]:
@@ -46,7 +49,20 @@ def store_level_bytes(store: TargetStore) -> dict[str, int]:
     return out
 
 
-def store_info(store: TargetStore) -> dict:
+def damaged_report(store: TargetStore, content: bool = False) -> dict:
+    """{"shards": {k: why}, "rebuild": the command that extracts exactly those shards again}."""
+    damaged = integrity.damaged_shards(store)
+    if content:
+        for k in sorted(store.done_shards() - set(damaged)):
+            why = integrity.check_content(store, k)
+            if why:
+                damaged[k] = why
+    rebuild = integrity.rebuild_hint(store, sorted(damaged)) if damaged else None
+    return {"shards": {int(k): why for k, why in sorted(damaged.items())}, "rebuild": rebuild,
+            "content_checked": bool(content)}
+
+
+def store_info(store: TargetStore, content: bool = False) -> dict:
     """Everything `hdpipe inspect` shows: settings, counts, bytes per view, errors, provenance."""
     done = sorted(store.done_shards())
     markers = [store.done_marker(k) for k in done]
@@ -79,6 +95,7 @@ def store_info(store: TargetStore) -> dict:
         "views": store.views,
         "shard_size": store.shard_size,
         "shards": {"total": store.num_shards, "done": len(done), "missing": store.missing_shards()},
+        "damaged": damaged_report(store, content),
         "rows_done": rows_done,
         "bytes_per_view": bpv["total"],
         # kept once for the whole store, whatever its size (not in bytes_per_view)
@@ -113,6 +130,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _damaged(report: dict) -> str:
+    checked = "lengths and crc32c of every chunk" if report["content_checked"] else "file lengths; --content reads every chunk"
+    if not report["shards"]:
+        return f"none ({checked})"
+    shown = "; ".join(f"shard {k}: {why}" for k, why in list(report["shards"].items())[:5])
+    more = " ..." if len(report["shards"]) > 5 else ""
+    return f"{len(report['shards'])} ({shown}{more}); rebuild them with `{report['rebuild']}`"
+
+
 def format_info(info: dict) -> str:
     """The human-readable report of `inspect_store`."""
     sh = info["shards"]
@@ -125,6 +151,7 @@ def format_info(info: dict) -> str:
         f"teacher        {info['teacher']}" + (f" (role {attrs['role']})" if "role" in attrs else ""),
         f"samples        {info['samples']} x {info['views']} view(s); {info['rows_done']} samples in finished shards",
         f"shards         {sh['done']} of {sh['total']} done (shard size {info['shard_size']}); missing: {shown_missing}",
+        f"damaged        {_damaged(info['damaged'])}",
         f"precision      {info['precision']}",
         f"codec          {info['codec']}",
         "",

@@ -74,3 +74,9 @@ def extract_command(attrs: Mapping[str, Any], *, manifest: str, out: str, overwr
         else:
             parts.append(f"{flag} {shlex.quote(_fmt(value))}")
     return " ".join(parts + (["--overwrite"] if overwrite else []))
+
+
+def rebuild_command(attrs: Mapping[str, Any], *, manifest: str, out: str, shards: list[int]) -> str:
+    """`hdpipe extract ... --rebuild-shards K,..`: extract exactly these (damaged) shards of the store
+    at `out` again, with its own settings; every other done shard is kept."""
+    return extract_command(attrs, manifest=manifest, out=out, rebuild_shards=sorted(int(k) for k in shards))

@@ -17,8 +17,9 @@ fields.
 
 Done marker (JSON): the caller's summary (e.g. `seconds`, `views`, `skipped`) plus, set by the
 store (its values win on these keys), `shard`, `first_index`, `rows`, `views_per_sample`,
-`stored_bytes` {array: bytes on disk for this shard}, `bytes` (their sum), `seconds_store`,
-`written`, and, for lossy arrays,
+`files` {file key: bytes} of every file the shard wrote (`pipeline.targets.integrity`: readers
+check lengths and crc32c before any row is used), `stored_bytes` {array: bytes on disk for this
+shard}, `bytes` (their sum), `seconds_store`, `written`, and, for lossy arrays,
 `error` {array: {"relative": ||x_hat-x||/||x|| over the shard, "max_view": worst view,
 "err_l2", "ref_l2"}} measured against the float32 input at write time.
 """
@@ -36,7 +37,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.errors import StoreError
-from pipeline.targets import quant
+from pipeline.targets import integrity, quant
 from pipeline.targets.bases import ChannelBases, digest
 from pipeline.targets.schema import (Q1PCT_CODEC, SCHEMA_VERSION, ArraySpec, check_input, create_arrays, diff,
                                      full_attrs, jsonable, part_name, store_parts, stored_parts)
@@ -198,7 +199,16 @@ class TargetStore:
         """The done marker of shard k (StoreError when the shard is not finished)."""
         self._require_done(k)
         with self.fs.open(f"{self.path}/done/{int(k):06d}.json", "rb") as f:
-            return json.loads(f.read())
+            raw = f.read()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise integrity.damaged(self, k, "done", "its done marker is not JSON") from None
+
+    def invalidate(self, k: int) -> None:
+        """Remove shard k's done marker: readers stop trusting it and `extract` writes it again."""
+        self.shard_rows(k)
+        integrity.remove_files(self, [f"done/{int(k):06d}.json"])
 
     def _require_done(self, k: int) -> None:
         self.shard_rows(k)
@@ -253,20 +263,21 @@ class TargetStore:
             parts = quant.encode(a, spec.precision, view_axes=view_axes, channel_basis=basis)
             errors[name] = quant.error_stats(a, parts, spec.precision, view_axes=view_axes, channel_basis=basis)
             encoded[name] = parts
-        marker_path = f"{self.path}/done/{int(k):06d}.json"
-        if self.fs.exists(marker_path):
-            self.fs.rm(marker_path)
-        stored_bytes = {}
+        self.invalidate(k)
+        files = integrity.shard_files(self, k, encoded)
+        integrity.remove_files(self, files)  # a whole-shard write still reads an old file's index (maybe damaged)
         for name, parts in encoded.items():
             for part, value in parts.items():
                 self._array(part_name(name, part))[first : first + count] = value
-            stored_bytes[name] = self.shard_bytes(name, k)
+        lengths = integrity.file_lengths(self, files)
+        stored_bytes = {name: sum(int(b or 0) for key, b in lengths.items() if files[key] == name) for name in encoded}
         marker = {
             **jsonable(dict(summary or {})),
             "shard": int(k),
             "first_index": first,
             "rows": count,
             "views_per_sample": self.views,
+            "files": {key: n for key, n in sorted(lengths.items()) if n is not None},
             "stored_bytes": stored_bytes,
             "bytes": int(sum(stored_bytes.values())),
             "error": errors,
@@ -279,12 +290,7 @@ class TargetStore:
 
     def shard_bytes(self, name: str, k: int) -> int:
         """Bytes on disk of Zarr shard k of every part of array `name`."""
-        total = 0
-        for part in stored_parts(self.arrays[name]):
-            shard_dir = f"{self.path}/{part_name(name, part)}/c/{int(k)}"
-            if self.fs.exists(shard_dir):
-                total += int(self.fs.du(shard_dir))
-        return total
+        return sum(n or 0 for n in integrity.file_lengths(self, integrity.shard_files(self, k, [name])).values())
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -308,15 +314,21 @@ class TargetStore:
             raise StoreError(f"target store {self.url} has no array(s) {unknown}; it holds {sorted(self.arrays)}")
         return names
 
-    def read_shard(self, k: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """{name: [count_k, V, *tail]} of a finished shard; lossy arrays decoded to float32."""
-        self._require_done(k)
+    def read_parts(self, k: int, names: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
+        """{name: {part: [count_k, ...]}}: shard k's stored parts, still encoded, checked on the way."""
+        names = self._names(names)
+        integrity.verified_marker(self, k, names)
         first, count = self.shard_rows(k)
         out = {}
-        for name in self._names(names):
-            parts = {p: self._array(part_name(name, p))[first : first + count] for p in stored_parts(self.arrays[name])}
-            out[name] = self._decode(name, parts)
+        for name in names:
+            with integrity.reading(self, k, name):
+                out[name] = {p: self._array(part_name(name, p))[first : first + count]
+                             for p in stored_parts(self.arrays[name])}
         return out
+
+    def read_shard(self, k: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """{name: [count_k, V, *tail]} of a finished shard; lossy arrays decoded to float32."""
+        return {name: self._decode(name, parts) for name, parts in self.read_parts(k, self._names(names)).items()}
 
     def read_shard_views(self, k: int, names: Iterable[str], view_of_row: np.ndarray,
                          block: int = 64) -> dict[str, dict[str, np.ndarray]]:
@@ -326,13 +338,14 @@ class TargetStore:
         (chunks hold every view of a sample), so memory holds one view per row plus one block of all
         views, never the whole shard's V views; decode rows with `decode_rows`. Per-view arrays only.
         """
-        self._require_done(k)
+        names = self._names(names)
+        integrity.verified_marker(self, k, names)
         first, count = self.shard_rows(k)
         views = np.asarray(view_of_row, dtype=np.int64).reshape(-1)
         if views.shape != (count,) or (count and (views.min() < 0 or views.max() >= self.views)):
             raise StoreError(f"shard {k}: view_of_row must hold {count} view ids in [0, {self.views})")
         out: dict[str, dict[str, np.ndarray]] = {}
-        for name in self._names(names):
+        for name in names:
             if not self.arrays[name].per_view:
                 raise StoreError(f"array {name!r} of {self.url} is per sample, not per view")
             out[name] = {}
@@ -340,7 +353,8 @@ class TargetStore:
                 arr = self._array(part_name(name, p))
                 pieces = []
                 for a in range(0, count, block):
-                    rows = arr[first + a : first + min(count, a + block)]  # [b, V, ...]
+                    with integrity.reading(self, k, name):
+                        rows = arr[first + a : first + min(count, a + block)]  # [b, V, ...]
                     pieces.append(rows[np.arange(len(rows)), views[a : a + len(rows)]])
                 out[name][p] = np.concatenate(pieces) if pieces else np.zeros((0,) + arr.shape[2:], arr.dtype)
         return out
@@ -354,17 +368,25 @@ class TargetStore:
         idx = np.asarray(list(indices), dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.total):
             raise StoreError(f"sample index out of range [0, {self.total}) for store {self.url}")
-        for k in sorted({int(i) // self.shard_size for i in idx}):
-            self._require_done(k)
+        names = self._names(names)
+        shards = sorted({int(i) // self.shard_size for i in idx})
+        for k in shards:
+            integrity.verified_marker(self, k, names)
         if idx.size == 0:
-            return {n: np.zeros((0,) + self._row_shape(n), self._out_dtype(n)) for n in self._names(names)}
+            return {n: np.zeros((0,) + self._row_shape(n), self._out_dtype(n)) for n in names}
         uniq, inverse = np.unique(idx, return_inverse=True)
         out = {}
-        for name in self._names(names):
+        for name in names:
             parts = {}
             for p in stored_parts(self.arrays[name]):
                 arr = self._array(part_name(name, p))
-                parts[p] = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))[inverse]
+                # a damaged chunk is named by its shard: read shard by shard (few shards per call)
+                got = []
+                for k in shards:
+                    sel = uniq[(uniq // self.shard_size) == k]
+                    with integrity.reading(self, k, name):
+                        got.append(arr.get_orthogonal_selection((sel,) + (slice(None),) * (arr.ndim - 1)))
+                parts[p] = np.concatenate(got)[inverse]
             out[name] = self._decode(name, parts)
         return out
 
