@@ -52,6 +52,7 @@ from pipeline.targets.layout import MIM_TARGETS, MimTarget
 from pipeline.targets.masking import MASKINGS, Masking
 from pipeline.targets.specs import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, scheduled_view, sources_of, steps_per_epoch
+from pipeline.train.resample import token_positions, token_subset
 from pipeline.train.sources import Sources, open_store
 
 # The loader's public face: the plan's step count and view choice are part of its contract.
@@ -82,6 +83,7 @@ class LoaderConfig:
     online_plan: tuple | None = None  # online: (seed, scale, ratio, hflip) of fresh views (view id = epoch), no store read; None = replay stored views
     teacher_inputs: tuple[tuple[int, str], ...] = ()  # online: (size, interpolation) of each teacher's input render (batch key x01_<size>_<interp>)
     image_transport: Literal["float", "uint8"] = "float"  # float: normalized here; uint8: 4x fewer bytes to move, normalized on the training device
+    token_resample: float = 1.0  # fraction F of the stored patch tokens each sample shows this epoch ([CLS] always; 1 = all), seeded by (seed, epoch, index)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -104,6 +106,8 @@ class LoaderConfig:
             raise ConfigError(f"loader image_transport must be 'float' or 'uint8', got {self.image_transport!r}")
         if self.views_used < 0:
             raise ConfigError(f"loader views_used must be >= 0, got {self.views_used}")
+        if not 0 < self.token_resample <= 1:
+            raise ConfigError(f"loader token_resample must be in (0, 1], got {self.token_resample}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"loader mean/std must be 3 values with std > 0, got {self.mean} / {self.std}")
 
@@ -120,7 +124,7 @@ class _ShardTargets:
     """
 
     def __init__(self, cfg: LoaderConfig, src: Sources, k: int, first: int, count: int, epoch: int):
-        self.cfg, self.src, self.first = cfg, src, first
+        self.cfg, self.src, self.first, self.epoch = cfg, src, first, epoch
         used = cfg.views_used or src.num_views
         self.view_of_row = np.array([scheduled_view(cfg.view_schedule, cfg.seed, epoch, first + r, used)
                                      for r in range(count)], dtype=np.int64)
@@ -161,9 +165,12 @@ class _ShardTargets:
 
     def sample(self, local: int, index: int, view: int) -> dict[str, np.ndarray]:
         keep = self.keep(local, index, view)
-        out = {"keep_index": keep}
         # Token positions inside the stored token axis: a kept-token store is [CLS]+kept already.
-        tok = None if self.src.tokens == "kept" else np.concatenate([[0], keep + 1])
+        tok = None if self.src.tokens == "kept" else token_positions(keep)
+        if self.cfg.token_resample < 1:  # this epoch's subset of the kept tokens (pipeline.train.resample)
+            sub = token_subset(self.cfg.seed, self.epoch, index, len(keep), self.cfg.token_resample)
+            keep, tok = keep[sub], token_positions(sub) if tok is None else tok[token_positions(sub)]
+        out = {"keep_index": keep}
         if self.src.mim_array is not None:
             arr = self._row("mim", local)[list(self.src.layer_pos)]  # [L, H, Ts, Ts] or [L, Ts, D]
             if tok is not None:
@@ -172,9 +179,9 @@ class _ShardTargets:
                 else:
                     arr = arr[:, :, tok[:, None], tok[None, :]]
                 if self.src.mim_array == "attention":
-                    # A tokens:all store holds softmax over every token; renormalizing the kept
-                    # columns gives exactly the softmax over [CLS]+kept, i.e. what a tokens:kept
-                    # store holds (and what a student seeing only those tokens can match).
+                    # A store holds softmax over its tokens; renormalizing the columns shown gives
+                    # exactly the softmax over [CLS] + those tokens (what a student seeing only
+                    # them can match).
                     arr = arr / arr.sum(axis=-1, keepdims=True)
             out[self.src.mim_array] = np.asarray(arr, dtype=np.float32)
         if "features" in self.parts:

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.targets.compute import disc_batch, mim_batch
 from pipeline.targets.masking import kept_count, random_keep
+from pipeline.train.resample import resample_batch
 
 if TYPE_CHECKING:
     from pipeline.targets.teachers import Teacher
@@ -36,8 +37,9 @@ class OnlineTargets:
     mim_target: str  # relations | attention | block_features
     masking: str  # progressive | direct | random | none
     mask_ratio: float  # K of progressive redundant token masking
-    seed: int  # random masks: (seed, index, view)
+    seed: int  # random masks: (seed, index, view); token resampling: (seed, epoch, index)
     device: torch.device
+    token_resample: float = 1.0  # fraction of the kept tokens shown (pipeline.train.resample; 1 = all)
 
     def __call__(self, batch: dict) -> dict:
         """Batch of fresh views -> the batch stage two trains on (fresh tensors, usable in backward)."""
@@ -66,6 +68,9 @@ class OnlineTargets:
         if self.disc is not None:
             feats = disc_batch(self.disc, self.disc.normalize(xd), kept, tokens)["features"]
             batch["features"] = feats.float().clone()
+        if self.token_resample < 1:
+            # Online views are fresh each epoch and their view id is the epoch (the loader's online plan).
+            batch = resample_batch(batch, self.token_resample, self.seed, int(batch["view"][0]))
         return batch
 
     def attach(self, batches: Iterator[dict]) -> Iterator[dict]:
@@ -75,7 +80,7 @@ class OnlineTargets:
 
 
 def build_online(mim_ref: str, disc_ref: str | None, *, teachers: str, relation_layers: tuple[int, ...],
-                 mim_target: str, masking: str, seed: int, device: torch.device):
+                 mim_target: str, masking: str, seed: int, device: torch.device, token_resample: float = 1.0):
     """(Sources, OnlineTargets, loader settings) of an online run, from the teachers' recipes
     (`FILE:SECTION` params sections, as `hdpipe extract` reads them).
 
@@ -105,7 +110,8 @@ def build_online(mim_ref: str, disc_ref: str | None, *, teachers: str, relation_
                   mim_array=mim_target if layers else None, mim_depth=mim.depth, mim_heads=mim.num_heads,
                   mim_dim=mim.embed_dim if mim_target == "block_features" else None,
                   feature_dim=None if disc is None else disc.embed_dim, valid_stores=())
-    online = OnlineTargets(mim, disc, layers, mim_target, masking, mim_recipe.mask_ratio, seed, device)
+    online = OnlineTargets(mim, disc, layers, mim_target, masking, mim_recipe.mask_ratio, seed, device,
+                           token_resample)
     view = {k: VIEW_DEFAULTS[k] if getattr(mim_recipe, k) is None else getattr(mim_recipe, k)
             for k in ("seed", "scale", "ratio", "hflip")}
     loader = {"online_plan": (view["seed"], tuple(view["scale"]), tuple(view["ratio"]), view["hflip"]),

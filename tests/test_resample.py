@@ -1,0 +1,44 @@
+"""Token resampling's pure parts against an independent computation: subset counts and seeding,
+sub-matrices of relations, renormalized attention = softmax over the subset, per-token features."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.train.resample import resample_batch, resampled_count, token_subset
+
+
+@pytest.mark.parametrize("n, fraction, m", [(67, 0.75, 50), (67, 1.0, 67), (4, 0.1, 1), (10, 0.25, 3), (10, 0.35, 4)])
+def test_count_is_round_half_up_at_least_one(n, fraction, m):
+    assert resampled_count(n, fraction) == m
+    sub = token_subset(0, 0, 5, n, fraction)
+    assert len(sub) == m and np.all(np.diff(sub) > 0) and sub.min() >= 0 and sub.max() < n
+
+
+def test_subset_is_a_pure_function_of_seed_epoch_index():
+    a = token_subset(3, 7, 11, 67, 0.75)
+    np.testing.assert_array_equal(a, token_subset(3, 7, 11, 67, 0.75))
+    others = [token_subset(4, 7, 11, 67, 0.75), token_subset(3, 8, 11, 67, 0.75), token_subset(3, 7, 12, 67, 0.75)]
+    assert all(not np.array_equal(a, o) for o in others)
+
+
+def test_resample_batch_against_per_sample_slicing():
+    g = torch.Generator().manual_seed(0)
+    B, L, H, n, D = 3, 2, 4, 9, 5
+    T = 1 + n
+    logits = torch.randn(B, L, H, T, T, generator=g)
+    batch = {"index": torch.tensor([4, 17, 2]), "keep_index": torch.sort(torch.randperm(30, generator=g)[:n]).values
+             .expand(B, n).clone(), "relations": logits.clone(), "attention": logits.softmax(-1),
+             "features": torch.randn(B, T, D, generator=g), "block_features": torch.randn(B, L, T, D, generator=g)}
+    out = resample_batch(batch, 0.5, seed=1, epoch=2)
+    for b, index in enumerate([4, 17, 2]):
+        sub = token_subset(1, 2, index, n, 0.5)
+        tok = np.concatenate([[0], sub + 1])
+        assert out["keep_index"][b].tolist() == batch["keep_index"][b, sub].tolist()
+        sel = logits[b][:, :, tok][:, :, :, tok]
+        torch.testing.assert_close(out["relations"][b], sel)  # a sub-matrix of raw Q·Kᵀ
+        torch.testing.assert_close(out["attention"][b], sel.softmax(-1))  # softmax over the shown tokens
+        torch.testing.assert_close(out["features"][b], batch["features"][b, tok])
+        torch.testing.assert_close(out["block_features"][b], batch["block_features"][b][:, tok])
+    assert resample_batch(batch, 1.0, seed=1, epoch=2) is batch
