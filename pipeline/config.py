@@ -21,6 +21,52 @@ from pipeline.errors import ConfigError
 C = TypeVar("C")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, at any depth.
+
+    Plain YAML keeps the last of two equal keys, so `lr: 1e-3` then `lr: 2e-3` in one section
+    would silently run with the second: an error naming both lines makes the user pick one.
+    Keys brought in by a merge (`<<: *base`) may be overridden; that is what merges are for.
+    """
+
+    source = "YAML"  # what the error names: the file, or the option an inline mapping came from
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it below
+                    continue
+                if first is not key_node.start_mark:
+                    raise ConfigError(f"{self.source}: key {key!r} is given twice "
+                                      f"({_where(first, key_node.start_mark)}); YAML would keep only the last: "
+                                      "remove one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _where(a: yaml.Mark, b: yaml.Mark) -> str:
+    """'lines 2 and 3', or 'line 1, columns 2 and 12' for two keys on one line (an inline mapping)."""
+    if a.line != b.line:
+        return f"lines {a.line + 1} and {b.line + 1}"
+    return f"line {a.line + 1}, columns {a.column + 1} and {b.column + 1}"
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load(text)`, except that a duplicated key is a ConfigError naming `source`, the key
+    and both places (yaml.YAMLError for text that is not YAML, as safe_load)."""
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_section(path: str | os.PathLike | None, section: str) -> dict[str, Any]:
     """The `section` mapping of YAML file `path` ({} when no file is given).
 
@@ -33,7 +79,7 @@ def load_section(path: str | os.PathLike | None, section: str) -> dict[str, Any]
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        doc = yaml.safe_load(p.read_text()) or {}
+        doc = load_yaml(p.read_text(), str(p)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
     if not isinstance(doc, dict):

@@ -62,8 +62,8 @@ class ShardConfig:
     on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop, or leave it out and list it in the manifest
     reencode: Literal["png", "jpeg"] = "png"  # non-JPEG inputs: lossless (PNG/WebP kept, others -> PNG) or JPEG
     jpeg_quality: int = 95  # JPEG quality (1-95) used only when reencode=jpeg
-    # Decompression-bomb guard (pixels): larger images are bad inputs. Pillow itself refuses images
-    # above 2x its own default (~358 Mpx) whatever this says.
+    # Decompression-bomb guard (pixels): larger images are bad inputs; it replaces Pillow's own limit
+    # while sharding. Later stages decode with Pillow's, which refuses images above 178956970 pixels.
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False  # replace existing tars/manifests instead of refusing
     workers: int = 1  # processes that read and check images (1 = in this process)

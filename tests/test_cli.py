@@ -109,6 +109,8 @@ def test_user_error_is_one_line_with_exit_2_and_debug_shows_traceback(tmp_path):
     (["extract", "--model-kwargs", "{img_size:32}"], "'--model-kwargs' key 'img_size:32' holds a ':'"),
     (["extract", "--model-kwargs", "{img_size: 32, depth:}"], "'--model-kwargs' key 'depth' has no value"),
     (["evaluate", "--model-kwargs", "{vision_cfg: {image_size:32}}"], "'--model-kwargs.vision_cfg' key 'image_size:32'"),
+    (["extract", "--model-kwargs", "{depth: 2, depth: 3}"], "--model-kwargs: key 'depth' is given twice (line 1, "
+                                                            "columns 2 and 12)"),
 ])
 def test_user_errors_in_process(capsys, tmp_path, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
@@ -148,6 +150,42 @@ def test_config_unknown_key_is_named(tmp_path, monkeypatch, capsys):
     assert main(["shard", "--config", "params.yaml"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'shardsize'" in err and "params.yaml" in err
+
+
+def test_config_duplicated_key_is_named_with_both_lines(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("shard:\n  input: imgs\n  shard_size: 2\n  shard_size: 4\n")
+    assert main(["shard", "--config", "params.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == "hdpipe: error: params.yaml: key 'shard_size' is given twice (lines 3 and 4); YAML would keep " \
+                  "only the last: remove one\n"
+
+
+def test_max_image_pixels_from_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "imgs", 1)
+    Image.new("RGB", (120, 120)).save(tmp_path / "imgs" / "big.png")  # 14,400 pixels
+    assert main(["shard", "--input", "imgs", "--no-progress", "--max-image-pixels", "10000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hdpipe: error: ") and err.count("\n") == 1, err
+    assert "imgs/big.png: 120x120 = 14400 pixels exceeds max_image_pixels=10000" in err and "--max-image-pixels" in err
+    assert main(["shard", "--input", "imgs", "--no-progress", "--max-image-pixels", "14400"]) == 0
+    assert read_manifest(tmp_path / "manifests" / "imgs.json").total == 2
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ("{bogus_kw: 1}", "model 'vit_tiny_patch16_224' has no argument 'bogus_kw'"),
+    ("{img_size: -64}", "model 'vit_tiny_patch16_224' cannot be built with model kwargs {'img_size': -64}"),
+])
+def test_model_kwargs_the_teacher_rejects_are_one_line(tmp_path, monkeypatch, capsys, kwargs, fragment):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "imgs", 2)
+    assert main(["shard", "--input", "imgs", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["extract", "--manifest", "manifests/imgs.json", "--teacher", "timm:vit_tiny_patch16_224",
+                 "--role", "mim", "--random-init", "--model-kwargs", kwargs]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hdpipe: error: {fragment}") and err.count("\n") == 1 and "--model-kwargs" in err, err
 
 
 def test_sample_from_the_command_line(tmp_path):

@@ -64,6 +64,42 @@ def test_mapping_typos_from_yaml_are_refused(tmp_path):
         build_config(ExtractConfig, str(tmp_path / "p.yaml"), "extract", {})
 
 
+@pytest.mark.parametrize("text, key, where", [
+    ("distill:\n  lr: 1e-3\n  lr: 2e-3\n", "lr", "lines 2 and 3"),  # in a section
+    ("distill:\n  lr: 1e-3\nother: {}\ndistill:\n  lr: 2e-3\n", "distill", "lines 1 and 4"),  # a section twice
+    ("distill:\n  extra:\n    a: 1\n    b: 2\n    a: 3\n", "a", "lines 3 and 5"),  # nested
+    ("distill:\n  extra: {depth: 2, depth: 3}\n", "depth", "line 2, columns 11 and 21"),  # inline, one line
+])
+def test_duplicated_keys_in_a_params_file_name_the_file_key_and_lines(tmp_path, text, key, where):
+    """Plain YAML keeps the last of two equal keys: the first would be silently ignored."""
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        build_config(Toy, str(tmp_path / "p.yaml"), "distill", {})
+    assert str(e.value).startswith(f"{tmp_path / 'p.yaml'}: key '{key}' is given twice ({where})"), e.value
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    (tmp_path / "p.yaml").write_text("base: &b {lr: 1.0, epochs: 3}\ndistill:\n  <<: *b\n  lr: 2.0\n")
+    assert load_section(tmp_path / "p.yaml", "distill") == {"lr": 2.0, "epochs": 3}
+
+
+def test_duplicated_key_in_an_inline_mapping_names_the_option():
+    import click
+
+    from pipeline.commands.common import config_options
+    from stages.extract import ExtractConfig
+
+    @click.command()
+    @config_options(ExtractConfig)
+    def cmd(**flags):
+        pass
+
+    with pytest.raises(ConfigError, match=r"^--model-kwargs: key 'depth' is given twice \(line 1, columns 2 and 12\)"):
+        cmd.main(["--model-kwargs", "{depth: 2, depth: 3}"], standalone_mode=False)
+    with pytest.raises(ConfigError, match=r"^--model-kwargs: key 'image_size' is given twice"):
+        cmd.main(["--model-kwargs", "{vision_cfg: {image_size: 32, image_size: 64}}"], standalone_mode=False)
+
+
 def test_strings_from_the_command_line_are_coerced():
     cfg = resolve(Toy, {"layers": "10,11", "epochs": "3", "lr": "1e-4", "path": "x"})
     assert cfg.layers == (10, 11) and cfg.epochs == 3 and cfg.lr == 1e-4 and cfg.path == "x"

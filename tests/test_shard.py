@@ -274,6 +274,55 @@ def test_decompression_bomb_guard(tmp_path):
     assert "big.png" in str(e.value) and "3000 pixels" in str(e.value)
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (1-bit gray) and whose pixel data is cut short:
+    enough for every size check (made from the header, before decoding), without the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("limit, refused", [(10_000, True), (14_400, False), (20_000, False)])
+def test_max_image_pixels_refuses_above_and_accepts_up_to_the_limit(tmp_path, limit, refused):
+    folder = tmp_path / "in"
+    _save(_photo(0, size=(120, 120)), folder / "big.png", "PNG")  # 14,400 pixels
+    cfg = _cfg(input=str(folder), out_dir=str(tmp_path / "o"), manifest=str(tmp_path / "m.json"),
+               max_image_pixels=limit)
+    if refused:
+        with pytest.raises(ShardError, match=r"big\.png: 120x120 = 14400 pixels exceeds max_image_pixels=10000 "
+                                             r"\(decompression-bomb guard; raise --max-image-pixels"):
+            shard(cfg)
+    else:
+        assert read_manifest(shard(cfg)).total == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_image_pixels_above_pillows_own_limit_is_honoured(tmp_path, workers):
+    """20000x10000 = 200 Mpx: above Pillow's default (it refuses 178956970+), below the user's 400 Mpx.
+    The header passes every size check, in worker processes too; what is left is the cut pixel data."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "huge.png").write_bytes(_png_header(20_000, 10_000))
+    _save(_photo(1), folder / "small.png", "PNG")
+    common = dict(input=str(folder), out_dir=str(tmp_path / "o"), on_error="skip", workers=workers, shuffle=False)
+    m = read_manifest(shard(_cfg(**common, manifest=str(tmp_path / "big.json"), max_image_pixels=400_000_000)))
+    [skipped] = m.skipped
+    assert skipped["name"] == "huge.png" and "corrupt or truncated image" in skipped["reason"], skipped
+    assert "178956970" not in skipped["reason"] and m.total == 1
+    # The default limit refuses it by the same header, citing hdpipe's limit and option, not Pillow's.
+    m = read_manifest(shard(_cfg(**common, name="default", manifest=str(tmp_path / "default.json"))))
+    assert m.skipped[0]["reason"].endswith("20000x10000 = 200000000 pixels exceeds max_image_pixels=178956970 "
+                                           "(decompression-bomb guard; raise --max-image-pixels if the image is "
+                                           "genuine)"), m.skipped
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # left as it was for the rest of the process
+
+
 @pytest.mark.parametrize("layout,fragment", [
     ("missing", "does not exist"),
     ("empty", "is empty"),

@@ -153,3 +153,19 @@ def test_gradients_reach_encoder_through_relations_and_features():
     (out["features"].sum() + out["relations"][4].sum()).backward()
     assert s.vit.patch_embed.proj.weight.grad is not None
     assert s.vit.blocks[3].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({**TINY, "bogus_kw": 1}, "model 'vit_tiny_patch16_224' has no argument 'bogus_kw'"),
+    ({"img_size": -64}, "model 'vit_tiny_patch16_224' cannot be built with model kwargs {'img_size': -64}"),
+])
+def test_student_model_kwargs_the_model_rejects_are_a_config_error(kwargs, message):
+    """distill's --model-kwargs reach the student's constructor: their rejection names kwarg and option."""
+    with pytest.raises(ConfigError) as e:
+        _student(model_kwargs=kwargs)
+    assert str(e.value).startswith(message) and "--model-kwargs" in str(e.value), e.value
+
+
+def test_unknown_student_model_is_named_before_its_kwargs():
+    with pytest.raises(ConfigError, match="student model 'vit_nosuch': timm has no such model"):
+        _student(model="vit_nosuch", model_kwargs={"bogus_kw": 1})

@@ -293,6 +293,38 @@ def test_unknown_backend_models():
         parse_spec("open_clip:ViT-Q-99")
 
 
+@pytest.mark.parametrize("spec, kwargs, message", [
+    (TIMM, {**TINY, "bogus_kw": 1}, "model 'vit_tiny_patch16_224' has no argument 'bogus_kw' (TypeError: "),
+    (TIMM, {"img_size": -64}, "model 'vit_tiny_patch16_224' cannot be built with model kwargs {'img_size': -64} "
+                              "(ValueError: "),
+    (OPEN_CLIP, {**OPEN_CLIP_TINY, "vision_cfg": {"bogus": 1}}, "model 'ViT-B-16-quickgelu' has no argument 'bogus'"),
+])
+def test_model_kwargs_the_model_rejects_name_the_kwarg_model_and_option(spec, kwargs, message):
+    with pytest.raises(ConfigError) as e:
+        load_teacher(spec, random_init=True, model_kwargs=kwargs, device="cpu")
+    assert str(e.value).startswith(message) and "--model-kwargs" in str(e.value) and "\n" not in str(e.value)
+    assert e.value.__cause__ is not None  # the constructor's own exception, for --debug
+
+
+def test_construction_failures_without_user_kwargs_are_not_reworded():
+    """Only the user's kwargs make a failure theirs: a constructor bug keeps its own exception."""
+    from pipeline.targets.weights import create_with_kwargs
+
+    def broken(**kw):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        create_with_kwargs(broken, "m", {})
+    with pytest.raises(ConfigError, match=r"model 'm' cannot be built with model kwargs \{'depth': 2\}"):
+        create_with_kwargs(broken, "m", {"depth": 2})
+    for err in (HdpipeError("already one line"), OSError("hub unreachable")):  # pass through: callers word them
+        def failing(**kw):
+            raise err
+
+        with pytest.raises(type(err), match=str(err)):
+            create_with_kwargs(failing, "m", {"depth": 2})
+
+
 def test_prefix_token_rules():
     with pytest.raises(ConfigError, match="register tokens: True"):
         load_teacher(TIMM, random_init=True, model_kwargs={**TINY, "reg_tokens": 4}, device="cpu")

@@ -21,7 +21,7 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.config import check_keys, check_mapping, load_section, resolve
+from pipeline.config import check_keys, check_mapping, load_section, load_yaml, resolve
 from pipeline.errors import ConfigError
 
 config_option = click.option(
@@ -62,13 +62,14 @@ def parse_mapping(ctx: click.Context, param: click.Parameter, value: str | None)
     """Click callback: a YAML or JSON mapping ('{img_size: 64, patch_size: 8}') -> dict; None when not given."""
     if value is None:
         return None
+    option = f"--{param.name.replace('_', '-')}"
     try:
-        parsed = yaml.safe_load(value)
+        parsed = load_yaml(value, option)  # a key given twice is an error, not the last one silently
     except yaml.YAMLError as e:
-        raise ConfigError(f"--{param.name.replace('_', '-')} is not a YAML/JSON mapping: {e}") from None
+        raise ConfigError(f"{option} is not a YAML/JSON mapping: {e}") from None
     if not isinstance(parsed, dict):
-        raise ConfigError(f"--{param.name.replace('_', '-')} must be a mapping like '{{img_size: 64}}', got {value!r}")
-    check_mapping(f"--{param.name.replace('_', '-')}", parsed)
+        raise ConfigError(f"{option} must be a mapping like '{{img_size: 64}}', got {value!r}")
+    check_mapping(option, parsed)
     return parsed
 
 

@@ -7,7 +7,9 @@ every photo viewer does. (Before view algorithm version 2, hdpipe ignored the ta
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 
 from PIL import ExifTags, Image, ImageOps
 
@@ -50,6 +52,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Pillow's default decompression-bomb threshold (~179 Mpx); any real photo is far below it.
 DEFAULT_MAX_PIXELS = 178_956_970
 
+# Pillow reads its bomb limit from one module global (a warning above it, an error above twice
+# it) and takes no limit per call; `_pillow_limit` swaps that global, one image at a time.
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_limit(limit: int | None):
+    """Pillow's `Image.MAX_IMAGE_PIXELS` set to `limit` (None: its guard off) inside the block.
+
+    Set per call, not once per process: `--max-image-pixels` then holds in spawned worker processes
+    too (each call carries its limit), and nothing else in the process keeps a raised limit.
+    """
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = limit
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -68,12 +89,12 @@ def check_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     readable image, is truncated or corrupt, or has more than `max_pixels` pixels.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb costs
-    nothing; Pillow's own bomb error (2x its global limit) is turned into the same message.
+    nothing. This check replaces Pillow's own at open (whose default would refuse, citing its own
+    limit, images that `max_pixels` allows); frames and tiles decoded later are held to `max_pixels`.
     """
     try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ShardError(f"{name}: image too large (decompression-bomb guard): {e}") from None
+        with _pillow_limit(None):
+            im = Image.open(io.BytesIO(data))
     except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, ValueError... by format
         raise ShardError(f"{name}: not an image Pillow can read ({type(e).__name__}: {e})") from None
     w, h = im.size
@@ -81,7 +102,11 @@ def check_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ShardError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels} "
                          "(decompression-bomb guard; raise --max-image-pixels if the image is genuine)")
     try:
-        im.load()
+        with _pillow_limit(max_pixels):
+            im.load()
+    except Image.DecompressionBombError as e:  # a GIF frame or TIFF tile far larger than the header's size
+        raise ShardError(f"{name}: a frame or tile is too large for max_image_pixels={max_pixels} "
+                         f"(decompression-bomb guard; raise --max-image-pixels if the image is genuine): {e}") from None
     except Exception as e:  # truncated JPEGs raise OSError, broken PNGs SyntaxError/zlib.error, ...
         raise ShardError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
     if w < 1 or h < 1:

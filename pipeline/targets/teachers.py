@@ -32,7 +32,7 @@ from torch import nn
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ConfigError, require_finite
 from pipeline.targets.specs import TeacherSpec, parse_spec
-from pipeline.targets.weights import build_open_clip, build_timm, student_spec, weights_digest
+from pipeline.targets.weights import KWARGS_OPTION, build_open_clip, build_timm, student_spec, weights_digest
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ def load_teacher(
         kwargs.update(model_kwargs)
         if checkpoint is None and not random_init:
             checkpoint = weights
-        model, source = build_timm(arch, checkpoint, random_init, kwargs)
+        # A student's kwargs are its config.json's, overridden by the user's: either may be at fault.
+        model, source = build_timm(arch, checkpoint, random_init, kwargs,
+                                   where=f"{KWARGS_OPTION} or the model_kwargs of {Path(spec.model) / 'config.json'}")
     if overrides:  # applied last: a student's own config.json preprocessing gives way to them too
         spec = replace(spec, **{k: tuple(float(x) for x in v) if k != "interpolation" else v
                                 for k, v in overrides.items()})

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,17 +122,53 @@ def _offline_hint(what: str, err: Exception) -> HdpipeError:
 # ----------------------------------------------------------------------------- model builders
 
 
-def build_timm(name: str, checkpoint, random_init: bool, model_kwargs: dict) -> tuple[nn.Module, str]:
+_UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '([^']+)'")
+
+# Where a user's model kwargs come from, as the errors below name it.
+KWARGS_OPTION = "--model-kwargs (model_kwargs in a params file)"
+
+
+def create_with_kwargs(create, model: str, kwargs: dict, given: dict | None = None, where: str = KWARGS_OPTION):
+    """`create(**kwargs)`: a model constructor run with the user's kwargs, whose rejection is a ConfigError.
+
+    A constructor that refuses a kwarg fails deep inside timm or open_clip with whatever it meets
+    first (a TypeError for an unknown name, a ValueError or ZeroDivisionError for a bad value), so any
+    exception here is the kwargs' fault: the error names the model, the kwarg where the exception
+    names it (else every kwarg given: `given`, what the user wrote, defaults to `kwargs`) and
+    `where` they come from; the original stays as the cause. With no kwargs nothing is caught, and
+    HdpipeError (already one line) and OSError (the hub unreachable: the callers' offline hint) pass.
+    """
+    if not kwargs:
+        return create()
+    try:
+        return create(**kwargs)
+    except (HdpipeError, OSError):
+        raise
+    except Exception as err:
+        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        unexpected = _UNEXPECTED_KWARG.search(str(err)) if isinstance(err, TypeError) else None
+        if unexpected:
+            raise ConfigError(f"model '{model}' has no argument '{unexpected.group(1)}' ({reason}); remove or rename "
+                              f"it in {where}") from err
+        raise ConfigError(f"model '{model}' cannot be built with model kwargs {given if given is not None else kwargs} "
+                          f"({reason}); fix them in {where}") from err
+
+
+def build_timm(name: str, checkpoint, random_init: bool, model_kwargs: dict,
+               where: str = KWARGS_OPTION) -> tuple[nn.Module, str]:
     import timm
 
     if checkpoint is None and not random_init:
         try:
-            return timm.create_model(name, pretrained=True, **model_kwargs), f"pretrained:timm/{name}"
+            model = create_with_kwargs(lambda **kw: timm.create_model(name, pretrained=True, **kw), name,
+                                       model_kwargs, where=where)
+            return model, f"pretrained:timm/{name}"
         except OSError as err:  # huggingface_hub raises OSError subclasses when the hub is unreachable
             raise _offline_hint(f"timm model '{name}'", err) from err
     with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(name, pretrained=False, **model_kwargs)
+        model = create_with_kwargs(lambda **kw: timm.create_model(name, pretrained=False, **kw), name,
+                                   model_kwargs, where=where)
     if checkpoint is None:
         return model, f"random_init:seed{RANDOM_INIT_SEED}"
     state, _ = strip_mae_decoder(read_checkpoint(checkpoint))
@@ -178,11 +215,13 @@ def build_open_clip(name: str, tag: str | None, checkpoint, random_init: bool,
             raise _offline_hint(f"open_clip '{name}:{tag}'", err) from err
         if not path:
             raise HdpipeError(f"open_clip has no download for '{name}:{tag}'; pass --checkpoint PATH")
-        model = open_clip.create_model(name, pretrained=path, **kwargs)
+        model = create_with_kwargs(lambda **kw: open_clip.create_model(name, pretrained=path, **kw), name, kwargs,
+                                   model_kwargs)
         return model.visual, f"pretrained:open_clip/{name}:{tag}"
     with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = open_clip.create_model(name, pretrained=None, **kwargs)
+        model = create_with_kwargs(lambda **kw: open_clip.create_model(name, pretrained=None, **kw), name, kwargs,
+                                   model_kwargs)
     visual = model.visual
     if checkpoint is None:
         return visual, f"random_init:seed{RANDOM_INIT_SEED}"

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from pipeline.errors import ConfigError
 from pipeline.targets.layout import MIM_TARGETS
+from pipeline.targets.weights import create_with_kwargs
 
 
 
@@ -188,10 +189,12 @@ class MaskedStudent(nn.Module):
             raise ConfigError(f"mim_target must be one of {list(MIM_TARGETS)}, got {mim_target!r}")
         self.model_name = model
         self.model_kwargs = {"num_classes": 0, **dict(model_kwargs or {})}
-        try:
-            self.vit = timm.create_model(model, pretrained=False, **self.model_kwargs)
-        except RuntimeError as e:  # timm's "Unknown model" error
-            raise ConfigError(f"student model '{model}': {e}") from None
+        if ":" not in model and not timm.is_model(model):  # checked first: a bad name is not the kwargs' fault
+            raise ConfigError(f"student model '{model}': timm has no such model; pass --model NAME of a timm ViT")
+        # num_classes 0 is ours, not the user's: only their kwargs make a failure theirs.
+        self.vit = create_with_kwargs(
+            lambda **kw: timm.create_model(model, pretrained=False, **{"num_classes": 0, **kw}), model,
+            dict(model_kwargs or {}))
         _check_vit(self.vit, model)
         for p in self.vit.get_classifier().parameters():
             p.requires_grad_(False)
