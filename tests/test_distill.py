@@ -445,11 +445,13 @@ def test_export_is_byte_deterministic(tmp_path):
 
 
 # ----------------------------------------------------------------------------- online reference mode
-def test_cached_cycle_equals_online_run(world, tmp_path):
+@pytest.mark.parametrize("token_resample", [1.0, 0.75])
+def test_cached_cycle_equals_online_run(world, tmp_path, token_resample):
     """One extraction with V = 3 views, `cycle` (epoch e shows stored view e) vs the online mode
     (both teachers in every step, epoch e drawing view e of the same plan): the same per-step losses
     and final weights up to the fp16 stores' rounding (targets within 2**-11 relative; measured:
-    losses within 1.2e-5 relative, weights within 1.1e-4 absolute; asserted with a margin)."""
+    losses within 1.2e-5 relative, weights within 1.1e-4 absolute; asserted with a margin). With
+    token resampling both see the same seeded subset of each view's tokens every epoch."""
     from pipeline.targets.store import TargetStore
     from stages.extract import ExtractConfig, extract
 
@@ -466,7 +468,7 @@ def test_cached_cycle_equals_online_run(world, tmp_path):
     mim = extract(ExtractConfig(**sections["extract_mim"], device="cpu"))
     disc = extract(ExtractConfig(**sections["extract_disc"], device="cpu"))
     assert TargetStore.open(mim).views == 3
-    common = dict(epochs=3, checkpoint_every=0, mim_store=mim, disc_store=disc)
+    common = dict(epochs=3, checkpoint_every=0, mim_store=mim, disc_store=disc, token_resample=token_resample)
     cached = distill(_cfg(world, tmp_path, name="cached", view_schedule="cycle", **common))
     online = distill(_cfg(world, tmp_path, name="online", source="online", online_mim=f"{params}:extract_mim",
                           online_disc=f"{params}:extract_disc", **common))
@@ -491,3 +493,34 @@ def test_online_mode_builds_teachers_only_when_asked(world, tmp_path, monkeypatc
     monkeypatch.setattr(teachers, "load_teacher", lambda *a, **k: built.append(a[0]) or real(*a, **k))
     distill(_cfg(world, tmp_path, name="c", epochs=1, checkpoint_every=0))
     assert built == []
+
+
+def test_token_resampling_in_the_loader_equals_cutting_the_full_batch(world, tmp_path):
+    """Cached resampling (per sample, in the loader) == `resample_batch` on the same batch read with
+    every token (an independent path: torch gathers over the batch), for relations-like attention
+    rows (renormalized) and features; a mid-epoch resume (`skip_batches`) shows the same subsets."""
+    from pipeline.train.loader import build_loader
+    from pipeline.train.resample import resample_batch
+    from stages.distill import build_student, loader_config, target_sources
+
+    cfg = _cfg(world, tmp_path, mim_target="attention")
+    student = build_student(cfg, target_sources(cfg))
+    full_cfg = loader_config(cfg, student, torch.device("cpu"))
+    cut_cfg = replace(full_cfg, token_resample=0.75)
+    for epoch in (0, 1):
+        full = list(build_loader(full_cfg, epoch))
+        cut = list(build_loader(cut_cfg, epoch))
+        assert len(full) == len(cut) == 6
+        for a, b in zip(full, cut):
+            want = resample_batch(a, 0.75, cfg.seed, epoch)
+            assert b["keep_index"].shape[1] == round(0.75 * a["keep_index"].shape[1] + 1e-9)
+            assert torch.equal(b["keep_index"], want["keep_index"]) and torch.equal(b["index"], a["index"])
+            for key in ("attention", "features"):
+                torch.testing.assert_close(b[key], want[key], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(b["attention"].sum(-1), torch.ones_like(b["attention"][..., 0]))
+        if epoch == 1:
+            resumed = list(build_loader(cut_cfg, epoch, skip_batches=4))
+            assert [torch.equal(x["keep_index"], y["keep_index"]) for x, y in zip(resumed, cut[4:])] == [True, True]
+    # another epoch shows other subsets of the same views' tokens
+    e0, e1 = next(iter(build_loader(cut_cfg, 0))), next(iter(build_loader(cut_cfg, 1)))
+    assert not torch.equal(e0["keep_index"], e1["keep_index"])

@@ -47,3 +47,35 @@ def test_quick_study_runs_end_to_end(tmp_path, capsys):
     again = main(["--quick", "--idx-dir", str(idx), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out2"),
                   "--device", "cpu"])
     assert again["students"] == report["students"]
+
+    # The views x epochs study on the same work folder: data, teachers, stores and the 8-epoch lr
+    # sweep are reused (equal results), only the long runs train.
+    sys.path.insert(0, str(QUALITY))
+    try:
+        from views_study import main as views_main
+    finally:
+        sys.path.remove(str(QUALITY))
+    views = views_main(["--quick", "--idx-dir", str(idx), "--work", str(tmp_path / "work"), "--out",
+                        str(tmp_path / "views"), "--device", "cpu"])
+    assert views["lr_sweep"]["0.002"]["knn_top1"] == report["students"]["hybrid-lr0.002"]["knn_top1"]
+    curve = views["curve"]
+    assert set(curve) == {"long-views1", "long-views2", "long-views2-resample0.75", "long-online"}
+    assert all(e["seeds"] == 2 for e in curve.values())
+    assert curve["long-views1"]["showings_per_view"] == 2 and curve["long-views2"]["showings_per_view"] == 1
+    got = views["runs"]["long-views2-resample0.75-seed1"]["settings"]
+    assert {k: got[k] for k in ("views_used", "seed", "token_resample", "epochs")} == {
+        "views_used": 2, "seed": 1, "token_resample": 0.75, "epochs": 2}
+    for e in curve.values():  # ratios and seed means are what the runs measured
+        knn = [views["runs"][k]["knn_top1"] for k in views["runs"] if k.split("-seed")[0] == e_name(curve, e)]
+        assert e["knn_top1"]["mean"] == pytest.approx(sum(knn) / len(knn))
+        assert e["of_online"]["knn_top1"] == pytest.approx(e["knn_top1"]["mean"] / curve["long-online"]["knn_top1"]["mean"])
+    rule = views["rule"]
+    if rule is not None:  # the smallest V meeting 99% on both metrics, if any does
+        ok = [e["views"] for e in curve.values() if e["views"] and min(e["of_online"].values()) >= 0.99]
+        assert rule["views"] == min(ok)
+    assert (tmp_path / "views" / "views-epochs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| long-online | fresh |" in capsys.readouterr().out
+
+
+def e_name(curve: dict, entry: dict) -> str:
+    return next(name for name, e in curve.items() if e is entry)

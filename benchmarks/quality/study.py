@@ -186,12 +186,13 @@ class Study:
         a = self.args
 
         def run():
+            epochs = kw.get("epochs", a.student_epochs)
             cfg = DistillConfig(manifest=data["distill"], mim_store=stores["extract_mim"]["url"],
                                 disc_store=stores["extract_disc"]["url"], model=STUDENT, model_kwargs=self.geometry,
-                                epochs=a.student_epochs, batch_size=a.batch_size, workers=0, warmup_epochs=1.0,
+                                epochs=epochs, batch_size=a.batch_size, workers=0, warmup_epochs=1.0,
                                 runs_dir=str(self.work / "runs"), name=label, checkpoint_every=0, print_every=0,
                                 online_mim=f"{params}:extract_mim", online_disc=f"{params}:extract_disc",
-                                device=a.device, **kw)
+                                device=a.device, **{k: v for k, v in kw.items() if k != "epochs"})  # settings record it
             t0, c0 = time.perf_counter(), _cpu()
             run_dir = distill(cfg)
             train = {"train_wall_s": round(time.perf_counter() - t0, 2), "train_cpu_s": round(_cpu() - c0, 2),
