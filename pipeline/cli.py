@@ -5,8 +5,8 @@ Every command follows one pattern: parse flags, merge them over its `params.yaml
 `pipeline/commands/<name>.py`, one per stage; heavy imports (torch, timm) happen inside them so
 `hdpipe --help` stays fast.
 
-User errors (`HdpipeError`) print as one line and exit with status 2; `hdpipe --debug ...` shows
-the traceback.
+User errors (`HdpipeError`, and an OSError saying the disk is full, over quota or read-only)
+print as one line and exit with status 2; `hdpipe --debug ...` shows the traceback.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import click
 
 from pipeline import __version__
-from pipeline.errors import HdpipeError
+from pipeline.errors import HdpipeError, storage_error
 
 # (module under pipeline.commands, command name, one-line help) for every command; a module defines
 # `command`. The help is repeated here so that `hdpipe --help` imports no stage (torch, timm):
@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         click.echo(f"hdpipe: error: {e}", err=True)
+        return 2
+    except OSError as e:  # a full, over-quota or read-only disk is the user's to fix, wherever it struck
+        refused = storage_error(e)
+        if refused is None or debug:
+            raise
+        click.echo(f"hdpipe: error: {refused}", err=True)
         return 2
     return status if isinstance(status, int) else 0
 

@@ -209,9 +209,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def write_resolved(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config next to a stage's outputs, so a run records what it used."""
+    from pipeline.urls import atomic_write_bytes
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    atomic_write_bytes(str(p), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())  # a full disk leaves no .tmp
     return p

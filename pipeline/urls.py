@@ -6,11 +6,14 @@ see all of it or nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
 
 import fsspec
+
+from pipeline.errors import storage_error
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -84,22 +87,41 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write `data` so that readers see either nothing or the whole file.
 
     Local and POSIX-like filesystems: write a temporary sibling and rename. Object stores have no
-    rename but their single-object PUT is already atomic, so they are written directly.
+    rename but their single-object PUT is already atomic, so they are written directly. A failed
+    write leaves the previous file at `url` as it was and no temporary file behind; a full, over
+    quota or read-only disk is a one-line `WriteError` naming `url`.
     """
     fs, path = fs_and_path(url)
-    folder = os.path.dirname(path)
-    if folder:
-        fs.makedirs(folder, exist_ok=True)
-    if is_local_fs(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        folder = os.path.dirname(path)
+        if folder:
+            fs.makedirs(folder, exist_ok=True)
+        if is_local_fs(fs):
+            _replace_locally(path, data)
+        else:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+    except OSError as e:
+        refused = storage_error(e, url, kept=f"{os.path.basename(path)} there is unchanged")
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def _replace_locally(path: str, data: bytes) -> None:
+    """Temporary sibling, fsync, rename; the temporary file is removed on any failure (a full disk
+    would otherwise keep a partial copy as large as what fitted)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+    except BaseException:  # KeyboardInterrupt too: nothing half-written stays
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_bytes(url: str) -> bytes:

@@ -25,6 +25,7 @@ position as (epoch, batches done in that epoch); checkpoints are only taken at o
 boundaries, so a mid-epoch resume rebuilds that epoch's loader with `skip_batches = batches done`
 (the loader replays the same batch order), restores every RNG, and continues; on CPU the loss curve
 is identical to an uninterrupted run. Log rows written after the checkpoint are dropped and redone.
+One writer per run: `<runs_dir>/<name>.hdpipe-lock` (`pipeline.locks`) refuses a second one.
 The resumed config must equal the checkpoint's (device, compile, logging and checkpoint cadence
 excepted); `workers`, `mix_shards` and the world size may change only at an epoch boundary (they
 decide the loader's batch order), and then the lr is re-scaled to the new global batch.
@@ -312,16 +313,16 @@ def save(run: Run, cfg: DistillConfig) -> None:
 
 
 def distill(cfg: DistillConfig) -> Path:
-    """Train the student for `cfg.epochs` from the stores, export it, return the run directory."""
+    """Train the student for `cfg.epochs` from the stores, export it, return the run directory. Rank 0
+    holds the run folder's writer lock throughout (`pipeline.locks`): a second run on it stops at once."""
     from pipeline.provenance import environment
     from pipeline.train.checkpoint import export_student
-    from pipeline.train.distributed import barrier, init_distributed, same_on_every_rank, shutdown
+    from pipeline.train.distributed import barrier, locked_group, same_on_every_rank
     from pipeline.train.epochs import epoch_iterators
     from pipeline.train.loop import train_one_epoch
     from pipeline.urls import atomic_write_bytes
 
-    d, device = init_distributed(cfg.device)
-    try:
+    with locked_group(cfg.device, cfg.run_dir, "run folder") as (d, device):  # resume truncates the logs
         run = build_run(cfg, d, device)
         state = run.state
         same_on_every_rank(d, state.step, cfg.run_dir)
@@ -369,8 +370,6 @@ def distill(cfg: DistillConfig) -> Path:
             "weights_digest": weights_digest(run.student)}, indent=1) + "\n").encode())
         barrier(d)
         return cfg.run_dir
-    finally:
-        shutdown(d)
 
 
 def check_resume(cfg: DistillConfig, ckpt: dict, path: Path, world_size: int) -> None:

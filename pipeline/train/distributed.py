@@ -1,18 +1,21 @@
 """torch.distributed for stage two: the process group under torchrun, and what ranks must share.
 
 Under torchrun (`RANK` / `WORLD_SIZE` in the environment) the group is initialized with NCCL on
-GPU and gloo on CPU. Rank 0 alone writes files; every rank reads the checkpoint on resume, so the
-run directory must be on a file system all nodes share.
+GPU and gloo on CPU. Rank 0 alone writes files, and alone holds the run folder's writer lock
+(`main_rank_lock`, `locked_group`); every rank reads the checkpoint on resume, so the run directory must be on a
+file system all nodes share.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from pipeline.device import pick_device
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LockError
 
 
 @dataclass
@@ -82,6 +85,37 @@ def same_on_every_rank(d: Dist, step: int, run_dir) -> None:
             f"ranks start from different steps {steps}: every rank reads {run_dir}/checkpoints/last.pt, so the run "
             f"directory must be on a filesystem all nodes share (or an fsspec URL) for --resume"
         )
+
+
+@contextlib.contextmanager
+def main_rank_lock(d: Dist, folder, what: str) -> Iterator[None]:
+    """Rank 0 holds `pipeline.locks.writer_lock(folder, what)` (it alone writes files). When another
+    writer holds it, every rank raises rank 0's LockError (no rank waits on a rank 0 that left)."""
+    from pipeline.locks import writer_lock
+
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if d.main:
+            try:
+                stack.enter_context(writer_lock(str(folder), what))
+            except LockError as e:
+                refused = str(e)
+        refused = gather_objects(refused, d)[0]
+        if refused:
+            raise LockError(refused)
+        yield
+
+
+@contextlib.contextmanager
+def locked_group(device_pref: str, folder, what: str) -> Iterator[tuple[Dist, torch.device]]:
+    """`init_distributed`, with rank 0 holding the writer lock of `folder` for the block; the group
+    is shut down on the way out, errors included."""
+    d, device = init_distributed(device_pref)
+    try:
+        with main_rank_lock(d, folder, what):
+            yield d, device
+    finally:
+        shutdown(d)
 
 
 def barrier(d: Dist) -> None:

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import HdpipeError
+from pipeline.errors import HdpipeError, storage_error
 from pipeline.progress import eta
+from pipeline.urls import atomic_write_bytes
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -48,19 +49,24 @@ class RunLog:
 
     def start(self) -> None:
         if self.enabled:
-            self.jsonl.write_text("")
-            self.csv.write_text(",".join(self.CSV_FIELDS) + "\n")
+            atomic_write_bytes(str(self.jsonl), b"")
+            atomic_write_bytes(str(self.csv), (",".join(self.CSV_FIELDS) + "\n").encode())
 
     def truncate(self, step: int) -> None:
-        """Keep rows of steps <= `step` (those after the checkpoint are redone on resume)."""
+        """Keep rows of steps <= `step` (those after the checkpoint are redone on resume). Rewritten
+        atomically: a full disk here must not lose the rows that are kept."""
         self.first_step = step
         if not self.enabled:
             return
-        rows = [json.loads(ln) for ln in self.jsonl.read_text().splitlines() if ln.strip()] if self.jsonl.exists() else []
+        text = self.jsonl.read_text() if self.jsonl.exists() else ""
+        lines = text.splitlines()
+        if text and not text.endswith("\n"):
+            lines = lines[:-1]  # a row cut short (killed, or the disk filled, mid-append): redone after the checkpoint
+        rows = [json.loads(ln) for ln in lines if ln.strip()]
         rows = [r for r in rows if r.get("step", 0) <= step and not (r.get("event") == "epoch_end" and r["step"] > step)]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.csv.write_text(",".join(self.CSV_FIELDS) + "\n" + "".join(
-            ",".join(str(r[k]) for k in self.CSV_FIELDS) + "\n" for r in rows if "event" not in r))
+        atomic_write_bytes(str(self.jsonl), "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write_bytes(str(self.csv), (",".join(self.CSV_FIELDS) + "\n" + "".join(
+            ",".join(str(r[k]) for k in self.CSV_FIELDS) + "\n" for r in rows if "event" not in r)).encode())
 
     def step(self, row: dict) -> None:
         """An optimizer step's row: written every `log_every` steps, printed every `print_every`."""
@@ -78,11 +84,17 @@ class RunLog:
     def _write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(self.jsonl, json.dumps(row))
         if "event" not in row:
-            with self.csv.open("a") as f:
-                f.write(",".join(str(row[k]) for k in self.CSV_FIELDS) + "\n")
+            self._append(self.csv, ",".join(str(row[k]) for k in self.CSV_FIELDS))
+
+    @staticmethod
+    def _append(path: Path, line: str) -> None:
+        try:
+            with path.open("a") as f:
+                f.write(line + "\n")
+        except OSError as e:  # a full disk: one line naming the log, not a traceback
+            raise storage_error(e, path, kept="checkpoints/last.pt holds the last good state (use --resume)") or e
 
     def _say(self, row: dict) -> None:
         """One progress line on stderr: where the run is, its losses, speed and ETA."""
