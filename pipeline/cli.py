@@ -24,7 +24,7 @@ from pipeline.errors import HdpipeError, storage_error
 COMMANDS = (
     ("shard", "shard", "Write images as deterministic webdataset tar shards plus a dataset manifest."),
     ("extract", "extract", "Run a frozen teacher once per view and store its targets (Zarr v3), resuming..."),
-    ("inspect_store", "inspect", "Show a target store's schema, teacher, counts, shards done/missing, bytes..."),
+    ("inspect_store", "inspect", "Show a target store's schema, teacher, counts, shards done/missing/damaged,..."),
     ("verify", "verify", "Re-run STORE's teacher on random stored views; exit 1 when any array is beyond..."),
     ("distill", "distill", "Train a student from cached teacher targets (no teacher runs) and export it..."),
     ("evaluate", "evaluate", "k-NN (cosine, exp(sim/T) votes) and linear-probe top-1/top-5 of a frozen..."),
