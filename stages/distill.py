@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -71,6 +72,7 @@ class DistillConfig:
     online_disc: str = "params.yaml:extract_disc"  # online: FILE:SECTION describing the discriminative teacher
     view_schedule: Literal["random", "cycle"] = "random"  # cached: which stored view an epoch shows: random over views_used, or cycle (epoch mod views_used); online views are always fresh
     views_used: int = 0  # cached: use only the first N stored views (0 = all), so one extraction serves a views sweep
+    token_resample: float = 1.0  # fraction F of the view's stored patch tokens the student sees each step, a new seeded subset every epoch ([CLS] always; targets cut to the same tokens; 1 = off)
     model: str = "vit_base_patch16_224"  # timm ViT name of the student (random init)
     model_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs (img_size, patch_size, depth, ...)
     relation_layers: tuple[int, ...] = ()  # teacher blocks (1-based) to distill, a subset of the store's; () = all stored
@@ -106,6 +108,8 @@ class DistillConfig:
             raise ConfigError(f"teachers '{self.teachers}' needs disc_store (the discriminative teacher's store URL)")
         if self.views_used < 0:
             raise ConfigError(f"views_used must be >= 0 (0 = every stored view), got {self.views_used}")
+        if not 0 < self.token_resample <= 1:
+            raise ConfigError(f"token_resample must be a fraction in (0, 1] (1 = every stored token), got {self.token_resample}")
         for key in ("epochs", "batch_size", "accum_steps", "log_every", "mix_shards"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -187,7 +191,8 @@ def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.devi
         # On a GPU the loader ships uint8 pixels (4x fewer bytes to pin and copy); they are
         # normalized on the GPU, bit for bit what the loader's own float path gives.
         image_transport="uint8" if device.type == "cuda" else "float",
-        view_schedule=cfg.view_schedule, views_used=cfg.views_used, **stores, **(online or {}),
+        view_schedule=cfg.view_schedule, views_used=cfg.views_used, token_resample=cfg.token_resample,
+        **stores, **(online or {}),
     )
 
 
@@ -234,6 +239,7 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     from pipeline.train.losses import hybrid_loss
     from pipeline.train.loop import TrainState
     from pipeline.train.optim import WarmupCosine, build_optimizer, scaled_lr
+    from pipeline.train.plan import view_reuse
     from pipeline.train.runlog import RunLog, prepare_run_dir
 
     run_dir = cfg.run_dir
@@ -245,9 +251,13 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
 
         src, online, online_loader = build_online(
             cfg.online_mim, cfg.online_disc, teachers=cfg.teachers, relation_layers=tuple(cfg.relation_layers),
-            mim_target=cfg.mim_target, masking=cfg.masking, seed=cfg.seed, device=device)
+            mim_target=cfg.mim_target, masking=cfg.masking, seed=cfg.seed, device=device,
+            token_resample=cfg.token_resample)
     else:
         src = target_sources(cfg)
+        line, warn = view_reuse(cfg.epochs, cfg.views_used or src.num_views, cfg.token_resample)
+        if dist.main:
+            print(f"distill {cfg.name}: {'warning: ' if warn else ''}{line}", file=sys.stderr, flush=True)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, src).to(device)
     lcfg = loader_config(cfg, student, device, online_loader)

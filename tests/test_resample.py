@@ -42,3 +42,12 @@ def test_resample_batch_against_per_sample_slicing():
         torch.testing.assert_close(out["features"][b], batch["features"][b, tok])
         torch.testing.assert_close(out["block_features"][b], batch["block_features"][b][:, tok])
     assert resample_batch(batch, 1.0, seed=1, epoch=2) is batch
+
+
+def test_view_reuse_line_warns_past_the_measured_range():
+    from pipeline.train.plan import SAFE_SHOWINGS_PER_VIEW, view_reuse
+
+    line, warn = view_reuse(8, 2)
+    assert line == "each stored view is shown ~4 times (8 epochs over 2 stored view(s))" and not warn
+    line, warn = view_reuse(300, 2, 0.75)
+    assert warn and "~150 times" in line and "0.75 of its tokens" in line and f"{SAFE_SHOWINGS_PER_VIEW:g}" in line

@@ -146,6 +146,25 @@ def scheduled_view(schedule: str, seed: int, epoch: int, index: int, views_used:
     return choose_view(seed, epoch, index, views_used)
 
 
+# Showings per stored view (epochs / views used) measured as safe by the quality study: at 8 epochs,
+# 2 views (4 showings each) stayed within online's seed spread on k-NN and fine-tune, 1 view (8
+# showings) lost 3-5 k-NN points (benchmarks/quality, Fashion-MNIST at 28 px, 2000 images). The
+# views x epochs study (`views_study.py`) measures the range at 32 epochs.
+SAFE_SHOWINGS_PER_VIEW = 4.0
+
+
+def view_reuse(epochs: int, views_used: int, token_resample: float = 1.0) -> tuple[str, bool]:
+    """(the line `distill` prints at start-up, whether it warns): how often each stored view is shown."""
+    showings = epochs / max(views_used, 1)
+    resample = f", {token_resample:g} of its tokens at a time" if token_resample < 1 else ""
+    line = (f"each stored view is shown ~{showings:g} times ({epochs} epochs over {views_used} stored "
+            f"view(s){resample})")
+    if showings <= SAFE_SHOWINGS_PER_VIEW:
+        return line, False
+    return (f"{line}: more than the {SAFE_SHOWINGS_PER_VIEW:g} measured as safe (cached within online's seed "
+            "spread); store more views (extract --views) or see the README's views rule"), True
+
+
 def choose_view(seed: int, epoch: int, index: int, num_views: int) -> int:
     """The view id sample `index` shows in `epoch` (uniform over the V stored views)."""
     if num_views == 1:
