@@ -145,6 +145,7 @@ def extract(cfg: ExtractConfig) -> str:
 
     from pipeline.config import to_dict
     from pipeline.data.manifest import read_manifest, verify_shards
+    from pipeline.locks import writer_lock
     from pipeline.progress import Progress
     from pipeline.run.executor import run_dask, run_in_process
     from pipeline.run.worker import cached_teacher, task_device
@@ -182,50 +183,54 @@ def extract(cfg: ExtractConfig) -> str:
         attrs, arrays = disc_layout(teacher, source, mim_attrs=mim_attrs, mim_store=mim_store_url(cfg),
                                     precision=cfg.precision)
         V = int(mim_attrs["views"])
-    try:
-        store = TargetStore.create(url, attrs, arrays, manifest, V, overwrite=cfg.overwrite)
-    except PermissionError as e:
-        raise StoreError(f"cannot write the store {url}: {e}; choose another location with --targets or --out") from None
-    urls.atomic_write_bytes(urls.join(url, "extract-config.json"),
-                            json.dumps(to_dict(cfg), indent=1, sort_keys=True).encode())
-    _invalidate_damaged(store, cfg.rebuild_shards)
-    missing = list(store.missing_shards())
-    done_before = len(manifest.shards) - len(missing)
-    # A q1pct store's channel basis is fitted by shard 0's writer: shard 0 then runs first, alone.
-    first_alone = bool(missing) and store.bases.needed()
-    if first_alone and missing[0] != 0:
-        raise StoreError(f"target store {url} has shard 0 done but no fitted channel basis (damaged); rebuild it with "
-                         "`hdpipe extract ... --overwrite`")
-    if not missing:
-        _log(f"extract: {url} is complete ({len(manifest.shards)} shards); nothing to do")
+    # One writer per store (`pipeline.locks`): a second extraction of it, or an --overwrite that would
+    # delete it under a running one, stops at once naming the holder. Dask workers write shards under
+    # this driver's lock (one task per shard).
+    with writer_lock(url, "target store"):
+        try:
+            store = TargetStore.create(url, attrs, arrays, manifest, V, overwrite=cfg.overwrite)
+        except PermissionError as e:
+            raise StoreError(f"cannot write the store {url}: {e}; choose another location with --targets or --out") from None
+        urls.atomic_write_bytes(urls.join(url, "extract-config.json"),
+                                json.dumps(to_dict(cfg), indent=1, sort_keys=True).encode())
+        _invalidate_damaged(store, cfg.rebuild_shards)
+        missing = list(store.missing_shards())
+        done_before = len(manifest.shards) - len(missing)
+        # A q1pct store's channel basis is fitted by shard 0's writer: shard 0 then runs first, alone.
+        first_alone = bool(missing) and store.bases.needed()
+        if first_alone and missing[0] != 0:
+            raise StoreError(f"target store {url} has shard 0 done but no fitted channel basis (damaged); rebuild it with "
+                             "`hdpipe extract ... --overwrite`")
+        if not missing:
+            _log(f"extract: {url} is complete ({len(manifest.shards)} shards); nothing to do")
+            return url
+        _log(f"extract: {cfg.teacher} ({role}) -> {url}: {len(missing)} of {len(manifest.shards)} shards to do"
+             + (f" ({done_before} done before)" if done_before else ""))
+        task = ShardTask(manifest=cfg.manifest, store=url, source=source,
+                         mim_store=mim_store_url(cfg) if role == "disc" else None, batch_size=cfg.batch_size,
+                         device=cfg.device, on_error=cfg.on_error)
+        images = sum(manifest.shards[k].count for k in missing)
+        bar = Progress(images * V, f"extract {store_name(cfg)}", unit="img" if V == 1 else "view", bar=cfg.progress)
+        totals = {"shards": 0, "views": 0, "skipped": 0}
+
+        def on_done(summary: dict) -> None:
+            totals["shards"] += 1
+            totals["views"] += summary["views"]
+            totals["skipped"] += len(summary["skipped"])
+            shards = f"shards {done_before + totals['shards']}/{len(manifest.shards)}"
+            # in-process runs advance per batch; dask tasks report whole shards
+            bar.update(summary["rows"] * V if distributed else 0, note=shards)
+
+        try:
+            if distributed:
+                run_dask(task, missing, on_done, workers=cfg.workers, scheduler=cfg.scheduler, retries=cfg.retries,
+                         name=f"extract-{store_name(cfg)}", first_alone=first_alone)
+            else:
+                run_in_process(task, missing, on_done, progress=bar.update)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        _log(f"extract: done {totals['shards']} shards, {images} images, {totals['views']} views "
+             f"({totals['skipped']} skipped as unreadable), store {urls.size_on_disk(url) / 2**20:.1f} MiB, "
+             f"{seconds:.1f} s ({totals['views'] / max(seconds, 1e-9):.1f} views/s) -> {url}")
         return url
-    _log(f"extract: {cfg.teacher} ({role}) -> {url}: {len(missing)} of {len(manifest.shards)} shards to do"
-         + (f" ({done_before} done before)" if done_before else ""))
-    task = ShardTask(manifest=cfg.manifest, store=url, source=source,
-                     mim_store=mim_store_url(cfg) if role == "disc" else None, batch_size=cfg.batch_size,
-                     device=cfg.device, on_error=cfg.on_error)
-    images = sum(manifest.shards[k].count for k in missing)
-    bar = Progress(images * V, f"extract {store_name(cfg)}", unit="img" if V == 1 else "view", bar=cfg.progress)
-    totals = {"shards": 0, "views": 0, "skipped": 0}
-
-    def on_done(summary: dict) -> None:
-        totals["shards"] += 1
-        totals["views"] += summary["views"]
-        totals["skipped"] += len(summary["skipped"])
-        shards = f"shards {done_before + totals['shards']}/{len(manifest.shards)}"
-        # in-process runs advance per batch; dask tasks report whole shards
-        bar.update(summary["rows"] * V if distributed else 0, note=shards)
-
-    try:
-        if distributed:
-            run_dask(task, missing, on_done, workers=cfg.workers, scheduler=cfg.scheduler, retries=cfg.retries,
-                     name=f"extract-{store_name(cfg)}", first_alone=first_alone)
-        else:
-            run_in_process(task, missing, on_done, progress=bar.update)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    _log(f"extract: done {totals['shards']} shards, {images} images, {totals['views']} views "
-         f"({totals['skipped']} skipped as unreadable), store {urls.size_on_disk(url) / 2**20:.1f} MiB, "
-         f"{seconds:.1f} s ({totals['views'] / max(seconds, 1e-9):.1f} views/s) -> {url}")
-    return url

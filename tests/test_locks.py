@@ -242,3 +242,34 @@ def test_second_resume_on_one_run_folder_is_refused(world, tmp_path, monkeypatch
     csv_steps = [int(line.split(",")[0]) for line in (run_dir / "plots" / "loss.csv").read_text().splitlines()[1:]]
     assert csv_steps == steps
     assert not Path(lock_path(str(run_dir))).exists()
+
+
+def test_a_second_extraction_of_one_store_is_refused_and_the_store_untouched(tmp_path):
+    """Two `hdpipe extract` on one store: the second stops at once naming the holder (the first,
+    here this test process), without creating, overwriting or finishing anything."""
+    import json as _json
+
+    import numpy as np
+
+    from pipeline.cli import main
+    from toydata import structured_jpeg, write_dataset
+
+    rng = np.random.default_rng(0)
+    manifest = write_dataset(tmp_path / "data", [structured_jpeg(rng, (72, 90)) for _ in range(8)], 8)
+    store = tmp_path / "targets" / "mim.zarr"
+    args = ["extract", "--manifest", manifest, "--teacher", "timm:vit_tiny_patch16_224", "--role", "mim",
+            "--random-init", "--model-kwargs", _json.dumps({"img_size": 32, "patch_size": 8, "depth": 4}),
+            "--out", str(store), "--views", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    with writer_lock(str(store), "target store"):
+        for extra in ([], ["--overwrite", "--views", "2"]):
+            with pytest.raises(LockError, match=f"pid {os.getpid()}"):
+                from stages.extract import ExtractConfig, extract
+
+                extract(ExtractConfig(manifest=manifest, teacher="timm:vit_tiny_patch16_224", role="mim",
+                                      random_init=True, model_kwargs={"img_size": 32, "patch_size": 8, "depth": 4},
+                                      out=str(store), views=2 if extra else 1, overwrite=bool(extra), device="cpu",
+                                      progress=False))
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    assert not os.path.exists(lock_path(str(store)))

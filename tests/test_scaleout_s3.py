@@ -154,3 +154,62 @@ def test_sigkilled_extraction_to_s3_resumes_to_the_same_bytes(s3, tmp_path):
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert f"{8 - len(done)} of 8 shards to do" in resumed.stderr.decode()
     assert chunk_files("s3://hdpipe/kill/killed.zarr") == chunk_files("s3://hdpipe/kill/reference.zarr")
+
+
+def test_one_writer_and_damage_checks_on_s3(s3, tmp_path):
+    """On an object store: a second extraction of a store is refused while the first holds its lock
+    (created with s3fs's exclusive create); two racing lock takers get one winner; a deleted or
+    truncated shard object is found by `inspect` (lengths against the done marker) and by a reader
+    (a named ShardDamagedError), and a rerun of the same extraction rebuilds it to the same bytes."""
+    import multiprocessing
+
+    from pipeline.errors import LockError, ShardDamagedError
+    from pipeline.locks import lock_path, writer_lock
+    from pipeline.targets import integrity
+    from pipeline.targets.store import TargetStore
+    from stages.extract import ExtractConfig, extract
+    from stages.shard import ShardConfig, shard
+
+    images = _tree(tmp_path / "images", classes=2, per_class=8)
+    manifest = str(shard(ShardConfig(input=str(images), name="one", out_dir="s3://hdpipe/one/shards", shard_size=8,
+                                     manifest="s3://hdpipe/one/one.json", progress=False)))
+    cfg = ExtractConfig(manifest=manifest, teacher="timm:vit_tiny_patch16_224", role="mim", random_init=True,
+                        model_kwargs={"img_size": 32, "patch_size": 8, "depth": 3}, out="s3://hdpipe/one/mim.zarr",
+                        views=1, batch_size=16, device="cpu", progress=False)
+    url = extract(cfg)
+    fs = s3["fs"]
+    before = chunk_files(url)
+    with writer_lock(url, "target store"):
+        fs.invalidate_cache()
+        assert fs.exists(lock_path(url).removeprefix("s3://"))
+        with pytest.raises(LockError, match=f"pid {os.getpid()}"):
+            extract(cfg)
+    assert not fs.exists(lock_path(url).removeprefix("s3://"))
+    # racing takers: exactly one holds the lock at a time
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        got = pool.starmap(_take_and_hold, [("s3://hdpipe/one/race.zarr", 1.5)] * 4)
+    assert sorted(got).count("held") == 1, got
+    # damage: one object deleted
+    victim = next(p for p in fs.find("hdpipe/one/mim.zarr/relations/c"))
+    fs.rm(victim)
+    fs.invalidate_cache()
+    store = TargetStore.open(url)
+    assert set(integrity.damaged_shards(store)) == {1 if "/c/1/" in victim else 0}
+    with pytest.raises(ShardDamagedError, match="is missing"):
+        store.read_shard(int(victim.split("/c/")[1].split("/")[0]), ["relations"])
+    extract(cfg)
+    fs.invalidate_cache()
+    assert chunk_files(url) == before
+
+
+def _take_and_hold(url: str, seconds: float) -> str:
+    from pipeline.errors import LockError
+    from pipeline.locks import writer_lock
+
+    try:
+        with writer_lock(url, "target store"):
+            time.sleep(seconds)
+            return "held"
+    except LockError:
+        return "refused"

@@ -47,8 +47,10 @@ def file_lengths(store: "TargetStore", keys: Iterable[str]) -> dict[str, int | N
     """{key: bytes on disk, None when absent} (one stat per file)."""
     out: dict[str, int | None] = {}
     for key in keys:
+        path = f"{store.path}/{key}"
+        store.fs.invalidate_cache(path)  # an object store's listing cache may predate the file's removal
         try:
-            out[key] = int(store.fs.size(f"{store.path}/{key}"))
+            out[key] = int(store.fs.size(path))
         except FileNotFoundError:
             out[key] = None
     return out
@@ -138,6 +140,7 @@ def damaged_shards(store: "TargetStore") -> dict[int, str]:
     lengths: dict[str, int] = {}
     for part in {key.split("/c/")[0] for key in shard_files(store, 0, store.arrays)}:
         folder = f"{store.path}/{part}/c"
+        store.fs.invalidate_cache(folder)
         if store.fs.exists(folder):
             for path, info in store.fs.find(folder, detail=True).items():
                 lengths[path[len(store.path.rstrip("/")) + 1:].lstrip("/")] = int(info["size"])
