@@ -255,9 +255,6 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
             token_resample=cfg.token_resample)
     else:
         src = target_sources(cfg)
-        line, warn = view_reuse(cfg.epochs, cfg.views_used or src.num_views, cfg.token_resample)
-        if dist.main:
-            print(f"distill {cfg.name}: {'warning: ' if warn else ''}{line}", file=sys.stderr, flush=True)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, src).to(device)
     lcfg = loader_config(cfg, student, device, online_loader)
@@ -290,6 +287,9 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
         log.truncate(state.step)
     else:
         log.start()
+    if dist.main and cfg.source == "cache":  # once the run is known to go ahead
+        line, warn = view_reuse(cfg.epochs, cfg.views_used or src.num_views, cfg.token_resample)
+        print(f"distill {cfg.name}: {'warning: ' if warn else ''}{line}", file=sys.stderr, flush=True)
     model: torch.nn.Module = student
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
