@@ -26,7 +26,7 @@ and CPU seconds per image (this process plus its loader workers), min / median /
 `--rounds` interleaved rounds, and the ratios within each round.
 
 On a GPU the cached phase reads batches exactly as `distill` does (`Run.batches`): pinned by the
-loader, copied to the GPU on a side stream one step ahead (`pipeline.train.prefetch`), bf16
+loader, copied to the GPU on a side stream one step ahead (`pipeline.train.device_copy`), bf16
 autocast in the step (`pipeline.device.autocast`); the ceiling's batches are on the GPU already.
 
     python benchmarks/bench_distill.py [--images 96] [--batch 16] [--steps 12] [--workers 2] [--threads 1]

@@ -219,8 +219,8 @@ class Run:
 
     def batches(self, loader) -> Iterator[dict]:
         """The loader's batches as the step reads them: on the device (on CUDA the next batch's copy
-        overlaps the step, `pipeline.train.prefetch`), online with the teachers' targets."""
-        from pipeline.train.prefetch import ahead_on_device
+        overlaps the step, `pipeline.train.device_copy`), online with the teachers' targets."""
+        from pipeline.train.device_copy import ahead_on_device
 
         lcfg = self.loader_cfg
         batches = ahead_on_device(iter(loader), self.device, normalize=(lcfg.mean, lcfg.std))

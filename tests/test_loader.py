@@ -436,7 +436,7 @@ def test_compact_precision_store_is_decoded(world):
 def test_uint8_image_transport_normalized_on_the_device_equals_the_float_path(world):
     """What a GPU run gets (uint8 pixels, normalized after the copy by ahead_on_device) is bit for
     bit what the loader's float path gives (here the "device" is the CPU; the ops are the same)."""
-    from pipeline.train.prefetch import ahead_on_device
+    from pipeline.train.device_copy import ahead_on_device
 
     cfg = cfg_for(world["uneven"], world["kept"], num_workers=2)
     floats = run_epoch(cfg, epoch=1)

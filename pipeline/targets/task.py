@@ -66,7 +66,7 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
     from pipeline.data.reading import read_shard_records
     from pipeline.data.views import View, ViewPlan, render
     from pipeline.provenance import code_version
-    from pipeline.run.prefetch import prefetched
+    from pipeline.run.decode_ahead import prefetched
     from pipeline.run.worker import cached_teacher, task_device, worker_identity, worker_rank
     from pipeline.targets.compute import disc_batch, mim_batch
     from pipeline.targets.store import TargetStore

@@ -7,7 +7,7 @@ Batch (B = `cfg.batch_size`, P = patches, n_keep kept patches, T = 1 + n_keep to
 [CLS] + kept order, L = number of relation layers asked for, Ht/Dt the teacher's heads/width):
     image         float32 [B, 3, img_size, img_size]  the stored view replayed, student-normalized
                   (image_transport "uint8": its uint8 pixels; `normalize_image` makes the float input
-                  on the training device, `pipeline.train.prefetch.ahead_on_device` calls it)
+                  on the training device, `pipeline.train.device_copy.ahead_on_device` calls it)
     keep_index    int64   [B, n_keep]  sorted kept patch indices (0-based, CLS excluded)
     index         int64   [B]          global sample index (the tar `__key__`)
     view          int64   [B]          view id in [0, V) chosen for this epoch

@@ -54,7 +54,6 @@ def _after(commands: list[str], options: str) -> str:
     return ", then ".join(f"`{c}`" for c in commands) + f", then run with {options}"
 
 
-@functools.lru_cache(maxsize=32)
 def resolve_sources(manifest_path: str, mim_store: str | None, disc_store: str | None,
                     masking: str = "progressive", relation_layers: tuple[int, ...] | None = None,
                     mim_target: str = "relations") -> Sources:
@@ -62,7 +61,9 @@ def resolve_sources(manifest_path: str, mim_store: str | None, disc_store: str |
 
     Every refusal is one StoreError naming the field; the fix-it commands come from
     `pipeline.targets.hints` and never rebuild a store in place (stage two made none of them): a store with
-    other settings is written beside the old one and the run pointed at it.
+    other settings is written beside the old one and the run pointed at it. Not cached: the stores may
+    change between two calls (a shard finished, rebuilt or damaged), and the checks must see them as
+    they are (one call per epoch's loader costs a few small reads).
     """
     from pipeline.targets.hints import extract_command
     from pipeline.data.manifest import read_manifest

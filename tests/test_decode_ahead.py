@@ -1,9 +1,9 @@
-"""pipeline.run.prefetch.prefetched: every batch prepared once, in order, the first one split over two threads."""
+"""pipeline.run.decode_ahead.prefetched: every batch prepared once, in order, the first one split over two threads."""
 import threading
 
 import pytest
 
-from pipeline.run.prefetch import prefetched
+from pipeline.run.decode_ahead import prefetched
 
 
 def _prepare(log):

@@ -1,10 +1,10 @@
-"""pipeline.train.prefetch.ahead_on_device: the batches, unchanged, in order, on the device."""
+"""pipeline.train.device_copy.ahead_on_device: the batches, unchanged, in order, on the device."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.train.prefetch import ahead_on_device
+from pipeline.train.device_copy import ahead_on_device
 
 
 def _batches(n: int, log: list):
