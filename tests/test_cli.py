@@ -25,8 +25,18 @@ def _images(folder, n):
         (folder / f"{i:02d}.jpg").write_bytes(buf.getvalue())
 
 
+# What a user can run, written out here (not read from pipeline.cli.COMMANDS, which this checks):
+# a command dropped or renamed in the code fails this list.
+EXPECTED_COMMANDS = ("shard", "extract", "inspect", "verify", "distill", "evaluate", "analyze")
+
+
 def _present_commands():
     return [name for name in cli.list_commands(None)]
+
+
+def test_the_commands_are_exactly_the_expected_ones():
+    assert sorted(_present_commands()) == sorted(EXPECTED_COMMANDS)
+    assert sorted(name for _, name, _ in COMMANDS) == sorted(EXPECTED_COMMANDS)
 
 
 def test_group_help_lists_every_present_command(capsys):
@@ -39,7 +49,7 @@ def test_group_help_lists_every_present_command(capsys):
         assert f"  {name} " in out or f"  {name}\n" in out
 
 
-@pytest.mark.parametrize("name", [cmd for _, cmd, _ in COMMANDS])
+@pytest.mark.parametrize("name", EXPECTED_COMMANDS)
 def test_help_on_every_command(capsys, name):
     assert name in _present_commands()  # every advertised command is really there
     assert main([name, "--help"]) == 0
