@@ -19,13 +19,13 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from pipeline import urls
 from pipeline.errors import ConfigError, StoreError
-from pipeline.targets.quant import Precision
+from pipeline.targets.quant import CODECS
 from pipeline.targets.recipe import TeacherRecipe
 
 
@@ -39,7 +39,8 @@ class ExtractConfig(TeacherRecipe):
     name: str | None = None  # store name; default: the teacher name (':' and '/' become '-')
     out: str | None = None  # full store URL; overrides targets/name
     mim_store: str | None = None  # disc teachers: the MIM store to read views/masks from; default <targets>/mae.zarr
-    precision: Precision = "fp16"  # stored float precision: fp16, int8 (per-row scales), q1pct (compact, <= 1% error per view)
+    # stored float precision, a name in pipeline.targets.quant.CODECS: fp16, int8 (per-row scales), q1pct (<= 1%/view)
+    precision: str = "fp16"
     batch_size: int = 64  # views per teacher forward
     device: str = "auto"  # auto (CUDA when present, the worker's own GPU under dask), cpu, cuda, cuda:1, ...
     workers: int = 0  # >0: start a dask LocalCluster with this many single-threaded worker processes
@@ -49,6 +50,7 @@ class ExtractConfig(TeacherRecipe):
     overwrite: bool = False  # delete and rebuild an existing store built with other settings
     rebuild_shards: tuple[int, ...] = ()  # shards to extract again although done (damaged: readers and `hdpipe inspect --content` name them)
     progress: bool = True  # progress bar and summary on stderr
+    CHOICES: ClassVar[dict] = {"precision": CODECS}  # fields whose values are a registry's names (--help lists them)
 
     def validate(self) -> None:
         """Range checks that need no files or models (called by `pipeline.config.resolve`)."""
@@ -61,6 +63,8 @@ class ExtractConfig(TeacherRecipe):
             raise ConfigError(f"retries must be >= 0, got {self.retries}")
         if any(k < 0 for k in self.rebuild_shards):
             raise ConfigError(f"rebuild_shards must be shard numbers >= 0, got {list(self.rebuild_shards)}")
+        if self.precision not in CODECS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(CODECS)}")
 
 
 def store_name(cfg: ExtractConfig) -> str:

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from pipeline.targets import integrity
+from pipeline.targets.quant import codec
 from pipeline.targets.schema import part_name, store_parts, stored_parts
 from pipeline.targets.store import TargetStore
 
@@ -90,6 +91,7 @@ def store_info(store: TargetStore, content: bool = False) -> dict:
         "schema_version": a["schema_version"],
         "teacher": a.get("teacher"),
         "precision": store.precision,
+        "precision_summary": codec(store.precision).summary,  # what the precision stores, and its error
         "codec": a.get("codec"),
         "samples": store.total,
         "views": store.views,
@@ -152,7 +154,7 @@ def format_info(info: dict) -> str:
         f"samples        {info['samples']} x {info['views']} view(s); {info['rows_done']} samples in finished shards",
         f"shards         {sh['done']} of {sh['total']} done (shard size {info['shard_size']}); missing: {shown_missing}",
         f"damaged        {_damaged(info['damaged'])}",
-        f"precision      {info['precision']}",
+        f"precision      {info['precision']}: {info['precision_summary']}",
         f"codec          {info['codec']}",
         "",
         "arrays",

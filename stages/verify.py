@@ -10,9 +10,10 @@ stored masks pick the tokens), so a mask flip on a near-tie does not masquerade 
 masks are compared separately (fraction of differing indices).
 
 Errors per array: `max_abs` = max |stored - recomputed|, `rel` = the largest per-view relative error
-||stored - recomputed||_2 / ||recomputed||_2. Tolerances (`TOLERANCE`) are per precision and state the
-storage error plus float noise; when the store was computed under bf16 autocast (CUDA) and this run
-is not (or the other way round), `AUTOCAST_SLACK` is added, since bf16 keeps 8 mantissa bits.
+||stored - recomputed||_2 / ||recomputed||_2. The tolerance is the store precision's own
+(`verify_tolerance` of its codec in `pipeline.targets.quant.CODECS`): its storage error plus float
+noise; when the store was computed under bf16 autocast (CUDA) and this run is not (or the other way
+round), `AUTOCAST_SLACK` is added, since bf16 keeps 8 mantissa bits.
 """
 from __future__ import annotations
 
@@ -24,10 +25,6 @@ import numpy as np
 
 from pipeline.errors import ConfigError, StoreError
 
-# Largest per-view relative error accepted, by store precision: fp16 rounding is 2**-11 ~ 0.05%
-# per element; int8 per-row absmax is 0.5-0.8% on typical rows (bounded by sqrt(n)/254 of the
-# row's absmax-to-norm ratio); q1pct is bounded at 1% per view by construction.
-TOLERANCE = {"fp16": 5e-3, "int8": 2e-2, "q1pct": 1.2e-2}
 AUTOCAST_SLACK = 5e-2  # extra relative error allowed when bf16 and fp32 runs are compared
 MASK_TOLERANCE = 0.01  # fraction of kept indices allowed to differ (near-ties under other batching)
 
@@ -40,7 +37,7 @@ class VerifyConfig:
     manifest: str | None = None  # dataset manifest; default: the one recorded beside the store (extract-config.json)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 32  # views per teacher forward
-    tolerance: float | None = None  # per-view relative error bound; default TOLERANCE[precision] (+ AUTOCAST_SLACK)
+    tolerance: float | None = None  # per-view relative error bound; default: the precision's own (+ AUTOCAST_SLACK)
 
     def validate(self) -> None:
         if self.samples < 1:
@@ -75,10 +72,12 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     from pipeline.data.views import View, ViewPlan, render
     from pipeline.run.worker import cached_teacher, task_device
     from pipeline.targets.compute import disc_batch, mim_batch
+    from pipeline.targets.quant import codec
     from pipeline.targets.teachers import TeacherSource
 
     store = TargetStore.open(cfg.store)
     attrs = store.attrs
+    tolerance = codec(attrs["precision"]).verify_tolerance  # an unknown precision is refused before any work
     role = attrs["role"]
     recorded = _extract_config(cfg.store)
     manifest_path = cfg.manifest or recorded.get("manifest")
@@ -151,7 +150,7 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
 
     extraction_autocast = {store.done_marker(manifest.shard_of(i)).get("autocast", "none") for i in indices}
     here = "bf16" if device.type == "cuda" else "none"
-    tol = cfg.tolerance if cfg.tolerance is not None else TOLERANCE[attrs["precision"]]
+    tol = cfg.tolerance if cfg.tolerance is not None else tolerance
     if cfg.tolerance is None and extraction_autocast != {here}:
         tol += AUTOCAST_SLACK
     report: dict[str, Any] = {"store": cfg.store, "teacher": attrs["teacher"], "precision": attrs["precision"],

@@ -141,11 +141,14 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), names: dict[str, st
     """Decorator adding one click option per field of `cls` (flags default to None: not given).
 
     names: field -> option name where it differs (`models` -> `--model`); multiple: fields given as
-    a repeatable option (a tuple). Help is the field's comment plus its default.
+    a repeatable option (a tuple). Help is the field's comment plus its default. A Literal field is
+    a choice of its values; so is a field named in the class's `CHOICES` {field: registry}, a choice
+    of the registry's names (`ExtractConfig.precision`: `pipeline.targets.quant.CODECS`).
     """
     names = names or {}
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
+    choices = getattr(cls, "CHOICES", {})
 
     def decorate(func):
         for f in reversed(dataclasses.fields(cls)):
@@ -161,6 +164,8 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), names: dict[str, st
                 decls = [f"{flag}/--no-{flag[2:]}", f.name]
             elif typing.get_origin(tp) is typing.Literal:
                 kw["type"] = click.Choice([str(a) for a in typing.get_args(tp)])
+            elif f.name in choices:
+                kw["type"] = click.Choice([str(a) for a in choices[f.name]])
             elif tp in (int, float):
                 kw["type"] = tp
             elif f.name in multiple:

@@ -1,4 +1,4 @@
-"""Storage precisions for teacher targets: how a float32 array becomes the bytes a store keeps.
+"""Storage precisions for teacher targets: the registry `CODECS` and the functions stores call.
 
 A precision turns one float32 array into named *parts* (`encode`) and back (`decode`); the store
 keeps each part as its own Zarr array (`<name>` for part "q", `<name>_<part>` for the others).
@@ -6,42 +6,49 @@ The first `view_axes` axes index independent views ([sample, view] in a store); 
 per view. Relative error is `relative_error(x, x_hat) = ||x_hat - x||_2 / ||x||_2` over the whole
 array given (per view when the caller slices one view).
 
-Precisions (the store's `precision` attribute names one):
+Each precision is a `Codec` (`pipeline.targets.precisions.base`), one module each; the store's
+`precision` attribute names one, and `CODECS` is the one list of them: `--precision` choices,
+`hdpipe inspect` and `hdpipe verify` (its tolerance) and the tests all read it. Built in:
 
-- `fp16`: float16 copy. Error is float16 rounding, relative error <= 2**-11 (about 0.05%) for
-  values in the float16 normal range; values beyond +-65504 are refused, not turned into inf.
-- `int8`: per-row absmax int8, the row being the last axis. `scale = absmax / 127` is stored as
-  float16, rounded *up* so |x / scale| <= 127 and nothing is clipped; `q = rint(x / scale)`.
-  Per element |x_hat - x| <= scale / 2, so the relative error of a row is at most
-  sqrt(n) * absmax / (254 * ||row||) (typically 0.5-0.8% for 68-768 wide rows). A zero row has
-  scale 0 and decodes to exact zeros. Rows with absmax below 127 * 2**-14 (~0.0078) get subnormal
-  float16 scales: the bound per element still holds, but below absmax ~1e-4 the step is coarser
-  than absmax/127 (targets of real teachers are orders of magnitude larger).
-- `q1pct`: the compact mode, every view within 1% relative error (a hard bound): one uniform
-  grid per view, integer predictors (row/column means, a shared token subspace for token-by-token
-  matrices, a dataset-wide channel basis for features), residual codes for zstd. The codec and its
-  bit-determinism are `pipeline.targets.compact`'s.
+- `fp16` (`precisions/fp16.py`): float16 copy, rounding <= 2**-11 relative per element; values
+  beyond +-65504 are refused, not turned into inf.
+- `int8` (`precisions/int8.py`): per-row absmax int8 codes with a float16 scale per row rounded
+  up (nothing clips); per element |x_hat - x| <= scale / 2, typically 0.5-0.8% per row.
+- `q1pct` (`precisions/q1pct.py`): the compact mode, every view within 1% relative error (a hard
+  bound); the codec and its bit-determinism are `pipeline.targets.compact`'s.
 
-Non-finite inputs are refused (`NonFiniteError`): a NaN must never be stored as a number.
+A new precision is a module in `pipeline/targets/precisions/` plus one line in `CODECS` below.
+Non-finite inputs are refused here, for every codec (`NonFiniteError`): a NaN must never be stored
+as a number.
 """
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import numpy as np
 
 from pipeline.errors import StoreError, require_finite
-from pipeline.targets import compact
+from pipeline.targets.precisions import fp16, int8, q1pct
+from pipeline.targets.precisions.base import Codec, PartSpecs
 
-Precision = Literal["fp16", "int8", "q1pct"]  # lossy float precisions a store may use for float targets
-PRECISIONS = get_args(Precision)
+# The store precisions, by name: one line each.
+CODECS: dict[str, Codec] = {codec.name: codec for codec in (
+    fp16.Fp16(),
+    int8.Int8(),
+    q1pct.Q1pct(),
+)}
+PRECISIONS = tuple(CODECS)  # the built-in names; code that must see added codecs reads CODECS
 LOSSLESS = "exact"  # stored as given (ints, bools, crop boxes); not a quantization
 
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504: the largest value fp16 holds
-Q1PCT_BOUND = compact.BOUND  # hard per-view bound on relative error of `q1pct`
-_BLOCK = 64  # rows of axis 0 encoded at once: bounds float64 temporaries on big shards
-_COMPACT_BLOCK = 8  # the same for q1pct, whose int64 codes and predictions are several copies of a row
+_BLOCK = 64  # rows of axis 0 whose error `error_stats` measures at once (bounded float64 temporaries)
+
+
+def codec(precision: str) -> Codec:
+    """The codec of `precision`, or StoreError listing the known ones."""
+    try:
+        return CODECS[precision]
+    except (KeyError, TypeError):
+        raise StoreError(f"unknown precision {precision!r}; choose one of {list(CODECS)}") from None
 
 
 def relative_error(x: np.ndarray, x_hat: np.ndarray) -> float:
@@ -71,41 +78,18 @@ def per_view_relative_error(x: np.ndarray, x_hat: np.ndarray, view_axes: int) ->
     return np.asarray(out, dtype=np.float64)
 
 
-def part_specs(shape_tail: tuple[int, ...], precision: str,
-               channel_basis: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+def part_specs(shape_tail: tuple[int, ...], precision: str, channel_basis: bool = False) -> PartSpecs:
     """{part: (shape after the view axes, numpy dtype name)} that `encode` produces.
 
     `shape_tail` is the logical array's shape after its view axes; the store prefixes [N, V].
     `channel_basis`: q1pct in a channel basis (`compact.layout`); ignored by fp16 and int8.
     """
-    shape_tail = tuple(int(s) for s in shape_tail)
-    if precision == "fp16":
-        return {"q": (shape_tail, "float16")}
-    if precision == "int8":
-        _need_rows(shape_tail, precision)
-        return {"q": (shape_tail, "int8"), "scale": (shape_tail[:-1], "float16")}
-    if precision == "q1pct":
-        return compact.part_specs(shape_tail, channel_basis)
-    raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-
-
-def _need_rows(shape_tail: tuple[int, ...], precision: str) -> None:
-    if len(shape_tail) < 1:
-        raise StoreError(f"precision {precision!r} quantizes rows (the last axis); a scalar per view has none")
-
-
-def _check_fp16_range(x: np.ndarray, what: str) -> None:
-    m = float(np.max(np.abs(x))) if x.size else 0.0
-    if m > FP16_MAX:
-        raise StoreError(
-            f"{what} reaches |{m:.4g}|, beyond float16's range (65504); store this target with precision "
-            "q1pct (float32 step, integer codes), or check the teacher's outputs"
-        )
+    return codec(precision).part_specs(tuple(int(s) for s in shape_tail), channel_basis)
 
 
 def encode(x: np.ndarray, precision: str, view_axes: int = 2,
            channel_basis: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Parts for float array `x` in `precision` (see the module docstring for each precision).
+    """Parts for float array `x` in `precision` (see each codec's module for its parts and bound).
 
     x: float32 [*views, *body] with `view_axes` view axes (2 in a store: [sample, view]).
     Returns {part: array}; shapes and dtypes are `part_specs(body, precision)` prefixed by *views.
@@ -114,26 +98,14 @@ def encode(x: np.ndarray, precision: str, view_axes: int = 2,
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < view_axes:
         raise StoreError(f"array of shape {x.shape} has fewer than {view_axes} view axes")
-    if precision not in PRECISIONS:
-        raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    c = codec(precision)
     require_finite(x, "the array to quantize", "a NaN must never be stored as a number")
-    block = _COMPACT_BLOCK if precision == "q1pct" else _BLOCK
+    block = c.encode_block
     if view_axes >= 1 and x.shape[0] > block:
         # Views are independent: encode a block of rows at a time so temporaries stay small.
-        blocks = [_encode_one(x[i : i + block], precision, view_axes, channel_basis)
-                  for i in range(0, x.shape[0], block)]
+        blocks = [c.encode(x[i : i + block], view_axes, channel_basis) for i in range(0, x.shape[0], block)]
         return {k: np.concatenate([b[k] for b in blocks], axis=0) for k in blocks[0]}
-    return _encode_one(x, precision, view_axes, channel_basis)
-
-
-def _encode_one(x: np.ndarray, precision: str, view_axes: int, channel_basis) -> dict[str, np.ndarray]:
-    if precision == "fp16":
-        _check_fp16_range(x, "array")
-        return {"q": x.astype(np.float16)}
-    if precision == "int8":
-        return _encode_int8(x, view_axes)
-    _need_rows(x.shape[view_axes:], precision)
-    return compact.encode(x, view_axes, channel_basis)
+    return c.encode(x, view_axes, channel_basis)
 
 
 def error_stats(x: np.ndarray, parts: dict[str, np.ndarray], precision: str, view_axes: int = 2,
@@ -165,28 +137,4 @@ def error_stats(x: np.ndarray, parts: dict[str, np.ndarray], precision: str, vie
 
 def decode(parts: dict[str, np.ndarray], precision: str, channel_basis: np.ndarray | None = None) -> np.ndarray:
     """float32 array from the parts `encode` made (the same shapes, any leading selection)."""
-    if precision == "fp16":
-        return np.asarray(parts["q"]).astype(np.float32)
-    if precision == "int8":
-        q = np.asarray(parts["q"]).astype(np.float32)
-        return q * np.asarray(parts["scale"]).astype(np.float32)[..., None]
-    if precision == "q1pct":
-        return compact.decode(parts, channel_basis)
-    raise StoreError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-
-
-# --- int8 ----------------------------------------------------------------------------------------
-
-
-def _encode_int8(x: np.ndarray, view_axes: int) -> dict[str, np.ndarray]:
-    _need_rows(x.shape[view_axes:], "int8")
-    absmax = np.max(np.abs(x), axis=-1)  # [..., rows]
-    _check_fp16_range(absmax / 127.0, "int8 row scale")
-    scale = (absmax / np.float32(127.0)).astype(np.float16)
-    # Round the float16 scale up where it rounded down, so |x / scale| <= 127 and nothing clips.
-    low = scale.astype(np.float32) * np.float32(127.0) < absmax
-    scale = np.where(low, np.nextafter(scale, np.float16(np.inf)), scale).astype(np.float16)
-    s32 = scale.astype(np.float32)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s32 > 0, np.rint(x / np.where(s32 > 0, s32, 1.0)), 0.0)
-    return {"q": np.clip(q, -127, 127).astype(np.int8), "scale": scale}
+    return codec(precision).decode(parts, channel_basis)

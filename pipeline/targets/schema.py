@@ -63,7 +63,7 @@ class ArraySpec:
 
     shape_tail: tuple[int, ...]  # shape after [sample, view] (after [sample] if not per_view)
     dtype: str = "float32"  # dtype written and read: float32 for lossy precisions, else as stored
-    precision: str = quant.LOSSLESS  # "exact" or one of quant.PRECISIONS (float32 arrays only)
+    precision: str = quant.LOSSLESS  # "exact" or a name in quant.CODECS (float32 arrays only)
     per_view: bool = True  # False: indexed [sample, *shape_tail] (e.g. `valid` [N])
     channel_basis: bool = False  # q1pct: predict rows [.., T, D] from a channel subspace fitted on shard 0, stored once
 
@@ -161,8 +161,7 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
     if int(views) < 1:
         raise StoreError(f"views must be >= 1, got {views}")
     precision = attrs["precision"]
-    if precision not in quant.PRECISIONS:
-        raise StoreError(f"unknown precision {precision!r}; choose one of {list(quant.PRECISIONS)}")
+    quant.codec(precision)  # an unknown precision is refused here, naming the registered ones
     for name, spec in arrays.items():
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*", name) or name == "done":
             raise StoreError(f"array name {name!r} is not a valid store array name")
