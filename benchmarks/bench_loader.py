@@ -133,7 +133,7 @@ def phase_costs(data: dict, batch: int) -> dict:
         samples, images = [], []
         for rec in records:
             t = time.process_time()
-            image = decode_image(rec["image"])
+            image = decode_image(rec["image"], max_pixels=manifest.max_image_pixels)
             t = clock("decode", t)
             local = rec["index"] - info.first_index
             view = targets.view_box(local)

@@ -14,7 +14,8 @@ Inputs (exactly one of `input`, `urls`, `sample`):
   They are only indexed (count, sha256, first_index), never rewritten. Their global indices are
   defined by position: the tars in the given order, samples in tar order, numbered from 0. All tars
   but the last must hold the same number of samples (that number becomes shard_size) so that target
-  store shards line up with tar shards.
+  store shards line up with tar shards. Their images are not decoded here; readers decode them with
+  the `max_image_pixels` the manifest records.
 - `sample`: the bundled sample (pipeline/sample.py) -> `<manifest>`, `<manifest stem>-probe-train`
   and `-probe-test` manifests.
 
@@ -62,8 +63,8 @@ class ShardConfig:
     on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop, or leave it out and list it in the manifest
     reencode: Literal["png", "jpeg"] = "png"  # non-JPEG inputs: lossless (PNG/WebP kept, others -> PNG) or JPEG
     jpeg_quality: int = 95  # JPEG quality (1-95) used only when reencode=jpeg
-    # Decompression-bomb guard (pixels): larger images are bad inputs; it replaces Pillow's own limit
-    # while sharding. Later stages decode with Pillow's, which refuses images above 178956970 pixels.
+    # Decompression-bomb guard (pixels): larger images are bad inputs; it replaces Pillow's own limit,
+    # and the manifest records it, so every later stage decodes the images with it too.
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False  # replace existing tars/manifests instead of refusing
     workers: int = 1  # processes that read and check images (1 = in this process)
@@ -175,7 +176,7 @@ def _write(records: Iterator, *, total_inputs: int, name: str, out_dir: str, man
                      for u, c, f, h in shards),
         class_map=class_map,
         skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
-        source=source, command=_command(cfg), created=_now(),
+        source=source, command=_command(cfg), created=_now(), max_image_pixels=cfg.max_image_pixels,
     )
     manifest = write_manifest(manifest, manifest_path)
     if overwrite:
@@ -294,7 +295,7 @@ def _index_urls(cfg: ShardConfig) -> Path:
         class_map=class_map, skipped=(),
         source=f"indexed existing tars {cfg.urls} (indices by position: tars in list order, samples in tar order"
                f"{'; labels from .cls/.json' if class_map else ''})",
-        command=_command(cfg), created=_now(),
+        command=_command(cfg), created=_now(), max_image_pixels=cfg.max_image_pixels,
     )
     try:
         write_manifest(manifest, manifest_path)

@@ -124,8 +124,10 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     images = {}
     for k in sorted({manifest.shard_of(i) for i in indices}):
         for sample in read_shard_records(manifest, k, decode=False):
-            if sample["index"] in row_of:
-                images[sample["index"]] = decode_image(sample["image"], f"image {sample['index']:09d} of {manifest_path}")
+            index = sample["index"]
+            if index in row_of:
+                images[index] = decode_image(sample["image"], f"image {index:09d} of {manifest_path}",
+                                             max_pixels=manifest.max_image_pixels)
 
     plan = ViewPlan.from_attrs(attrs["view_plan"])
     fresh: dict[str, list] = {}

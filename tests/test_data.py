@@ -188,3 +188,61 @@ def test_decode_image_applies_exif_orientation():
     assert got.size == (6, 10) and np.array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ShardError, match=r"img7 does not decode \("):
         decode_image(b"\x89PNG\r\n\x1a\n broken", "img7")
+
+
+@pytest.mark.parametrize("max_pixels, refused", [(None, True), (199_999_999, True), (200_000_000, False),
+                                                 (400_000_000, False)])
+def test_decode_image_holds_the_header_to_the_limit_it_is_given(max_pixels, refused):
+    """20000x10000 = 200 Mpx (header only): refused from the header above the limit (hdpipe's default when
+    none is given), citing it and the option; at or under it only the cut pixel data fails."""
+    from pipeline.data.images import decode_image
+    from toydata import bomb_png
+
+    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+    with pytest.raises(ShardError) as e:
+        decode_image(bomb_png(20_000, 10_000), "big.png", **kw)
+    limit = 178_956_970 if max_pixels is None else max_pixels
+    if refused:
+        assert str(e.value) == (f"big.png does not decode: 20000x10000 = 200000000 pixels exceeds max_image_pixels="
+                                f"{limit}, the limit its dataset was sharded with (decompression-bomb guard; if the "
+                                "image is genuine, re-shard with a larger --max-image-pixels)")
+    else:
+        assert str(e.value).startswith("big.png does not decode (OSError: image file is truncated"), str(e.value)
+
+
+def test_each_decode_holds_its_own_limit_across_threads():
+    """The limit travels with each call (not a process setting): threads decoding with a raised and with
+    the default limit at once each get their own answer, and Pillow's own limit is left as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.images import decode_image
+    from toydata import bomb_png
+
+    data, before = bomb_png(20_000, 10_000), Image.MAX_IMAGE_PIXELS
+
+    def reason(max_pixels: int) -> str:
+        try:
+            decode_image(data, max_pixels=max_pixels)
+        except ShardError as e:
+            return "bomb" if "exceeds max_image_pixels" in str(e) else "cut" if "truncated" in str(e) else str(e)
+        return "decoded"
+
+    limits = [400_000_000, 178_956_970] * 16
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(reason, limits))
+    assert got == ["cut", "bomb"] * 16 and Image.MAX_IMAGE_PIXELS == before
+
+
+def test_views_of_an_image_above_pillows_limit_render(monkeypatch):
+    """Pillow also refuses crops above its own limit; a view of an image the dataset's limit admitted
+    renders anyway (shown with the limits scaled down: a 1280-pixel image above a 100-pixel limit)."""
+    import pipeline.data.images as images
+    from pipeline.data.views import View, render_pil
+
+    monkeypatch.setattr(images, "DEFAULT_MAX_PIXELS", 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow refuses crops above 2 x 50
+    image = Image.fromarray(np.arange(32 * 40 * 3, dtype=np.uint8).reshape(32, 40, 3))
+    with pytest.raises(Image.DecompressionBombError):
+        image.crop((0, 0, 40, 31))  # 1240 pixels (a crop of the whole image is a copy, never checked)
+    out = render_pil(image, View(box=(0.0, 0.0, 1.0, 31 / 32), flip=False), 16)
+    assert out.size == (16, 16) and Image.MAX_IMAGE_PIXELS == 50

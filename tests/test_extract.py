@@ -341,6 +341,31 @@ def test_corrupt_image_fail_then_skip(tmp_path, world):
     assert store.done_marker(0)["skipped"] == []
 
 
+@pytest.mark.parametrize("limit", [400_000_000, None])
+def test_corrupt_image_past_the_bomb_check_with_the_manifests_pixel_limit(tmp_path, limit):
+    """Extraction decodes with the limit the manifest records (`hdpipe shard --max-image-pixels`): a
+    200 Mpx header (with cut pixel data) gets past the bomb check under 400 Mpx and is skipped only as
+    truncated; under the default it is skipped citing hdpipe's limit and option, not Pillow's."""
+    from pipeline.data.manifest import read_manifest, write_manifest
+    from toydata import bomb_png
+
+    rng = np.random.default_rng(4)
+    payloads = [bomb_png(20_000, 10_000) if i == 3 else structured_jpeg(rng) for i in range(SHARD)]
+    manifest = write_dataset(tmp_path / "data", payloads, SHARD)
+    if limit is not None:
+        m = read_manifest(manifest)
+        manifest = str(write_manifest(replace(m, max_image_pixels=limit), tmp_path / "data" / "raised.json").path)
+    store = TargetStore.open(extract(mim_cfg(manifest, tmp_path / "t", on_error="skip")))
+    [skipped] = store.done_marker(0)["skipped"]
+    assert skipped["index"] == 3, skipped
+    if limit is None:
+        assert "20000x10000 = 200000000 pixels exceeds max_image_pixels=178956970" in skipped["reason"], skipped
+        assert "--max-image-pixels" in skipped["reason"]
+    else:
+        assert "does not decode (OSError: image file is truncated" in skipped["reason"], skipped
+        assert "178956970" not in skipped["reason"] and "DecompressionBomb" not in skipped["reason"]
+
+
 @pytest.mark.parametrize("how", ["manifest records another sha256", "tar changed in place, same size"])
 def test_tar_not_matching_its_sha256_never_reaches_the_store(tmp_path, how):
     """A wrong hash, or one byte changed in a tar, stops extraction at that shard with the tar and

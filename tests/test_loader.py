@@ -433,6 +433,49 @@ def test_compact_precision_store_is_decoded(world):
     assert check_batches(cfg, batches[:2], _images(world["even"]), epoch=0, views=1) == 6
 
 
+def test_loader_decodes_images_at_the_pixel_limit_of_its_manifest(world, tmp_path, monkeypatch):
+    """Every image the loader decodes is held to the manifest's `max_image_pixels` (the limit `hdpipe
+    shard --max-image-pixels` recorded), not to Pillow's own: a 200 Mpx header gets past the bomb
+    check with a 400 Mpx manifest (only its cut pixel data fails) and is refused citing the default."""
+    import pipeline.data.images as images
+    from pipeline.data.manifest import write_manifest
+    from pipeline.data.reading import read_shard_records
+    from pipeline.errors import ShardError
+    from pipeline.train.loader import _decode_image
+    from toydata import bomb_png
+
+    # The wiring: a copy of a manifest with a raised limit (same tars, same digest, so the same stores).
+    even = read_manifest(world["even"])
+    shards = tuple(replace(s, url=even.shard_url(k)) for k, s in enumerate(even.shards))  # absolute: the same tars
+    raised = write_manifest(replace(even, shards=shards, max_image_pixels=400_000_000), tmp_path / "raised.json")
+    seen = []
+
+    def spy(data, what="image", *, max_pixels=images.DEFAULT_MAX_PIXELS):
+        seen.append(max_pixels)
+        return decode(data, what, max_pixels=max_pixels)
+
+    decode = images.decode_image
+    monkeypatch.setattr(images, "decode_image", spy)
+    batches = run_epoch(cfg_for(str(raised.path), world["even_stores"]), epoch=0)
+    plain = run_epoch(cfg_for(world["even"], world["even_stores"]), epoch=0)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, plain, strict=True))
+    assert seen[:24] == [400_000_000] * 24 and seen[24:] == [images.DEFAULT_MAX_PIXELS] * 24
+    monkeypatch.undo()
+    # The check itself, on the records as the loader reads them.
+    path = write_dataset(tmp_path / "data", [bomb_png(20_000, 10_000)], SHARD, ext="png")
+    default = read_manifest(path)
+    big = write_manifest(replace(default, max_image_pixels=400_000_000), tmp_path / "data" / "big.json")
+    for m in (big, default):
+        [rec] = read_shard_records(m, 0)
+        with pytest.raises(ShardError) as e:
+            _decode_image(rec["image"], rec["index"], m.shard_url(0), m.max_image_pixels)
+        msg = str(e.value)
+        if m is big:
+            assert "does not decode (OSError: image file is truncated" in msg and "178956970" not in msg, msg
+        else:
+            assert "exceeds max_image_pixels=178956970" in msg and "--max-image-pixels" in msg, msg
+
+
 def test_uint8_image_transport_normalized_on_the_device_equals_the_float_path(world):
     """What a GPU run gets (uint8 pixels, normalized after the copy by ahead_on_device) is bit for
     bit what the loader's float path gives (here the "device" is the CPU; the ops are the same)."""

@@ -79,6 +79,29 @@ def test_digest_ignores_urls_but_not_content(dataset):
     assert Manifest(**{**m.__dict__, "shards": tuple(changed)}).digest() != m.digest()
 
 
+def test_max_image_pixels_round_trips_and_old_manifests_read_with_the_default(dataset, tmp_path):
+    """The pixel limit a dataset was sharded with is recorded and read back; a manifest written before
+    the field existed reads with hdpipe's default and keeps its digest, so stores built from it stay valid."""
+    from pipeline.data.images import DEFAULT_MAX_PIXELS
+
+    m, path, _ = dataset
+    assert m.max_image_pixels == DEFAULT_MAX_PIXELS == 178_956_970
+    raised = write_manifest(Manifest(**{**m.__dict__, "max_image_pixels": 400_000_000}), tmp_path / "raised.json")
+    assert json.loads((tmp_path / "raised.json").read_text())["max_image_pixels"] == 400_000_000
+    back = read_manifest(tmp_path / "raised.json")
+    assert back == raised and back.max_image_pixels == 400_000_000
+    assert back.digest() == m.digest()  # the limit is not content: the tars are the same
+    old = json.loads(path.read_text())
+    del old["max_image_pixels"]  # as written before the field existed
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    before = read_manifest(tmp_path / "old.json")
+    assert before.max_image_pixels == DEFAULT_MAX_PIXELS and before.digest() == m.digest()
+    h = hashlib.sha256(b"hdpipe-manifest-v1\n")  # the digest's definition, unchanged
+    for s in old["shards"]:
+        h.update(f"{s['first_index']} {s['count']} {s['sha256']}\n".encode())
+    assert before.digest() == h.hexdigest()
+
+
 def _set(doc, dotted, value):
     *parts, last = dotted.split(".")
     node = doc
@@ -113,6 +136,9 @@ BAD = [
     ("class_map.a", "0", "class_map.a", "integer label"),
     ("skipped", [{"name": "x"}], "skipped[0]", "expected"),
     ("created", 5, "created", "expected str"),
+    ("max_image_pixels", 0, "max_image_pixels", ">= 1"),
+    ("max_image_pixels", "400000000", "max_image_pixels", "expected int"),
+    ("max_image_pixels", True, "max_image_pixels", "expected int"),
 ]
 
 

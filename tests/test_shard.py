@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.reading import iter_shard
+from pipeline.data.images import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.data.reading import iter_shard, read_shard_records
 from pipeline.errors import ConfigError, ManifestError, ShardError
 from pipeline.data.manifest import read_manifest, verify_shards
 from pipeline.data.tars import TarShardWriter, key_of
 from stages.shard import ShardConfig, shard
+from toydata import bomb_png, write_dataset
 
 
 def _photo(seed: int, size=(40, 32)) -> Image.Image:
@@ -274,19 +276,6 @@ def test_decompression_bomb_guard(tmp_path):
     assert "big.png" in str(e.value) and "3000 pixels" in str(e.value)
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height (1-bit gray) and whose pixel data is cut short:
-    enough for every size check (made from the header, before decoding), without the pixels."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("limit, refused", [(10_000, True), (14_400, False), (20_000, False)])
 def test_max_image_pixels_refuses_above_and_accepts_up_to_the_limit(tmp_path, limit, refused):
     folder = tmp_path / "in"
@@ -308,19 +297,60 @@ def test_max_image_pixels_above_pillows_own_limit_is_honoured(tmp_path, workers)
     pillow_limit = Image.MAX_IMAGE_PIXELS
     folder = tmp_path / "in"
     folder.mkdir()
-    (folder / "huge.png").write_bytes(_png_header(20_000, 10_000))
+    (folder / "huge.png").write_bytes(bomb_png(20_000, 10_000))
     _save(_photo(1), folder / "small.png", "PNG")
     common = dict(input=str(folder), out_dir=str(tmp_path / "o"), on_error="skip", workers=workers, shuffle=False)
     m = read_manifest(shard(_cfg(**common, manifest=str(tmp_path / "big.json"), max_image_pixels=400_000_000)))
     [skipped] = m.skipped
     assert skipped["name"] == "huge.png" and "corrupt or truncated image" in skipped["reason"], skipped
     assert "178956970" not in skipped["reason"] and m.total == 1
+    assert m.max_image_pixels == 400_000_000  # recorded for the stages that decode the dataset later
     # The default limit refuses it by the same header, citing hdpipe's limit and option, not Pillow's.
     m = read_manifest(shard(_cfg(**common, name="default", manifest=str(tmp_path / "default.json"))))
     assert m.skipped[0]["reason"].endswith("20000x10000 = 200000000 pixels exceeds max_image_pixels=178956970 "
                                            "(decompression-bomb guard; raise --max-image-pixels if the image is "
                                            "genuine)"), m.skipped
+    assert m.max_image_pixels == DEFAULT_MAX_PIXELS
     assert Image.MAX_IMAGE_PIXELS == pillow_limit  # left as it was for the rest of the process
+
+
+def test_readers_decode_with_the_pixel_limit_the_manifest_records(tmp_path):
+    """A 200 Mpx image in a dataset sharded with --max-image-pixels 400000000 gets past the bomb check
+    of every reader of that manifest (what fails is then only its cut pixel data); the same tar indexed
+    with the default limit is refused citing hdpipe's limit and option, not Pillow's."""
+    from pipeline.eval.finetune import _train_view
+    from pipeline.eval.subjects import iter_images
+
+    buf = io.BytesIO()
+    _photo(0).save(buf, format="PNG")
+    write_dataset(tmp_path / "tars", [buf.getvalue(), bomb_png(20_000, 10_000)], shard_size=2, ext="png")
+    common = dict(urls=str(tmp_path / "tars" / "toy-000000.tar"), name="huge")
+    raised = read_manifest(shard(_cfg(**common, manifest=str(tmp_path / "raised.json"), max_image_pixels=400_000_000)))
+    default = read_manifest(shard(_cfg(**common, manifest=str(tmp_path / "default.json"))))
+    assert raised.max_image_pixels == 400_000_000 and "--max-image-pixels 400000000" in raised.command
+    assert default.max_image_pixels == DEFAULT_MAX_PIXELS and raised.digest() == default.digest()
+    assert json.loads((tmp_path / "raised.json").read_text())["max_image_pixels"] == 400_000_000
+    cut = r"does not decode \(OSError: image file is truncated"
+    refused = (r"does not decode: 20000x10000 = 200000000 pixels exceeds max_image_pixels=178956970, the limit its "
+               r"dataset was sharded with \(decompression-bomb guard; if the image is genuine, re-shard with a "
+               r"larger --max-image-pixels\)$")
+    for m, want in ((raised, cut), (default, refused)):
+        with pytest.raises(ShardError) as e:  # iter_shard decodes with the manifest's limit
+            list(iter_shard(m, 0))
+        assert re.search(r"toy-000000\.tar: sample 000000001 \(img1\.png\) " + want, str(e.value)), str(e.value)
+        [good, huge] = read_shard_records(m, 0)  # the bytes, as extract, distill, verify, evaluate read them
+        assert decode_image(good["image"], max_pixels=m.max_image_pixels).size == (40, 32)
+        with pytest.raises(ShardError) as e:
+            decode_image(huge["image"], "img1", max_pixels=m.max_image_pixels)
+        assert re.match("img1 " + want, str(e.value)), str(e.value)
+        with pytest.raises(ShardError) as e:  # evaluate/analyze and fine-tune's test split
+            list(iter_images(str(m.path), progress=False))
+        assert re.match(r"image 000000001 \(img1\.png\) of .*\.json " + want, str(e.value)), str(e.value)
+        with pytest.raises(ShardError) as e:  # fine-tune's training views
+            _train_view(lambda image: image, huge["image"], m.max_image_pixels)
+        assert re.match("image " + want, str(e.value)), str(e.value)
+        if m is raised:
+            assert "178956970" not in str(e.value) and "DecompressionBomb" not in str(e.value)
 
 
 @pytest.mark.parametrize("layout,fragment", [

@@ -29,6 +29,20 @@ def structured_jpeg(rng: np.random.Generator, sizes: tuple[int, int] = (72, 121)
     return buf.getvalue()
 
 
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (1-bit gray) and whose pixel data is cut short:
+    enough for every size check (made from the header, before decoding), without the pixels.
+    20000 x 10000 = 200 Mpx is above Pillow's own limit (178956970) and costs a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+
+
 def write_dataset(folder: Path, payloads: Sequence[bytes], shard_size: int, ext: str = "jpg") -> str:
     """Tars of `shard_size` samples holding `payloads[i]` as image i, and their manifest; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)

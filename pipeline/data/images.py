@@ -22,16 +22,83 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def decode_image(data: bytes, what: str = "image") -> Image.Image:
+# hdpipe's default pixel limit: Pillow's own refusal threshold (2x its MAX_IMAGE_PIXELS, ~179 Mpx);
+# any real photo is far below it. `hdpipe shard --max-image-pixels` sets another per dataset.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+# Pillow reads its bomb limit from one module global (a warning above it, an error above twice
+# it) and takes no limit per call; `_pillow_limit` swaps that global, one call at a time.
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+# Formats whose decoders check no size during `load()` (Pillow checks them once, at open): they
+# are decoded without the lock, so threads decode them in parallel (extraction's prefetch does).
+_NO_CHECK_AT_LOAD = frozenset({"JPEG", "PNG", "WEBP"})
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int | None):
+    """Inside the block Pillow refuses images, frames and crops above `max_pixels` (None: its guard off).
+
+    Set per call, not once per process: a dataset's limit then holds in worker processes and
+    threads too (each call carries its limit), and nothing else in the process keeps a raised limit.
+    """
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        # Pillow errors above 2 * MAX_IMAGE_PIXELS; rounding up keeps max_pixels itself allowed.
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else -(-max_pixels // 2)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open(data: bytes) -> Image.Image:
+    """`data` opened (header only) with Pillow's own size check off: the caller holds `im.size` to
+    its limit. No `with`: closing an image destroys its pixel core; BytesIO holds no OS resource."""
+    with _pillow_limit(None):
+        return Image.open(io.BytesIO(data))
+
+
+def _load(im: Image.Image, max_pixels: int) -> None:
+    """Decode `im` fully, any frame or tile it decodes held to `max_pixels`."""
+    if im.format in _NO_CHECK_AT_LOAD:
+        im.load()
+        return
+    with _pillow_limit(max_pixels):
+        im.load()
+
+
+@contextlib.contextmanager
+def crops_allowed(image: Image.Image):
+    """Pillow's crop check lets any crop of `image` through inside the block.
+
+    Pillow refuses crops above its own limit (~179 Mpx), so a view of an image the dataset's
+    `--max-image-pixels` admitted could fail; `image` was held to that limit when decoded and its
+    views are no larger, so the check is off for them. Images within Pillow's default take no lock.
+    """
+    if image.width * image.height <= DEFAULT_MAX_PIXELS:
+        yield
+        return
+    with _pillow_limit(None):
+        yield
+
+
+def decode_image(data: bytes, what: str = "image", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Fully decoded, upright RGB image from encoded bytes (JPEG, PNG, WebP, ...).
 
     `what` names the image in the error (e.g. "image 000000017 (cat.jpg) in data/x-000000.tar"):
-    damaged bytes raise `ShardError` with Pillow's reason, never a half-decoded image.
+    damaged bytes raise `ShardError` with Pillow's reason, never a half-decoded image. `max_pixels`
+    is the limit the dataset was sharded with (its manifest's `max_image_pixels`): it replaces
+    Pillow's own, so every stage accepts exactly the images `hdpipe shard` accepted.
     """
     try:
-        # No `with`: closing an image destroys its pixel core; BytesIO holds no OS resource.
-        im = Image.open(io.BytesIO(data))
-        im.load()  # decode fully now: a truncated file fails here, not later inside a resize
+        im = _open(data)
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ShardError(f"{what} does not decode: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels}, "
+                             "the limit its dataset was sharded with (decompression-bomb guard; if the image is "
+                             "genuine, re-shard with a larger --max-image-pixels)")
+        _load(im, max_pixels)  # decode fully now: a truncated file fails here, not later inside a resize
         return upright_rgb(im)
     except DECODE_ERRORS as e:
         raise ShardError(f"{what} does not decode ({type(e).__name__}: {e})") from None
@@ -48,30 +115,6 @@ def upright_rgb(im: Image.Image) -> Image.Image:
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-# Pillow's default decompression-bomb threshold (~179 Mpx); any real photo is far below it.
-DEFAULT_MAX_PIXELS = 178_956_970
-
-# Pillow reads its bomb limit from one module global (a warning above it, an error above twice
-# it) and takes no limit per call; `_pillow_limit` swaps that global, one image at a time.
-_PILLOW_LIMIT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _pillow_limit(limit: int | None):
-    """Pillow's `Image.MAX_IMAGE_PIXELS` set to `limit` (None: its guard off) inside the block.
-
-    Set per call, not once per process: `--max-image-pixels` then holds in spawned worker processes
-    too (each call carries its limit), and nothing else in the process keeps a raised limit.
-    """
-    with _PILLOW_LIMIT_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = limit
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-
 
 def sniff_format(data: bytes) -> str | None:
     """'jpeg', 'png' or 'webp' from the magic bytes; None for anything else."""
@@ -93,8 +136,7 @@ def check_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     limit, images that `max_pixels` allows); frames and tiles decoded later are held to `max_pixels`.
     """
     try:
-        with _pillow_limit(None):
-            im = Image.open(io.BytesIO(data))
+        im = _open(data)
     except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, ValueError... by format
         raise ShardError(f"{name}: not an image Pillow can read ({type(e).__name__}: {e})") from None
     w, h = im.size
@@ -102,8 +144,7 @@ def check_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ShardError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels} "
                          "(decompression-bomb guard; raise --max-image-pixels if the image is genuine)")
     try:
-        with _pillow_limit(max_pixels):
-            im.load()
+        _load(im, max_pixels)
     except Image.DecompressionBombError as e:  # a GIF frame or TIFF tile far larger than the header's size
         raise ShardError(f"{name}: a frame or tile is too large for max_image_pixels={max_pixels} "
                          f"(decompression-bomb guard; raise --max-image-pixels if the image is genuine): {e}") from None

@@ -7,7 +7,11 @@ anywhere fsspec reaches. Layout (`schema_version` 1, see docs/ARCHITECTURE.md "S
      "shards": [{"url": "../data/shards/sample/sample-000000.tar", "count": 128,
                  "first_index": 0, "sha256": "..."}, ...],
      "class_map": {"n01440764": 0, ...} | null, "skipped": [{"name": ..., "reason": ...}],
-     "source": "...", "command": "hdpipe shard ...", "created": "2026-11-23T20:30:00Z"}
+     "source": "...", "command": "hdpipe shard ...", "created": "2026-11-23T20:30:00Z",
+     "max_image_pixels": 178956970}
+
+`max_image_pixels` (optional; absent in manifests older than it = hdpipe's default) is the pixel
+limit the images were sharded with: every stage decodes them with it, not with Pillow's own.
 
 Shard k holds the global indices [k*S, k*S + count_k) with count_k == S for every shard but the
 last (which may be shorter): the target stores chunk their rows by the same S, so a tar shard and
@@ -23,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import ManifestError
 from pipeline import urls
 from pipeline.urls import atomic_write_bytes, fs_and_path
@@ -30,7 +35,7 @@ from pipeline.urls import atomic_write_bytes, fs_and_path
 SCHEMA_VERSION = 1
 
 _TOP_KEYS = ("schema_version", "name", "shard_size", "total", "shards", "class_map", "skipped",
-             "source", "command", "created")
+             "source", "command", "created", "max_image_pixels")
 _SHARD_KEYS = ("url", "count", "first_index", "sha256")
 
 
@@ -62,6 +67,9 @@ class Manifest:
     command: str = ""  # the hdpipe command that wrote it
     created: str = ""  # UTC ISO-8601 time of writing
     schema_version: int = SCHEMA_VERSION
+    # Decompression-bomb limit (pixels) the images were sharded with (`hdpipe shard --max-image-pixels`);
+    # readers decode with it. Not part of `digest()`: the tars' bytes say which images exist.
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     # Where the manifest was read from or written to (not serialized); relative shard URLs resolve
     # against its folder. None for a manifest only held in memory (URLs must then be absolute).
     path: str | None = field(default=None, compare=False)
@@ -121,6 +129,7 @@ class Manifest:
             "source": self.source,
             "command": self.command,
             "created": self.created,
+            "max_image_pixels": self.max_image_pixels,
         }
 
 
@@ -202,6 +211,9 @@ def manifest_from_dict(doc: Any, where: str = "<memory>", path: str | None = Non
         if sorted(labels) != list(range(len(labels))):
             raise _fail(where, "class_map", "labels must be 0..C-1, each used once")
     skipped = _need(doc, "skipped", (list,), where)
+    max_pixels = _need(doc, "max_image_pixels", (int,), where) if "max_image_pixels" in doc else DEFAULT_MAX_PIXELS
+    if max_pixels < 1:
+        raise _fail(where, "max_image_pixels", f"must be >= 1, got {max_pixels}")
     for i, s in enumerate(skipped):
         if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str)):
             raise _fail(where, f"skipped[{i}]", f"expected {{'name': str, 'reason': str}}, got {s!r}")
@@ -216,6 +228,7 @@ def manifest_from_dict(doc: Any, where: str = "<memory>", path: str | None = Non
         command=_need(doc, "command", (str,), where),
         created=_need(doc, "created", (str,), where),
         schema_version=version,
+        max_image_pixels=max_pixels,
         path=path,
     )
 

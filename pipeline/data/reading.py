@@ -26,7 +26,7 @@ import re
 import tarfile
 from typing import Any, Iterator
 
-from pipeline.data.images import IMAGE_EXTS, decode_image
+from pipeline.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, decode_image
 from pipeline.data.manifest import Manifest
 from pipeline.errors import IntegrityError, ManifestError, ShardError
 from pipeline.urls import fs_and_path, is_local_fs
@@ -80,8 +80,10 @@ def _image_ext(sample: dict[str, Any]) -> str | None:
     return None
 
 
-def to_record(sample: dict[str, Any], index: int, url: str, decode: bool) -> dict[str, Any]:
-    """One raw webdataset sample -> {"index", "label", "name", "image"} (checks the stored index)."""
+def to_record(sample: dict[str, Any], index: int, url: str, decode: bool,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """One raw webdataset sample -> {"index", "label", "name", "image"} (checks the stored index);
+    with `decode`, the image is decoded held to `max_pixels` (the manifest's `max_image_pixels`)."""
     meta = {}
     if "json" in sample:
         try:
@@ -100,7 +102,8 @@ def to_record(sample: dict[str, Any], index: int, url: str, decode: bool) -> dic
         raise ShardError(f"{url}: sample {sample['__key__']} has no image member (looked for {IMAGE_EXTS})")
     data = sample[ext]
     name = meta.get("name") if isinstance(meta.get("name"), str) else sample["__key__"]
-    image = decode_image(data, f"{url}: sample {sample['__key__']} ({name})") if decode else data
+    what = f"{url}: sample {sample['__key__']} ({name})"
+    image = decode_image(data, what, max_pixels=max_pixels) if decode else data
     return {"index": index, "label": -1 if label is None else label, "name": name, "image": image}
 
 
@@ -188,7 +191,8 @@ def integrity_error(url: str, got: str, want: str, where: str, fix: str) -> Inte
 
 
 def _indexed_samples(url: str, first_index: int, count: int, decode: bool, sha256: str | None = None,
-                     where: str = "", fix: str = "hdpipe shard ... --overwrite") -> Iterator[dict[str, Any]]:
+                     where: str = "", fix: str = "hdpipe shard ... --overwrite",
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
     stamp = _stamp(url) if sha256 else None
     check = sha256 is not None and (stamp is None or _VERIFIED.get((url, sha256)) != stamp)
     h = hashlib.sha256() if check else None
@@ -198,7 +202,7 @@ def _indexed_samples(url: str, first_index: int, count: int, decode: bool, sha25
         for sample in tar_samples(f, url):
             if n >= count:
                 raise ManifestError(f"{url} holds more than the {count} samples its manifest records")
-            yield to_record(sample, first_index + n, url, decode)
+            yield to_record(sample, first_index + n, url, decode, max_pixels)
             n += 1
         if h is not None:
             f.drain()
@@ -226,17 +230,17 @@ def reindex_command(manifest: Manifest) -> str:
 def iter_shard(manifest: Manifest, k: int, decode: bool = True) -> Iterator[dict[str, Any]]:
     """Every sample of shard k in index order: dicts {"index", "label", "name", "image"}.
 
-    `image` is an upright PIL RGB image (`pipeline.data.images.decode_image`), or the stored bytes
-    (JPEG/PNG/WebP, untouched) with decode=False. The tar's sha256 is checked against the manifest
-    when the iterator reaches its end (`IntegrityError`): use `read_shard_records` to get a whole
-    verified shard before using any record.
+    `image` is an upright PIL RGB image (`pipeline.data.images.decode_image` with the manifest's
+    `max_image_pixels`), or the stored bytes (JPEG/PNG/WebP, untouched) with decode=False. The tar's
+    sha256 is checked against the manifest when the iterator reaches its end (`IntegrityError`): use
+    `read_shard_records` to get a whole verified shard before using any record.
     """
     if not 0 <= k < manifest.num_shards:
         raise ManifestError(f"shard {k} outside 0..{manifest.num_shards - 1} of manifest {manifest.path or manifest.name}")
     info = manifest.shards[k]
     yield from _indexed_samples(manifest.shard_url(k), info.first_index, info.count, decode, info.sha256,
                                 where=f"shard {k} of manifest {manifest.path or manifest.name}",
-                                fix=reindex_command(manifest))
+                                fix=reindex_command(manifest), max_pixels=manifest.max_image_pixels)
 
 
 def read_shard_records(manifest: Manifest, k: int, decode: bool = False) -> list[dict[str, Any]]:

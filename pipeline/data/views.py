@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from pipeline.data.images import crops_allowed
 from pipeline.errors import ConfigError
 
 # Bump when the sampling or rendering rule changes: stores built with the old rule then refuse the
@@ -190,8 +191,9 @@ def render_pil(image: Image.Image, view: View, size: int, interpolation: str = "
     if image.mode != "RGB":  # convert() copies even an RGB image: a whole decoded photo per view
         image = image.convert("RGB")
     top, left, h, w = view.pixel_box(image.width, image.height)
-    out = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=INTERPOLATIONS[interpolation],
-                          antialias=True)
+    with crops_allowed(image):  # a view may be larger than Pillow's own limit allows a crop to be
+        out = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=INTERPOLATIONS[interpolation],
+                              antialias=True)
     return TF.hflip(out) if view.flip else out
 
 

@@ -55,6 +55,15 @@ def _epoch_samples(manifest, rng: np.random.Generator):
             yield rows[j]["image"], rows[j]["label"]
 
 
+def _train_view(augment, data: bytes, max_pixels: int) -> torch.Tensor:
+    """`augment` applied to an encoded training image, decoded at its manifest's pixel limit."""
+    from pipeline.data.images import crops_allowed, decode_image
+
+    image = decode_image(data, max_pixels=max_pixels)
+    with crops_allowed(image):  # RandomResizedCrop may crop more than Pillow's own limit allows
+        return augment(image)
+
+
 def _check_labeled(path: str):
     from pipeline.data.manifest import read_manifest
 
@@ -73,7 +82,6 @@ def finetune(subject, train_manifest: str, test_manifest: str, recipe: FinetuneR
     from timm.optim import create_optimizer_v2
     from torchvision import transforms
 
-    from pipeline.data.images import decode_image
     from pipeline.device import autocast
     from pipeline.eval.probe import topk_accuracy
     from pipeline.eval.subjects import center_view, img_side, iter_images
@@ -110,7 +118,7 @@ def finetune(subject, train_manifest: str, test_manifest: str, recipe: FinetuneR
         losses = []
         for _ in range(steps_per_epoch):  # the last partial batch of an epoch is dropped
             batch = [next(samples) for _ in range(recipe.batch_size)]
-            x = torch.stack([augment(decode_image(data)) for data, _ in batch]).to(device)
+            x = torch.stack([_train_view(augment, data, train.max_image_pixels) for data, _ in batch]).to(device)
             y = torch.as_tensor([label for _, label in batch], device=device)
             with autocast(device):
                 logits = model((x - mean) / std)

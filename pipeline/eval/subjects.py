@@ -74,7 +74,8 @@ def iter_images(manifest_path: str, limit: int | None = None, progress: bool = T
             for rec in read_shard_records(manifest, k):
                 if seen >= total:
                     return
-                image = decode_image(rec["image"], f"image {rec['index']:09d} ({rec['name']}) of {manifest_path}")
+                image = decode_image(rec["image"], f"image {rec['index']:09d} ({rec['name']}) of {manifest_path}",
+                                     max_pixels=manifest.max_image_pixels)
                 yield image, rec["label"], rec["index"]
                 seen += 1
                 bar.update(1)

@@ -114,7 +114,7 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
         for r in dict.fromkeys(r for r, _ in batch):
             try:
                 images[r] = decode_image(rows[r].data, f"image {rows[r].index:09d} ({rows[r].name}) in shard {k} "
-                                                       f"({info.url})")
+                                                       f"({info.url})", max_pixels=manifest.max_image_pixels)
             except ShardError as e:
                 if task.on_error == "fail":
                     raise ShardError(f"{e}; re-run with --on-error skip to store it as valid=false") from None

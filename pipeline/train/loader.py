@@ -197,12 +197,12 @@ class _ShardTargets:
         return View.from_row(self._row("views", local))
 
 
-def _decode_image(data: bytes, index: int, url: str):
-    """Upright PIL RGB image from the tar's stored bytes (the decoder every stage shares)."""
+def _decode_image(data: bytes, index: int, url: str, max_pixels: int):
+    """Upright PIL RGB image from the tar's stored bytes (the shared decoder, at the manifest's pixel limit)."""
     from pipeline.data.images import decode_image
 
     try:
-        return decode_image(data, f"image {index:09d} in {url}")
+        return decode_image(data, f"image {index:09d} in {url}", max_pixels=max_pixels)
     except ShardError as e:
         # The stores marked this row valid, so their teachers read it: the tar changed since.
         raise ShardError(f"{e} although the target stores hold it as valid; the tar no longer matches the one "
@@ -292,7 +292,7 @@ class _PlanDataset(IterableDataset):
                     continue
                 index = int(rows[pos - lo])
                 k = manifest.shard_of(index)
-                image = _decode_image(images.pop(index), index, manifest.shard_url(k))
+                image = _decode_image(images.pop(index), index, manifest.shard_url(k), manifest.max_image_pixels)
                 if online is not None:  # a fresh view of the plan: its targets come from the teachers
                     view = self.plan.epoch
                     box = online.view(index, view, *image.size)
