@@ -1,34 +1,28 @@
-"""Which teachers hdpipe knows and how each is fed: names, backends, roles, preprocessing.
+"""Which teachers hdpipe knows: the short names, the backend registry, and `parse_spec`.
 
-Specs: `mae`, `clip`, `deit`, `dino` (table below), `timm:NAME`, `open_clip:NAME[:TAG]` and
-`student:DIR` (a stage-two student: DIR/config.json + DIR/model.safetensors). `parse_spec` checks
-a name against the libraries' registries without building anything.
+Specs: `mae`, `clip`, `deit`, `dino` (the table below: fixed timm specs), and `PREFIX:REST` for every
+backend in `BACKENDS` (`timm:NAME`, `open_clip:NAME[:TAG]`, `student:DIR`). `parse_spec` picks the
+backend once, by the prefix, and checks the name against its library without building anything; the
+prefix becomes the spec's `backend`, the key `load_teacher` builds it with. A new backend is a module in
+`pipeline/targets/backends/` (a `TeacherBackend`) plus one line in `BACKENDS`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 from pipeline.errors import ConfigError, HdpipeError
+from pipeline.targets.backends.open_clip_backend import OpenClipBackend
+from pipeline.targets.backends.protocol import (IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN,
+                                                OPENAI_DATASET_STD, TeacherBackend, TeacherSpec)
+from pipeline.targets.backends.student_backend import StudentBackend
+from pipeline.targets.backends.timm_backend import TimmBackend
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants, CLIP's training set
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """What to build and how to feed it."""
-
-    name: str  # canonical spec string recorded in stores, e.g. "mae" or "timm:vit_small_patch16_224"
-    backend: str  # "timm" | "open_clip" | "student" (a timm model built from a run's config.json)
-    model: str  # timm model name (with .tag) / open_clip config name / student directory
-    tag: str | None  # open_clip pretrained tag (timm keeps its tag inside `model`)
-    role: str  # "mim" (relations + masks) or "disc" (features) by default for this teacher
-    mean: tuple[float, float, float]  # per-channel normalization mean, inputs in [0, 1]
-    std: tuple[float, float, float]  # per-channel normalization std
-    interpolation: str  # resize filter of this teacher's preprocessing
-
+# The registry: spec prefix -> backend (`timm:NAME` is BACKENDS["timm"]). Tests enumerate it.
+BACKENDS: dict[str, TeacherBackend] = {
+    "timm": TimmBackend(),
+    "open_clip": OpenClipBackend(),
+    "student": StudentBackend(),
+}
 
 TEACHERS: dict[str, TeacherSpec] = {
     "mae": TeacherSpec("mae", "timm", "vit_base_patch16_224.mae", None, "mim",
@@ -42,56 +36,26 @@ TEACHERS: dict[str, TeacherSpec] = {
                         IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
 }
 
-SPEC_FORMS = "mae, clip, deit, dino, timm:NAME, open_clip:NAME[:TAG], student:DIR"
+
+def spec_forms() -> str:
+    """Every name and form a teacher may be given as: "mae, clip, deit, dino, timm:NAME, ..."."""
+    return ", ".join([*TEACHERS, *(backend.forms for backend in BACKENDS.values())])
 
 
 def _unknown(spec: str) -> HdpipeError:
-    return ConfigError(f"unknown teacher '{spec}': choose one of {SPEC_FORMS}")
+    return ConfigError(f"unknown teacher '{spec}': choose one of {spec_forms()}")
 
 
 def parse_spec(spec: str) -> TeacherSpec:
-    """Turn a teacher name or `backend:...` string into a TeacherSpec (preprocessing included)."""
+    """Turn a teacher name or `PREFIX:...` string into a TeacherSpec (preprocessing included)."""
     if spec in TEACHERS:
         return TEACHERS[spec]
-    backend, _, rest = spec.partition(":")
-    if not rest:
+    prefix, _, rest = spec.partition(":")
+    if not rest or prefix not in BACKENDS:
         raise _unknown(spec)
-    if backend == "timm":
-        import timm
+    return replace(BACKENDS[prefix].parse(spec, rest), backend=prefix)  # the key that builds it
 
-        arch = rest.split(".")[0]
-        if not timm.is_model(arch):
-            close = timm.list_models(f"*{arch[:12]}*")[:8]
-            raise ConfigError(f"teacher '{spec}': timm has no model '{arch}' (similar: {close})")
-        tag = rest.split(".", 1)[1] if "." in rest else ""
-        if tag and rest not in timm.list_pretrained(f"{arch}.*"):
-            raise ConfigError(f"teacher '{spec}': timm model '{arch}' has no pretrained tag '{tag}' "
-                              f"(tags: {timm.list_pretrained(f'{arch}.*')})")
-        cfg = timm.models.get_pretrained_cfg(rest)
-        return TeacherSpec(
-            name=spec, backend="timm", model=rest, tag=None,
-            # MAE-pretrained encoders are the mask-image-modeling teachers; everything else is
-            # discriminative by default (extract's --role overrides either way).
-            role="mim" if "mae" in tag else "disc",
-            mean=tuple(cfg.mean) if cfg else IMAGENET_MEAN,
-            std=tuple(cfg.std) if cfg else IMAGENET_STD,
-            interpolation=(cfg.interpolation if cfg and cfg.interpolation else "bicubic"),
-        )
-    if backend == "open_clip":
-        import open_clip
 
-        name, _, tag = rest.partition(":")
-        if open_clip.get_model_config(name) is None:
-            close = [m for m in open_clip.list_models() if name.split("-")[0].lower() in m.lower()][:8]
-            raise ConfigError(f"teacher '{spec}': open_clip has no model config '{name}' (similar: {close})")
-        pcfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
-        return TeacherSpec(
-            name=spec, backend="open_clip", model=name, tag=tag or None, role="disc",
-            mean=tuple(pcfg.get("mean", OPENAI_DATASET_MEAN)),
-            std=tuple(pcfg.get("std", OPENAI_DATASET_STD)),
-            interpolation=pcfg.get("interpolation", "bicubic"),
-        )
-    if backend == "student":
-        return TeacherSpec(name=spec, backend="student", model=rest, tag=None, role="disc",
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
-    raise _unknown(spec)
+def backend_of(spec: TeacherSpec) -> TeacherBackend:
+    """The backend that builds and reads a parsed spec."""
+    return BACKENDS[spec.backend]

@@ -1,7 +1,8 @@
-"""Frozen teachers (timm or open_clip ViTs) and the targets read out of one forward pass.
+"""Frozen teachers (any registered backend's ViT) and the targets read out of one forward pass.
 
-`load_teacher(spec)` builds the model, loads its weights (pretrained tag, a local checkpoint, or a
-seeded random init when asked), freezes it and wraps it in a `Teacher`. `Teacher.forward_targets`
+`load_teacher(spec)` parses the spec, which picks its backend once (`specs.BACKENDS`), builds the
+model and loads its weights through that backend (pretrained tag, a local checkpoint, or a seeded
+random init when asked), freezes it and wraps it in a `Teacher`. `Teacher.forward_targets`
 runs the model once and returns, as float32 tensors on the teacher's device:
 
     relations  {layer: [B, H, N, N]}  raw Q·Kᵀ per head, no 1/sqrt(head_dim) (1-based block numbers)
@@ -11,12 +12,11 @@ runs the model once and returns, as float32 tensors on the teacher's device:
     block      {layer: [B, N, D]}     output of block `layer` (1-based)
     features   [B, N, D]              final tokens after the model's final norm (CLIP: ln_post)
 
-N = 1 + patches, CLS first. Q and K come from the model's own projection output (timm: a hook on
-`attn.qkv`, then q_norm/k_norm; open_clip's nn.MultiheadAttention: the q,k rows of `in_proj`
-applied to the hooked `ln_1` output), so relations are exactly what the attention softmax sees.
-
-Names are parsed by `pipeline.targets.specs`; weights are built and loaded by
-`pipeline.targets.weights`.
+N = 1 + patches, CLS first. Q and K come from the model's own projection output through the
+backend's `hook_qk` (timm: a hook on `attn.qkv`, then q_norm/k_norm; open_clip's
+nn.MultiheadAttention: the q,k rows of `in_proj` applied to the hooked `ln_1` output), so relations
+are exactly what the attention softmax sees. This module uses a backend only through the
+`TeacherBackend` Protocol (`pipeline/targets/backends/protocol.py`).
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ConfigError, require_finite
-from pipeline.targets.specs import TeacherSpec, parse_spec
-from pipeline.targets.weights import KWARGS_OPTION, build_open_clip, build_timm, student_spec, weights_digest
+from pipeline.targets.backends.protocol import TeacherBackend, TeacherSpec
+from pipeline.targets.specs import backend_of, parse_spec
+from pipeline.targets.weights import build_weights, weights_digest
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,10 @@ class TeacherSource:
     def from_attrs(cls, attrs: dict) -> "TeacherSource":
         """The source a store's `hdpipe` attributes record."""
         over = attrs.get("preprocessing_override") or {}
-        tup = (lambda v: None if v is None else tuple(float(x) for x in v))
+
+        def tup(v):
+            return None if v is None else tuple(float(x) for x in v)
+
         return cls(attrs["teacher"], attrs.get("checkpoint"), bool(attrs.get("random_init")),
                    dict(attrs.get("model_kwargs") or {}), tup(over.get("mean")), tup(over.get("std")),
                    over.get("interpolation"))
@@ -84,11 +87,12 @@ def load_teacher(
 ) -> "Teacher":
     """Build, load and freeze a teacher.
 
-    name_or_spec: mae | clip | deit | dino | timm:NAME | open_clip:NAME[:TAG] | student:DIR.
+    name_or_spec: mae | clip | deit | dino | timm:NAME | open_clip:NAME[:TAG] | student:DIR, or
+        PREFIX:... of any backend registered in `specs.BACKENDS`.
     checkpoint: local weights file used instead of the hub (MAE decoder keys are stripped; any
         other missing or unexpected key is an error naming it).
     random_init: seeded random weights (RANDOM_INIT_SEED), only when asked (demo, tests).
-    model_kwargs: passed to timm.create_model / open_clip.create_model (nested dicts such as
+    model_kwargs: passed to the backend's constructor, timm.create_model / open_clip.create_model (nested dicts such as
         vision_cfg are merged into the named open_clip config), e.g. img_size=64, patch_size=8.
     device: "auto" (CUDA when present), "cpu", "cuda:1", or a torch.device.
     mean, std, interpolation: preprocessing overriding the spec's (a teacher trained with its own
@@ -97,20 +101,10 @@ def load_teacher(
     if checkpoint is not None and random_init:
         raise ConfigError("--checkpoint and --random-init exclude each other; pass one")
     spec = parse_spec(name_or_spec)
-    model_kwargs = dict(model_kwargs or {})
+    backend = backend_of(spec)
+    model, source = build_weights(backend, spec, checkpoint, random_init, dict(model_kwargs or {}))
+    spec = replace(spec, **asdict(backend.preprocessing(spec)))  # a student's config.json, the spec's otherwise
     overrides = {k: v for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None}
-    if spec.backend == "timm":
-        model, source = build_timm(spec.model, checkpoint, random_init, model_kwargs)
-    elif spec.backend == "open_clip":
-        model, source = build_open_clip(spec.model, spec.tag, checkpoint, random_init, model_kwargs)
-    else:
-        spec, arch, kwargs, weights = student_spec(spec)
-        kwargs.update(model_kwargs)
-        if checkpoint is None and not random_init:
-            checkpoint = weights
-        # A student's kwargs are its config.json's, overridden by the user's: either may be at fault.
-        model, source = build_timm(arch, checkpoint, random_init, kwargs,
-                                   where=f"{KWARGS_OPTION} or the model_kwargs of {Path(spec.model) / 'config.json'}")
     if overrides:  # applied last: a student's own config.json preprocessing gives way to them too
         spec = replace(spec, **{k: tuple(float(x) for x in v) if k != "interpolation" else v
                                 for k, v in overrides.items()})
@@ -118,105 +112,7 @@ def load_teacher(
         dev = device
     else:
         dev = pick_device(device or "auto")
-    return Teacher(spec, model, source, dev)
-
-
-# ----------------------------------------------------------------------------- backends
-
-
-class _TimmBackend:
-    """timm VisionTransformer: blocks[i].attn.qkv -> (q, k) after q_norm / k_norm."""
-
-    def __init__(self, model: nn.Module, name: str):
-        from timm.models.vision_transformer import VisionTransformer
-
-        if not isinstance(model, VisionTransformer):
-            raise ConfigError(f"teacher '{name}' is a {type(model).__name__}, not a timm VisionTransformer")
-        if model.cls_token is None or getattr(model, "reg_token", None) is not None or model.num_prefix_tokens != 1:
-            raise ConfigError(
-                f"teacher '{name}' has {model.num_prefix_tokens} prefix tokens (class token: "
-                f"{model.cls_token is not None}, register tokens: {getattr(model, 'reg_token', None) is not None}); "
-                f"hdpipe needs exactly one CLS token and no register tokens")
-        if isinstance(model.norm, nn.Identity):
-            raise ConfigError(f"teacher '{name}' applies its final norm after pooling (fc_norm); its token "
-                              f"features are not normalized; use a token-pooled model")
-        for i, blk in enumerate(model.blocks):
-            attn = getattr(blk, "attn", None)
-            if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(attn, "head_dim"):
-                raise ConfigError(f"teacher '{name}': block {i + 1} has no fused qkv attention; "
-                                  f"relations cannot be read from it")
-        self.model = model
-        self.blocks = list(model.blocks)
-        attn = self.blocks[0].attn
-        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.embed_dim = model.embed_dim
-        self.grid = tuple(model.patch_embed.grid_size)
-        self.img_size = tuple(model.patch_embed.img_size)
-        self.seq_first = False
-
-    def hook_qk(self, layer: int, sink):
-        attn = self.blocks[layer - 1].attn
-
-        def hook(_module, _inputs, out):  # out [B, N, 3 * H * hd]
-            b, n, _ = out.shape
-            q, k, _v = out.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            sink(layer, attn.q_norm(q), attn.k_norm(k))  # [B, H, N, hd] each
-
-        return attn.qkv.register_forward_hook(hook)
-
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)  # [B, N, D] after the final norm
-
-
-class _OpenClipBackend:
-    """open_clip VisionTransformer: nn.MultiheadAttention; q, k = in_proj[:2D] applied to ln_1's output."""
-
-    def __init__(self, visual: nn.Module, name: str):
-        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-
-        if not isinstance(visual, VisionTransformer):
-            raise ConfigError(f"teacher '{name}': image tower is a {type(visual).__name__}, not an open_clip "
-                              f"VisionTransformer; for a timm-trunk tower use its timm:NAME directly")
-        if visual.attn_pool is not None:
-            raise ConfigError(f"teacher '{name}' pools with attention; its ln_post does not act on tokens")
-        for i, blk in enumerate(visual.transformer.resblocks):
-            if not isinstance(blk, ResidualAttentionBlock) or blk.attn.in_proj_weight is None:
-                raise ConfigError(f"teacher '{name}': block {i + 1} is not a standard ResidualAttentionBlock "
-                                  f"with a packed in_proj; relations cannot be read from it")
-        self.model = visual
-        self.blocks = list(visual.transformer.resblocks)
-        mha = self.blocks[0].attn
-        self.num_heads, self.head_dim = mha.num_heads, mha.head_dim
-        self.embed_dim = mha.embed_dim
-        self.grid = tuple(visual.grid_size)
-        self.img_size = tuple(visual.image_size)
-        self.seq_first = not visual.transformer.batch_first
-
-    def hook_qk(self, layer: int, sink):
-        blk = self.blocks[layer - 1]
-        mha = blk.attn
-        dim = mha.embed_dim
-        seq_first = self.seq_first
-
-        def hook(_module, _inputs, out):  # ln_1 output [B, N, D] ([N, B, D] when not batch_first)
-            y = out.transpose(0, 1) if seq_first else out
-            bias = mha.in_proj_bias[: 2 * dim] if mha.in_proj_bias is not None else None
-            qk = F.linear(y, mha.in_proj_weight[: 2 * dim], bias)  # [B, N, 2D]: only q and k, v is skipped
-            b, n, _ = qk.shape
-            q, k = qk.reshape(b, n, 2, mha.num_heads, mha.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            sink(layer, q, k)
-
-        return blk.ln_1.register_forward_hook(hook)
-
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.model
-        x = v.conv1(x)  # [B, D, gh, gw]
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, P, D]
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # [B, N, D]
-        x = v.ln_pre(v.patch_dropout(x))
-        x = v.transformer(x)
-        return v.ln_post(x)  # every token, before proj
+    return Teacher(spec, backend, model, source, dev)
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -225,11 +121,12 @@ class _OpenClipBackend:
 class Teacher(nn.Module):
     """A frozen ViT in eval mode; `train()` keeps it in eval (dropout and patch dropout stay off)."""
 
-    def __init__(self, spec: TeacherSpec, model: nn.Module, weights_source: str, device: torch.device):
+    def __init__(self, spec: TeacherSpec, backend: TeacherBackend, model: nn.Module, weights_source: str,
+                 device: torch.device):
         super().__init__()
-        backend = _OpenClipBackend(model, spec.name) if spec.backend == "open_clip" else _TimmBackend(model, spec.name)
-        if backend.img_size[0] != backend.img_size[1]:
-            raise ConfigError(f"teacher '{spec.name}' expects {backend.img_size} inputs; views are square, "
+        geometry = backend.geometry(model, spec.name)  # a ConfigError when the model is not a readable ViT
+        if geometry.img_size[0] != geometry.img_size[1]:
+            raise ConfigError(f"teacher '{spec.name}' expects {geometry.img_size} inputs; views are square, "
                               f"pass img_size=S in the model arguments")
         self.spec = spec
         self.name = spec.name
@@ -238,16 +135,18 @@ class Teacher(nn.Module):
         self.weights_digest = weights_digest(model)
         model.requires_grad_(False)
         self.model = model.to(device).eval()
-        self._backend = backend
+        self.backend = backend
+        self._blocks = list(geometry.blocks)  # a plain list: not registered twice as submodules
+        self._seq_first = geometry.seq_first
         self.device = device
-        self.depth = len(backend.blocks)
-        self.num_heads = backend.num_heads
-        self.head_dim = backend.head_dim
-        self.embed_dim = backend.embed_dim
-        self.grid = backend.grid
+        self.depth = len(geometry.blocks)
+        self.num_heads = geometry.num_heads
+        self.head_dim = geometry.head_dim
+        self.embed_dim = geometry.embed_dim
+        self.grid = tuple(geometry.grid)
         self.num_patches = self.grid[0] * self.grid[1]
         self.num_prefix_tokens = 1
-        self.img_size = int(backend.img_size[0])
+        self.img_size = int(geometry.img_size[0])
         self.mean = tuple(float(v) for v in spec.mean)
         self.std = tuple(float(v) for v in spec.std)
         self.interpolation = spec.interpolation
@@ -303,12 +202,12 @@ class Teacher(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.img_size, self.img_size):
             raise ConfigError(f"teacher '{self.name}' takes [B, 3, {self.img_size}, {self.img_size}] inputs, "
                               f"got {tuple(x.shape)}")
-        backend = self._backend
+        backend, model, blocks = self.backend, self.model, self._blocks
         scale = self.head_dim ** -0.5
         out: dict = {"relations": {}, "attention": {}, "hidden": {}, "block": {}, "qk": {}}
 
         def to_bnd(t):
-            return (t.transpose(0, 1) if backend.seq_first else t).float()
+            return (t.transpose(0, 1) if self._seq_first else t).float()
 
         def qk_sink(layer, q, k):
             if layer in qk_layers:
@@ -324,19 +223,19 @@ class Teacher(nn.Module):
         handles = []
         try:
             for layer in sorted(set(relation_layers) | set(attention_layers) | set(qk_layers)):
-                handles.append(backend.hook_qk(layer, qk_sink))
+                handles.append(backend.hook_qk(model, layer, qk_sink))
             for layer in hidden_layers:
                 if layer < self.depth:
-                    handles.append(backend.blocks[layer].register_forward_pre_hook(
+                    handles.append(blocks[layer].register_forward_pre_hook(
                         lambda _m, args, layer=layer: out["hidden"].__setitem__(layer, to_bnd(args[0]))))
                 else:
-                    handles.append(backend.blocks[-1].register_forward_hook(
+                    handles.append(blocks[-1].register_forward_hook(
                         lambda _m, _a, y, layer=layer: out["hidden"].__setitem__(layer, to_bnd(y))))
             for layer in block_layers:
-                handles.append(backend.blocks[layer - 1].register_forward_hook(
+                handles.append(blocks[layer - 1].register_forward_hook(
                     lambda _m, _a, y, layer=layer: out["block"].__setitem__(layer, to_bnd(y))))
             with torch.inference_mode(), autocast(self.device):
-                final = backend.run(x.to(self.device, dtype=torch.float32, non_blocking=True))
+                final = backend.final_tokens(model, x.to(self.device, dtype=torch.float32, non_blocking=True))
                 if features:
                     out["features"] = final.float()
         finally:

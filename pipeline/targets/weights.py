@@ -1,5 +1,9 @@
 """Building a teacher's model and loading its weights: hub tag, local checkpoint or seeded random.
 
+What is the same for every backend lives here (`build_weights`: which of the three, the seed, the
+source string; checkpoint files; the digest; kwarg errors); what a library does differently is its
+backend's (`pipeline/targets/backends/`).
+
 Local checkpoints (`.pth/.pt/.bin/.ckpt` read weights-only, `.safetensors`) are unwrapped from
 `model` / `state_dict` / `module` containers and DDP prefixes; MAE's full pre-training checkpoints
 lose their decoder keys; any other missing or unexpected key is an error that names it. The
@@ -8,19 +12,19 @@ weights digest (sha256 over every tensor) is what a store records and every read
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
-import json
 import pickle
 import re
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, HdpipeError
-from pipeline.targets.specs import TeacherSpec
+
+if TYPE_CHECKING:
+    from pipeline.targets.backends.protocol import TeacherBackend, TeacherSpec
 
 # Seed of `random_init` weights: fixed, so that every process (dask workers, `hdpipe verify`)
 # builds the same random teacher and its stores stay comparable.
@@ -60,7 +64,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             # A text or HTML file (a failed download) fails inside the unpickler with a KeyError
             # of its first byte; anything here means "not a torch weights file".
             raise HdpipeError(f"checkpoint '{path}' cannot be read as a weights-only torch file "
-                              f"({type(err).__name__}: {str(err)[:200]}); pass --checkpoint PATH to a weights file") from None
+                              f"({type(err).__name__}: {str(err)[:200]}); "
+                              f"pass --checkpoint PATH to a weights file") from None
     else:
         raise HdpipeError(f"checkpoint '{path}': unsupported suffix '{path.suffix}' (use .pth, .pt, .bin, .ckpt "
                           f"or .safetensors)")
@@ -88,7 +93,7 @@ def strip_mae_decoder(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return {k: v for k, v in state.items() if k not in dropped}, dropped
 
 
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with a message that names every missing and unexpected key."""
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -111,7 +116,8 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _offline_hint(what: str, err: Exception) -> HdpipeError:
+def offline_hint(what: str, err: Exception) -> HdpipeError:
+    """A backend's error for pretrained weights it could not fetch: what an offline machine passes instead."""
     return HdpipeError(
         f"could not fetch pretrained weights for {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
         f"on an offline machine pass --checkpoint PATH (a local .pth/.bin/.safetensors file) or, for a demo, "
@@ -119,7 +125,7 @@ def _offline_hint(what: str, err: Exception) -> HdpipeError:
     )
 
 
-# ----------------------------------------------------------------------------- model builders
+# ----------------------------------------------------------------------------- building a model
 
 
 _UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '([^']+)'")
@@ -154,98 +160,28 @@ def create_with_kwargs(create, model: str, kwargs: dict, given: dict | None = No
                           f"({reason}); fix them in {where}") from err
 
 
-def build_timm(name: str, checkpoint, random_init: bool, model_kwargs: dict,
-               where: str = KWARGS_OPTION) -> tuple[nn.Module, str]:
-    import timm
-
+def build_weights(backend: TeacherBackend, spec: TeacherSpec, checkpoint, random_init: bool,
+                  model_kwargs: dict) -> tuple[nn.Module, str]:
+    """(model, weights source) the way every backend gets them: the weights the spec names
+    ("pretrained:..."), a seeded random init ("random_init:seedN") or a local checkpoint loaded into that
+    random init ("checkpoint:FILE", MAE decoder keys dropped, the rest strict)."""
     if checkpoint is None and not random_init:
-        try:
-            model = create_with_kwargs(lambda **kw: timm.create_model(name, pretrained=True, **kw), name,
-                                       model_kwargs, where=where)
-            return model, f"pretrained:timm/{name}"
-        except OSError as err:  # huggingface_hub raises OSError subclasses when the hub is unreachable
-            raise _offline_hint(f"timm model '{name}'", err) from err
-    with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model = create_with_kwargs(lambda **kw: timm.create_model(name, pretrained=False, **kw), name,
-                                   model_kwargs, where=where)
+        return backend.pretrained(spec, model_kwargs)
+    model = seeded(lambda: backend.create(spec, model_kwargs))
     if checkpoint is None:
         return model, f"random_init:seed{RANDOM_INIT_SEED}"
-    state, _ = strip_mae_decoder(read_checkpoint(checkpoint))
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-    if isinstance(model, VisionTransformer):
-        # timm's own converter: open_clip/OpenAI CLIP key layouts, pos-embed resampling.
-        state = checkpoint_filter_fn(state, model)
-    _load_into(model, state, str(checkpoint))
+    load_checkpoint(backend, model, checkpoint)
     return model, f"checkpoint:{Path(checkpoint).name}"
 
 
-def _open_clip_kwargs(name: str, model_kwargs: dict) -> dict:
-    """Merge nested dict overrides (vision_cfg={'image_size': 64}) into the named config's dicts."""
-    import open_clip
-
-    base = open_clip.get_model_config(name)
-    out = {}
-    for key, value in model_kwargs.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = {**copy.deepcopy(base[key]), **value}
-        else:
-            out[key] = value
-    return out
-
-
-def build_open_clip(name: str, tag: str | None, checkpoint, random_init: bool,
-                     model_kwargs: dict) -> tuple[nn.Module, str]:
-    import open_clip
-
-    kwargs = _open_clip_kwargs(name, model_kwargs)
-    if checkpoint is None and not random_init:
-        if not tag:
-            raise ConfigError(
-                f"open_clip model '{name}' was given without a pretrained tag; use open_clip:{name}:TAG "
-                f"(tags: {open_clip.list_pretrained_tags_by_model(name)}), --checkpoint PATH or --random-init")
-        pcfg = open_clip.get_pretrained_cfg(name, tag)
-        if not pcfg:
-            raise ConfigError(f"open_clip model '{name}' has no pretrained tag '{tag}' "
-                              f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")
-        try:
-            path = open_clip.download_pretrained(pcfg)
-        except OSError as err:
-            raise _offline_hint(f"open_clip '{name}:{tag}'", err) from err
-        if not path:
-            raise HdpipeError(f"open_clip has no download for '{name}:{tag}'; pass --checkpoint PATH")
-        model = create_with_kwargs(lambda **kw: open_clip.create_model(name, pretrained=path, **kw), name, kwargs,
-                                   model_kwargs)
-        return model.visual, f"pretrained:open_clip/{name}:{tag}"
-    with torch.random.fork_rng(devices=[]):  # fixed seed, caller's RNG state left alone
+def seeded(create):
+    """create() under torch.manual_seed(RANDOM_INIT_SEED), the caller's RNG state left alone."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = create_with_kwargs(lambda **kw: open_clip.create_model(name, pretrained=None, **kw), name, kwargs,
-                                   model_kwargs)
-    visual = model.visual
-    if checkpoint is None:
-        return visual, f"random_init:seed{RANDOM_INIT_SEED}"
+        return create()
+
+
+def load_checkpoint(backend: TeacherBackend, model: nn.Module, checkpoint) -> None:
+    """Read a local weights file (`read_checkpoint`), drop MAE decoder keys, `backend.load_state` the rest."""
     state, _ = strip_mae_decoder(read_checkpoint(checkpoint))
-    if any(k.startswith("visual.") for k in state):
-        # A whole CLIP checkpoint: keep the image tower, drop text tower and logit scale.
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    _load_into(visual, state, str(checkpoint))
-    return visual, f"checkpoint:{Path(checkpoint).name}"
-
-
-def student_spec(spec: TeacherSpec) -> tuple[TeacherSpec, str, dict, Path]:
-    folder = Path(spec.model)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise HdpipeError(f"student '{folder}': no config.json; run `hdpipe distill` to produce "
-                          f"runs/<name>/student/ (config.json + model.safetensors)")
-    config = json.loads(config_path.read_text())
-    if "model" not in config:
-        raise HdpipeError(f"student config '{config_path}' has no 'model' key (the timm model name)")
-    spec = replace(
-        spec,
-        mean=tuple(config.get("mean", spec.mean)),
-        std=tuple(config.get("std", spec.std)),
-        interpolation=config.get("interpolation", spec.interpolation),
-    )
-    return spec, config["model"], dict(config.get("model_kwargs", {})), folder / "model.safetensors"
+    backend.load_state(model, state, str(checkpoint))
