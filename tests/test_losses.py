@@ -77,7 +77,7 @@ def test_lr_scaling_and_warmup_cosine():
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
         sch.step()
-    assert lrs[:2] == pytest.approx([0.5, 1.0])
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0])  # MAE's per-iteration warmup: lr 0 at step 0
     for i in range(2, 10):
         assert lrs[i] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 8)))
     sch2 = WarmupCosine(torch.optim.AdamW([p], lr=1.0), lr=1.0, total_steps=10, warmup_steps=2, min_lr=0.1)

@@ -9,8 +9,6 @@ other linear weight. Frozen parameters (timm's classifier head) are left out.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
@@ -45,40 +43,37 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 
 
 class WarmupCosine:
-    """Per-optimizer-step schedule: linear warmup 0 → lr over `warmup_steps`, then cosine to `min_lr`.
-
-    `step()` is called after each optimizer step and sets the lr of every group for the next one;
-    `state_dict()` holds the step count so a resumed run continues the same curve.
+    """Per-optimizer-step schedule: timm's `CosineLRScheduler` stepped per update (linear warmup
+    0 → lr over `warmup_steps`, then cosine to `min_lr` over the remaining steps): MAE's
+    `adjust_learning_rate` per iteration (lr 0 at step 0). Kept as this small face because the loop
+    and fine-tuning call `step()` after each optimizer step and log `get_lr()`, and a checkpoint
+    needs only the step count (`state_dict`), not timm's whole attribute dict.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0):
-        self.optimizer = optimizer
-        self.lr = lr
-        self.total_steps = max(1, int(total_steps))
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int,
+                 min_lr: float = 0.0):
+        from timm.scheduler import CosineLRScheduler
+
+        for group in optimizer.param_groups:  # timm's base value; `lr_scale` (layer decay) applies on top
+            group["lr"] = lr
         self.warmup_steps = max(0, int(warmup_steps))
-        self.min_lr = min_lr
-        self.step_count = 0
-        self._apply()
+        self.total_steps = max(self.warmup_steps + 1, int(total_steps))
+        self.lr, self.min_lr, self.step_count = lr, min_lr, 0
+        self._timm = CosineLRScheduler(optimizer, t_initial=self.total_steps - self.warmup_steps, lr_min=min_lr,
+                                       warmup_t=self.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
+                                       t_in_epochs=False)
+        self._timm.step_update(0)
 
     def value(self, step: int) -> float:
-        """lr at optimizer step `step` (0-based)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    def _apply(self) -> None:
-        lr = self.value(self.step_count)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)  # timm's layer-wise decay groups carry their scale
+        """lr at optimizer step `step` (0-based), before any `lr_scale`."""
+        return self._timm._get_values(step, on_epoch=False)[0]
 
     def get_lr(self) -> float:
         return self.value(self.step_count)
 
     def step(self) -> None:
         self.step_count += 1
-        self._apply()
+        self._timm.step_update(self.step_count)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "lr": self.lr, "total_steps": self.total_steps,
@@ -86,7 +81,7 @@ class WarmupCosine:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
-        self._apply()
+        self._timm.step_update(self.step_count)
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None) -> float | None:
