@@ -95,7 +95,11 @@ def load_section(path: str | os.PathLike | None, section: str) -> dict[str, Any]
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Convert YAML/CLI values to the field's declared type (lists to tuples, ints to floats)."""
+    """Convert YAML/CLI values to the field's declared type (lists to tuples, ints to floats).
+
+    Hand-written rather than dacite/pydantic/OmegaConf: ~60 lines that also accept the CLI's
+    comma-separated tuples and yes/no strings and name the key in every error, which those would
+    need their own hooks and error translation for (more code, and one more dependency)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if value is None:

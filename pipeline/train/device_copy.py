@@ -10,6 +10,10 @@ so a copy issued after that would wait for nothing and overlap nothing). The con
 waits for the copy stream before it touches a batch, and each tensor is recorded on the consumer's
 stream so its memory is not reused while the step still reads it.
 
+Hand-written rather than timm's `PrefetchLoader`, which prefetches the same way but takes
+(input, target) tuple batches and normalizes only the input: stage two's batches are dicts of
+several tensors (pixels, keep_index, relations, features, ...), and only the pixels are normalized.
+
 On CPU (or any non-CUDA device) batches pass through (a uint8 image is normalized in place of
 the copy): there is no copy to hide.
 The iterator holds one batch beyond the one handed out; a caller that stops early (a mid-epoch
