@@ -1,7 +1,7 @@
 """Stage two throughput: cached targets vs the student-only ceiling vs online hybrid distillation.
 
 One run, one machine, the same models, views and batch:
-  (a) ceiling  - the distill training step (`pipeline.train.loop.train_one_epoch`: forward on the kept
+  (a) ceiling  - the distill training step (`pipeline.train.loop.train_steps`: forward on the kept
                  tokens, hybrid loss, backward, AdamW) on batches already in memory: no loading.
   (b) cached   - the same step fed by the real stage-two loader (`pipeline.train.loader.build_loader` as
                  `distill` configures it): DataLoader workers decoding the tar shards, replaying the
@@ -122,14 +122,13 @@ def _timed_steps(cfg, batches, steps: int) -> dict:
     `batches(run)` returns an iterator of batches (at least steps + 1 of them)."""
     import torch
 
-    from pipeline.train.loop import train_one_epoch
+    from pipeline.train.loop import train_steps
 
     run = _setup(cfg)
     items = batches(run)
 
     def train(n: int) -> None:
-        train_one_epoch(run.model, run.loss_fn, items, run.optimizer, run.scheduler, run.device, run.state, run.log,
-                        max_steps=n)
+        train_steps(run, items, max_steps=n)
         if run.device.type == "cuda":
             torch.cuda.synchronize()
 

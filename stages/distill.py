@@ -10,11 +10,14 @@ stores' attributes and array shapes, so this module never builds or loads a teac
 Run directory `<runs_dir>/<name>/`:
     config.yaml          resolved DistillConfig
     env.json             git SHA, package versions, command line, world size, device
-    log.jsonl            one JSON line per optimizer step: step, epoch, lr, loss, loss_features,
-                         loss_relations, images_per_s (global, this step), elapsed_s (wall seconds
-                         since this process started the run), and one line per epoch end
-    plots/loss.csv       step, epoch, lr and the three losses per step, for `dvc plots`
-    metrics.json         last epoch's averaged meters (DVC metrics)
+    log.jsonl            one JSON line per optimizer step: step, epoch, lr, the loss's meters (`loss`,
+                         the weighted sum, then `loss_<term>` per term of `pipeline.train.losses`:
+                         loss_features, loss_relations, ...), images_per_s (global, this step),
+                         elapsed_s (wall seconds since this process started the run), and one line per
+                         epoch end (the epoch's averaged meters)
+    plots/loss.csv       step, epoch, lr and the loss's meters per step, for `dvc plots` (header = the
+                         first step row's keys without timings)
+    metrics.json         epoch, step and the last epoch's averaged meters, the same keys (DVC metrics)
     ranks/rank<r>.json   each rank's final step and weights digest (equal on every rank under DDP)
     checkpoints/last.pt  atomic checkpoint, every `checkpoint_every` optimizer steps and at each
                          epoch end (model + heads, optimizer, scheduler, loader position, RNG states)
@@ -38,8 +41,9 @@ averaged over ranks.
 
     torchrun --nproc_per_node=8 -m pipeline.cli distill --config params.yaml
 
-`build_run` wires a run (student, loss, optimizer, schedule, loader config, resumed state);
-`distill` loops `pipeline.train.loop.train_one_epoch` over epochs, checkpoints and exports.
+`build_run` wires a `pipeline.train.loop.Run` (student, loss, optimizer, schedule, loader config, resumed
+state); `distill` calls `pipeline.train.loop.train_steps(run, batches, max_steps)` up to each checkpoint,
+epoch after epoch, and exports. Loss terms and their weights: `pipeline.train.losses` and `loss_weights`.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -60,6 +64,9 @@ from pipeline.targets.layout import MimTarget
 from pipeline.targets.masking import Masking
 from pipeline.train.losses import TeacherMode
 from pipeline.train.student import MaskedStudent
+
+if TYPE_CHECKING:
+    from pipeline.train.loop import Run
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class DistillConfig:
     teachers: TeacherMode = "hybrid"  # which loss terms: both, features only, MIM only
     masking: Masking = "progressive"  # student token mask (paper: progressive)
     alpha: float = 1.0  # weight of the MIM (relation) term, paper's α
+    # weights of extra loss terms {name: weight} registered in pipeline.train.losses.LOSS_TERMS, e.g. {l2: 0.1}
+    # (features weighs 1 and relations α by teachers and alpha)
+    loss_weights: dict = field(default_factory=dict)
     smoothl1_beta: float = 1.0  # SmoothL1 β in target units (the paper does not state it; PyTorch's default)
     epochs: int = 2  # training epochs (paper: 300 main results, 100 ablations; small default for the sample)
     batch_size: int = 16  # images per device per micro-batch
@@ -115,6 +125,8 @@ class DistillConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.checkpoint_every < 0 or self.workers < 0 or self.print_every < 0:
             raise ConfigError("checkpoint_every, print_every and workers must be >= 0")
+        if any(not isinstance(w, (int, float)) or w < 0 for w in self.loss_weights.values()):
+            raise ConfigError(f"loss_weights must map loss term names to numbers >= 0, got {self.loss_weights}")
         if self.alpha < 0 or self.smoothl1_beta <= 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ConfigError("alpha >= 0, smoothl1_beta > 0, base_lr > 0 and warmup_epochs >= 0 are required")
 
@@ -197,52 +209,19 @@ def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.devi
 
 
 # ----------------------------------------------------------------------------- the run
-@dataclass
-class Run:
-    """Everything a distillation run trains with (`build_run`)."""
-
-    student: MaskedStudent  # the bare module (checkpoints, export)
-    model: torch.nn.Module  # what runs the forward: the student, DDP-wrapped and/or compiled
-    loss_fn: Callable[[dict, dict], dict]  # hybrid_loss with this run's blocks, heads, α, β, target, teachers
-    optimizer: torch.optim.Optimizer
-    scheduler: object  # pipeline.train.optim.WarmupCosine
-    loader_cfg: object  # pipeline.train.loader.LoaderConfig
-    steps_per_epoch: int  # optimizer steps per epoch on every rank
-    global_batch: int  # batch_size x accum_steps x world size
-    lr: float  # peak lr = base_lr x global_batch / 1024
-    state: object  # pipeline.train.loop.TrainState, restored on resume
-    log: object  # pipeline.train.runlog.RunLog
-    dist: object  # pipeline.train.distributed.Dist
-    device: torch.device
-    resumed: bool = False
-    online: object = None  # pipeline.train.online.OnlineTargets (source: online): teachers in the step
-
-    def batches(self, loader) -> Iterator[dict]:
-        """The loader's batches as the step reads them: on the device (on CUDA the next batch's copy
-        overlaps the step, `pipeline.train.device_copy`), online with the teachers' targets."""
-        from pipeline.train.device_copy import ahead_on_device
-
-        lcfg = self.loader_cfg
-        batches = ahead_on_device(iter(loader), self.device, normalize=(lcfg.mean, lcfg.std))
-        return self.online.attach(batches) if self.online is not None else batches
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.log.jsonl.parent / "checkpoints" / "last.pt"
-
-
 def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     """Student, loss, optimizer, schedule and loader config for `cfg`, resumed from the run's
     checkpoint when `cfg.resume` (its config must match; see RESUME_FREE)."""
     from pipeline.train.checkpoint import load_checkpoint, set_rng_state
     from pipeline.train.loader import steps_per_epoch
-    from pipeline.train.losses import hybrid_loss
-    from pipeline.train.loop import TrainState
+    from pipeline.train.losses import hybrid_loss, term_weights
+    from pipeline.train.loop import Run, TrainState
     from pipeline.train.optim import WarmupCosine, build_optimizer, scaled_lr
     from pipeline.train.plan import view_reuse
     from pipeline.train.runlog import RunLog, prepare_run_dir
 
     run_dir = cfg.run_dir
+    term_weights(cfg.teachers, cfg.alpha, cfg.loss_weights)  # an unknown loss term is refused before any work
     if dist.main:
         prepare_run_dir(run_dir)
     online = online_loader = None
@@ -300,9 +279,10 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     if cfg.compile:
         model = torch.compile(model)
     loss_fn = partial(hybrid_loss, blocks=student.capture_blocks, head_rule=student.head_rule, alpha=cfg.alpha,
-                      beta=cfg.smoothl1_beta, target=cfg.mim_target, teachers=cfg.teachers)
+                      beta=cfg.smoothl1_beta, target=cfg.mim_target, teachers=cfg.teachers,
+                      loss_weights=cfg.loss_weights)
     return Run(student, model, loss_fn, optimizer, scheduler, lcfg, steps_per, global_batch, lr, state, log, dist,
-               device, resumed=ckpt is not None, online=online)
+               device, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, resumed=ckpt is not None, online=online)
 
 
 def save(run: Run, cfg: DistillConfig) -> None:
@@ -329,7 +309,7 @@ def distill(cfg: DistillConfig) -> Path:
     from pipeline.train.checkpoint import export_student
     from pipeline.train.distributed import barrier, locked_group, same_on_every_rank
     from pipeline.train.epochs import epoch_iterators
-    from pipeline.train.loop import train_one_epoch
+    from pipeline.train.loop import train_steps
     from pipeline.urls import atomic_write_bytes
 
     with locked_group(cfg.device, cfg.run_dir, "run folder") as (d, device):  # resume truncates the logs
@@ -353,9 +333,7 @@ def distill(cfg: DistillConfig) -> Path:
                 if cfg.checkpoint_every:  # stop at the next checkpoint step, save, go on
                     left = min(left, cfg.checkpoint_every - state.step % cfg.checkpoint_every)
                 before = state.epoch_steps
-                meters = train_one_epoch(run.model, run.loss_fn, batches, run.optimizer, run.scheduler, device,
-                                         state, run.log, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
-                                         max_steps=left, dist=d)
+                meters = train_steps(run, batches, max_steps=left)
                 if state.epoch_steps == before:
                     raise RuntimeError(f"the loader of epoch {state.epoch} ended after {state.batches_done} batches, "
                                        f"before the {run.steps_per_epoch} steps it promised")
@@ -384,7 +362,7 @@ def distill(cfg: DistillConfig) -> Path:
 
 def check_resume(cfg: DistillConfig, ckpt: dict, path: Path, world_size: int) -> None:
     """A resumed run must train the same thing; mid-epoch it must also replay the same batches."""
-    saved, now = ckpt["config"], to_dict(cfg)
+    saved, now = to_dict(DistillConfig()) | ckpt["config"], to_dict(cfg)  # fields newer than the checkpoint: defaults
     diff = [k for k in now if k not in RESUME_FREE | EPOCH_BOUNDARY_FREE and saved.get(k) != now[k]]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)

@@ -49,7 +49,7 @@ def _minimal_state() -> dict:
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": {"step_count": 1},
-            "scaler": None, "state": {"step": 1, "epoch_sums": [0.5, 0.25, 0.25], "saved_step": None},
+            "scaler": None, "state": {"step": 1, "epoch_sums": {"loss": 0.5, "loss_l2": 0.25}, "saved_step": None},
             "rng": [rng_state()], "config": {"name": "t", "relation_layers": [1, 2], "clip_grad": None},
             "world_size": 1}
 

@@ -183,10 +183,10 @@ def test_ablation_options_train(world, tmp_path, kw):
     cfg = _cfg(world, tmp_path, epochs=1, **kw)
     rows = _steps(distill(cfg))
     assert len(rows) == 6 // cfg.accum_steps
-    if cfg.teachers == "disc_only":
-        assert all(r["loss_relations"] == 0 and r["loss"] == r["loss_features"] for r in rows)
+    if cfg.teachers == "disc_only":  # a term the mode does not use is not logged
+        assert all("loss_relations" not in r and r["loss"] == r["loss_features"] for r in rows)
     if cfg.teachers == "mim_only":
-        assert all(r["loss_features"] == 0 and r["loss"] == r["loss_relations"] > 0 for r in rows)
+        assert all("loss_features" not in r and r["loss"] == r["loss_relations"] > 0 for r in rows)
 
 
 def test_loss_decreases_without_nan(world, tmp_path, capfd):

@@ -96,6 +96,14 @@ def test_repro_writes_metrics_and_plots(reproduced: Path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     shown = _dvc(reproduced, "metrics", "show", "--json").stdout
     assert "knn" in shown and "loss_relations" in shown
+    # The loss figure plots the total; its data carry every column of plots/loss.csv, whose header follows
+    # the loss's terms, so any term plots without an edit of dvc.yaml.
+    figures = json.loads(_dvc(reproduced, "plots", "show", "--json").stdout)["data"]
+    rows = figures["runs/hybrid/plots/loss.csv"][0]["content"]["data"]["values"]
+    header = (reproduced / "runs/hybrid/plots/loss.csv").read_text().splitlines()[0].split(",")
+    assert header[3:] == ["loss", "loss_features", "loss_relations"] and set(header) <= set(rows[0])
+    term = _dvc(reproduced, "plots", "show", "runs/hybrid/plots/loss.csv", "-y", "loss_relations", "--json").stdout
+    assert '"field": "loss_relations"' in term
     # Python writes bytecode beside the code a stage depends on (pipeline/data/__pycache__, ...):
     # that is no change of the code, so the pipeline stays up to date.
     cache = reproduced / "pipeline" / "data" / "__pycache__"

@@ -1,10 +1,11 @@
 """A run's log: `log.jsonl` and `plots/loss.csv` written by rank 0, progress lines on stderr.
 
-log.jsonl holds one JSON row per optimizer step (step, epoch, lr, loss, loss_features,
-loss_relations, images_per_s, elapsed_s) and one `epoch_end` row per epoch (the epoch's averaged
-meters). plots/loss.csv holds no timings: it is a pure function of the run, so a resumed run's
-equals an uninterrupted one's byte for byte. On resume, rows after the checkpoint are dropped and
-redone.
+log.jsonl holds one JSON row per optimizer step (step, epoch, lr, the loss's meters: `loss` and one
+`loss_<term>` per term, images_per_s, elapsed_s) and one `epoch_end` row per epoch (the epoch's averaged
+meters). Nothing here names a loss term: plots/loss.csv's columns are the first step row's keys without
+the timings (`TIMINGS`), so its header follows the loss. plots/loss.csv holds no timings: it is a pure
+function of the run, so a resumed run's equals an uninterrupted one's byte for byte. On resume, rows
+after the checkpoint are dropped and redone.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def prepare_run_dir(run_dir: Path) -> None:
 class RunLog:
     """Rows every `log_every` steps, a stderr line every `print_every` steps (0: epoch ends only)."""
 
-    CSV_FIELDS = ("step", "epoch", "lr", "loss", "loss_features", "loss_relations")
+    TIMINGS = ("images_per_s", "elapsed_s")  # in log.jsonl only: they differ between runs of the same thing
 
     def __init__(self, run_dir: Path, enabled: bool, name: str = "distill", log_every: int = 1,
                  print_every: int = 0, total_steps: int = 0, epochs: int = 0):
@@ -46,11 +47,12 @@ class RunLog:
         self.total_steps, self.epochs = total_steps, epochs
         self.t_start = time.perf_counter()  # `elapsed_s` of each row counts from here (this process)
         self.first_step = 0  # the step this process started from (a resume starts later)
+        self.csv_fields: tuple[str, ...] | None = None  # plots/loss.csv's columns: set by the first step row
 
     def start(self) -> None:
         if self.enabled:
             atomic_write_bytes(str(self.jsonl), b"")
-            atomic_write_bytes(str(self.csv), (",".join(self.CSV_FIELDS) + "\n").encode())
+            atomic_write_bytes(str(self.csv), b"")  # the header comes with the first row
 
     def truncate(self, step: int) -> None:
         """Keep rows of steps <= `step` (those after the checkpoint are redone on resume). Rewritten
@@ -65,8 +67,9 @@ class RunLog:
         rows = [json.loads(ln) for ln in lines if ln.strip()]
         rows = [r for r in rows if r.get("step", 0) <= step and not (r.get("event") == "epoch_end" and r["step"] > step)]
         atomic_write_bytes(str(self.jsonl), "".join(json.dumps(r) + "\n" for r in rows).encode())
-        atomic_write_bytes(str(self.csv), (",".join(self.CSV_FIELDS) + "\n" + "".join(
-            ",".join(str(r[k]) for k in self.CSV_FIELDS) + "\n" for r in rows if "event" not in r)).encode())
+        self.csv_fields = None  # the header comes back with the first kept row
+        steps = [r for r in rows if "event" not in r]
+        atomic_write_bytes(str(self.csv), "".join(self._csv_line(r) + "\n" for r in steps).encode())
 
     def step(self, row: dict) -> None:
         """An optimizer step's row: written every `log_every` steps, printed every `print_every`."""
@@ -86,7 +89,20 @@ class RunLog:
             return
         self._append(self.jsonl, json.dumps(row))
         if "event" not in row:
-            self._append(self.csv, ",".join(str(row[k]) for k in self.CSV_FIELDS))
+            self._append(self.csv, self._csv_line(row))
+
+    def _fields(self, row: dict) -> tuple[str, ...]:
+        return tuple(k for k in row if k not in self.TIMINGS)
+
+    def _csv_line(self, row: dict) -> str:
+        """`row`'s plots/loss.csv line, after the header when it is the first (the header is its keys)."""
+        header = self.csv_fields is None
+        if header:
+            self.csv_fields = self._fields(row)
+        elif set(self._fields(row)) != set(self.csv_fields):
+            raise ValueError(f"log row keys {self._fields(row)} are not plots/loss.csv's columns {self.csv_fields}")
+        line = ",".join(str(row[k]) for k in self.csv_fields)
+        return ",".join(self.csv_fields) + "\n" + line if header else line
 
     @staticmethod
     def _append(path: Path, line: str) -> None:
@@ -104,6 +120,6 @@ class RunLog:
         rate = done / max(time.perf_counter() - self.t_start, 1e-9)
         left = (self.total_steps - row["step"]) / rate if rate > 0 else None
         what = "epoch end" if row.get("event") == "epoch_end" else f"lr {row['lr']:.3g}, {row['images_per_s']:.1f} img/s"
+        terms = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in row.items() if k.startswith("loss_"))
         print(f"{self.name}: epoch {row['epoch'] + 1}/{self.epochs} step {row['step']}/{self.total_steps} "
-              f"loss {row['loss']:.4f} (features {row['loss_features']:.4f}, relations {row['loss_relations']:.4f}), "
-              f"{what}, ETA {eta(left)}", file=sys.stderr, flush=True)
+              f"loss {row['loss']:.4f} ({terms}), {what}, ETA {eta(left)}", file=sys.stderr, flush=True)
