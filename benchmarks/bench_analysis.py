@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
             analysis.singular_spectrum(t, "token")
 
     t_metrics, _ = _timed(metrics, device, args.repeats)
-    t_image, _ = _timed(lambda: [analysis.singular_spectrum(out["block"][l], "image") for l in layers],
+    t_image, _ = _timed(lambda: [analysis.singular_spectrum(out["block"][layer], "image") for layer in layers],
                         device, args.repeats)
     rows = [
         ("forward, features only", t_plain),

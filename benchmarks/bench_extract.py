@@ -190,7 +190,8 @@ def main() -> None:
     p.add_argument("--model", default="vit_small_patch16_224", help="timm ViT (random init)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=64, help="samples per shard: several batches per shard, as in real runs (1024)")
+    p.add_argument("--shard-size", type=int, default=64,
+                   help="samples per shard: several batches per shard, as in real runs (1024)")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=5,
                    help="alternating (forward, extract) rounds; the ratio is the median of the rounds' ratios")
@@ -262,7 +263,8 @@ def main() -> None:
     print("overhead (extract / pure forward, median of rounds): "
           + ", ".join(f"{label} {r['ratio']:.3f}" for label, r in runs.items())
           + f" (target <= 1.10 at both sizes: {'met' if summary['overhead_meets_target'] else 'NOT met'}); "
-          f"{args.factor}x run CPU time {summary['overhead_cpu_ratio']:.3f}, interleaved {summary['overhead_interleaved']:.3f}")
+          f"{args.factor}x run CPU time {summary['overhead_cpu_ratio']:.3f}, "
+          f"interleaved {summary['overhead_interleaved']:.3f}")
     print(f"time scaling {args.factor}x images: {summary['time_scaling']:.2f}x (target <= 4.2x); "
           f"peak RSS scaling: {summary['rss_scaling']:.3f}x (target <= 1.1x)")
     print(f"integrity check (sha256 of each tar while it is read): {1e3 * large['integrity']['hash_s_per_image']:.3f} "

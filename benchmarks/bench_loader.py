@@ -258,7 +258,8 @@ def main() -> None:
           f"(goal <= {GOAL_MS} ms: {'met' if report['meets_goal_warm'] else 'NOT met'})")
     print(f"whole loader, warm, uint8 {warm_u8['min']:7.3f} {warm_u8['median']:7.3f} {warm_u8['max']:7.3f}  "
           "(GPU runs: normalized on the GPU)")
-    print(f"whole loader, first epoch {cold['min']:7.3f} {cold['median']:7.3f} {cold['max']:7.3f}  (tar sha256 included)")
+    print(f"whole loader, first epoch {cold['min']:7.3f} {cold['median']:7.3f} {cold['max']:7.3f}  "
+          "(tar sha256 included)")
     print(f"store checks (file lengths + crc32c of {args.views} stored view(s) per image, inside 'targets'): "
           f"{checks_ms:.4f} ms per image = {100 * checks_ms / warm['median']:.2f}% of the warm loader (target <= 3%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

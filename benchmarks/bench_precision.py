@@ -109,7 +109,8 @@ def make_targets(n_images: int, views: int, batch: int = 8, trained: Path | None
     rel, feat, keep = [], [], []
     for s in range(0, len(x01), batch):
         xb = x01[s : s + batch]
-        out = mae.forward_targets(mae.normalize(xb.to(mae.device)), relation_layers=layers, hidden_layers=mlayers, features=False)
+        out = mae.forward_targets(mae.normalize(xb.to(mae.device)), relation_layers=layers, hidden_layers=mlayers,
+                                  features=False)
         kp = progressive_keep(out["hidden"], mlayers, 0.3)  # [B, n_keep] patch indices
         tok = torch.cat([torch.zeros_like(kp[:, :1]), kp + 1], 1).long()  # [B, 68]: CLS + kept
         r = torch.stack([out["relations"][layer] for layer in layers], 1)  # [B, 2, 12, 197, 197]
@@ -165,7 +166,8 @@ def measure(targets: dict[str, np.ndarray], precision: str, shard_size: int, roo
             times.append(time.perf_counter() - t0)
         decode_ms[name] = 1000 * float(np.median(times))
     info = store_info(store)
-    row = {"precision": precision, "write_ms_per_view": 1000 * write_s / (n * V), "read_ms_per_view": 1000 * read_s / (n * V),
+    row = {"precision": precision, "write_ms_per_view": 1000 * write_s / (n * V),
+           "read_ms_per_view": 1000 * read_s / (n * V),
            "decode_ms_per_view": decode_ms, "store_level_bytes": info["store_level_bytes"]}
     for name in ("relations", "features", "views", "keep_progressive"):
         e = info["arrays"][name]
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         worst = max(r.get("relations_max_view_relative_error", 0), r.get("features_max_view_relative_error", 0))
         dec = sum(r["decode_ms_per_view"].values())
-        print(f"{r['precision']:<10}{r['relations_bytes_per_view'] / 1e3:>10.1f}K{r['features_bytes_per_view'] / 1e3:>9.1f}K"
+        print(f"{r['precision']:<10}{r['relations_bytes_per_view'] / 1e3:>10.1f}K"
+              f"{r['features_bytes_per_view'] / 1e3:>9.1f}K"
               f"{r['targets_bytes_per_view'] / 1e3:>9.1f}K"
               f"{100 * r['relations_relative_error']:>9.3f}%{100 * r['features_relative_error']:>9.3f}%"
               f"{100 * worst:>10.3f}%{r['write_ms_per_view']:>12.1f}{dec:>12.2f}")
@@ -216,14 +219,17 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({b / (args.images * args.views):.0f} B per view here, {b / 1.28e6:.2f} B per view at 1.28M views)")
     compact = next(r for r in rows if r["precision"] == "q1pct")
     meets = (compact["targets_bytes_per_view"] <= TARGET_KB * 1000
-             and max(compact["relations_max_view_relative_error"], compact["features_max_view_relative_error"]) <= TARGET_ERR)
+             and max(compact["relations_max_view_relative_error"],
+                     compact["features_max_view_relative_error"]) <= TARGET_ERR)
     print(f"compact mode q1pct: {compact['targets_bytes_per_view'] / 1e3:.1f} KB per view of targets "
-          f"(goal <= {TARGET_KB:.0f} KB at <= {100 * TARGET_ERR:.0f}% error at ViT-B defaults): {'met' if meets else 'NOT met'}")
+          f"(goal <= {TARGET_KB:.0f} KB at <= {100 * TARGET_ERR:.0f}% error at ViT-B defaults): "
+          f"{'met' if meets else 'NOT met'}")
     result = {
         "benchmark": "precision",
         "setting": {"images": args.images, "views": args.views, "relations_shape": list(targets["relations"].shape[2:]),
                     "features_shape": list(targets["features"].shape[2:]),
-                    "teachers": "mae + clip, random init" if args.trained is None else f"trained small teachers ({args.trained})",
+                    "teachers": ("mae + clip, random init" if args.trained is None
+                                 else f"trained small teachers ({args.trained})"),
                     "data": ("scikit-image photographs" if args.trained is None else "Fashion-MNIST test images")
                     + ", RandomResizedCrop views", "kb": 1000},
         "raw_fp32_bytes_per_view": {k: 4 * v for k, v in raw.items()},

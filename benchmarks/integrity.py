@@ -65,5 +65,5 @@ def store_check_cost(store_url: str, repeats: int = 5) -> dict:
             google_crc32c.value(blob)
         crcs.append(time.process_time() - t0)
     return {"lengths_s_per_view": min(lengths) / views, "crc32c_s_per_view": min(crcs) / views,
-            "check_s_per_view": (min(lengths) + min(crcs)) / views, "stored_bytes_per_view": sum(map(len, blobs)) / views,
-            "views": views}
+            "check_s_per_view": (min(lengths) + min(crcs)) / views,
+            "stored_bytes_per_view": sum(map(len, blobs)) / views, "views": views}

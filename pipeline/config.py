@@ -166,7 +166,8 @@ def check_mapping(name: str, mapping: Mapping) -> None:
     for key, value in mapping.items():
         where = f"'{name}' key {key!r}"
         if ":" in str(key):
-            raise ConfigError(f"{where} holds a ':' (YAML needs a space after it: {{img_size: 32}}, not {{img_size:32}})")
+            raise ConfigError(f"{where} holds a ':' (YAML needs a space after it: {{img_size: 32}}, "
+                              "not {img_size:32})")
         if value is None:
             raise ConfigError(f"{where} has no value (null); write it as {{{key}: VALUE}}")
         if isinstance(value, Mapping):

@@ -70,7 +70,8 @@ def require_finite(values, what: str, fix: str = "") -> None:
         bad, total = int(np.size(values) - np.count_nonzero(np.isfinite(values))), int(np.size(values))
     # Not finite: count exactly (a sum of huge finite values can overflow to Inf, and is not an error).
     if bad:
-        raise NonFiniteError(f"{what} holds {bad} non-finite value(s) (NaN/Inf) of {total}" + (f"; {fix}" if fix else ""))
+        raise NonFiniteError(f"{what} holds {bad} non-finite value(s) (NaN/Inf) of {total}"
+                             + (f"; {fix}" if fix else ""))
 
 
 class CheckpointError(HdpipeError):

@@ -59,7 +59,8 @@ class AnalyzeConfig:
             raise ConfigError("analyze needs at least one model: --model student:runs/<name>/student and/or "
                               "--model timm:NAME (key 'models' of the analyze section)")
         if self.labels and len(self.labels) != len(self.models):
-            raise ConfigError(f"analyze: {len(self.labels)} labels for {len(self.models)} models; give one --label per --model")
+            raise ConfigError(f"analyze: {len(self.labels)} labels for {len(self.models)} models; "
+                              "give one --label per --model")
         teachers = [m for m in self.models if not m.startswith("student:")]
         if self.checkpoint and len(teachers) != 1:
             raise ConfigError(f"analyze: checkpoint needs exactly one teacher model, got {teachers}; "

@@ -67,7 +67,8 @@ class EvaluateConfig:
         if self.k < 1:
             raise ConfigError(f"evaluate: k must be >= 1, got {self.k}")
         if self.finetune_epochs < 0 or self.finetune_batch_size < 1 or self.finetune_lr <= 0:
-            raise ConfigError("evaluate: finetune_epochs >= 0, finetune_batch_size >= 1 and finetune_lr > 0 are required")
+            raise ConfigError("evaluate: finetune_epochs >= 0, finetune_batch_size >= 1 and finetune_lr > 0 "
+                              "are required")
         if not 0 < self.finetune_layer_decay <= 1:
             raise ConfigError(f"evaluate: finetune_layer_decay must be in (0, 1], got {self.finetune_layer_decay}")
         if self.temperature <= 0:

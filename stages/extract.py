@@ -172,7 +172,8 @@ def extract(cfg: ExtractConfig) -> str:
             raise ConfigError(f"the output {url} is the MIM store itself; pass --name or --out")
     reason = urls.unwritable_reason(url)
     if reason:
-        raise StoreError(f"cannot write the store {url}: {reason}; choose another location with --targets DIR or --out URL")
+        raise StoreError(f"cannot write the store {url}: {reason}; "
+                         "choose another location with --targets DIR or --out URL")
     source = cfg.source()
     distributed = bool(cfg.scheduler) or cfg.workers > 0
     # The driver needs the teacher only for its attributes when workers extract: keep it off the GPUs.
@@ -194,7 +195,8 @@ def extract(cfg: ExtractConfig) -> str:
         try:
             store = TargetStore.create(url, attrs, arrays, manifest, V, overwrite=cfg.overwrite)
         except PermissionError as e:
-            raise StoreError(f"cannot write the store {url}: {e}; choose another location with --targets or --out") from None
+            raise StoreError(f"cannot write the store {url}: {e}; "
+                             "choose another location with --targets or --out") from None
         urls.atomic_write_bytes(urls.join(url, "extract-config.json"),
                                 json.dumps(to_dict(cfg), indent=1, sort_keys=True).encode())
         _invalidate_damaged(store, cfg.rebuild_shards)
@@ -203,8 +205,8 @@ def extract(cfg: ExtractConfig) -> str:
         # A q1pct store's channel basis is fitted by shard 0's writer: shard 0 then runs first, alone.
         first_alone = bool(missing) and store.bases.needed()
         if first_alone and missing[0] != 0:
-            raise StoreError(f"target store {url} has shard 0 done but no fitted channel basis (damaged); rebuild it with "
-                             "`hdpipe extract ... --overwrite`")
+            raise StoreError(f"target store {url} has shard 0 done but no fitted channel basis (damaged); "
+                             "rebuild it with `hdpipe extract ... --overwrite`")
         if not missing:
             _log(f"extract: {url} is complete ({len(manifest.shards)} shards); nothing to do")
             return url

@@ -133,7 +133,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _damaged(report: dict) -> str:
-    checked = "lengths and crc32c of every chunk" if report["content_checked"] else "file lengths; --content reads every chunk"
+    checked = ("lengths and crc32c of every chunk" if report["content_checked"]
+               else "file lengths; --content reads every chunk")
     if not report["shards"]:
         return f"none ({checked})"
     shown = "; ".join(f"shard {k}: {why}" for k, why in list(report["shards"].items())[:5])
@@ -152,7 +153,8 @@ def format_info(info: dict) -> str:
         f"schema         {info['schema_version']}",
         f"teacher        {info['teacher']}" + (f" (role {attrs['role']})" if "role" in attrs else ""),
         f"samples        {info['samples']} x {info['views']} view(s); {info['rows_done']} samples in finished shards",
-        f"shards         {sh['done']} of {sh['total']} done (shard size {info['shard_size']}); missing: {shown_missing}",
+        f"shards         {sh['done']} of {sh['total']} done (shard size {info['shard_size']}); "
+        f"missing: {shown_missing}",
         f"damaged        {_damaged(info['damaged'])}",
         f"precision      {info['precision']}: {info['precision_summary']}",
         f"codec          {info['codec']}",
@@ -173,5 +175,6 @@ def format_info(info: dict) -> str:
     settings = {k: v for k, v in attrs.items() if k not in _SHOWN}
     if settings:
         out += ["", "settings"]
-        out += [f"  {k:<17}{json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}" for k, v in sorted(settings.items())]
+        out += [f"  {k:<17}{json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}"
+                for k, v in sorted(settings.items())]
     return "\n".join(out)

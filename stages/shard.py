@@ -270,7 +270,8 @@ def _index_urls(cfg: ShardConfig) -> Path:
     manifest_path = cfg.manifest or _default_manifest(name)
     mfs, mpath = fs_and_path(manifest_path)
     if not cfg.overwrite and mfs.exists(mpath):
-        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it or choose --manifest")
+        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it "
+                         "or choose --manifest")
     t0 = time.perf_counter()
     indexed = []
     for url in tqdm(urls, unit="tar", desc=f"index {name}", disable=not cfg.progress):

@@ -186,5 +186,6 @@ def format_report(report: dict) -> str:
         else:
             lines.append(f"{name:<18}{e['max_abs']:>14.3e}{e['rel']:>14.3e}{e['tolerance']:>12.1e}  "
                          f"{'ok' if e['ok'] else 'FAIL'}")
-    lines.append("verify: " + ("ok" if report["ok"] else "FAILED: stored values differ from the teacher beyond tolerance"))
+    lines.append("verify: " + ("ok" if report["ok"]
+                               else "FAILED: stored values differ from the teacher beyond tolerance"))
     return "\n".join(lines)

@@ -118,7 +118,8 @@ def test_user_error_is_one_line_with_exit_2_and_debug_shows_traceback(tmp_path):
     (["shard", "--config", "missing.yaml"], "config file not found: missing.yaml"),
     (["extract", "--model-kwargs", "{img_size:32}"], "'--model-kwargs' key 'img_size:32' holds a ':'"),
     (["extract", "--model-kwargs", "{img_size: 32, depth:}"], "'--model-kwargs' key 'depth' has no value"),
-    (["evaluate", "--model-kwargs", "{vision_cfg: {image_size:32}}"], "'--model-kwargs.vision_cfg' key 'image_size:32'"),
+    (["evaluate", "--model-kwargs", "{vision_cfg: {image_size:32}}"],
+     "'--model-kwargs.vision_cfg' key 'image_size:32'"),
     (["extract", "--model-kwargs", "{depth: 2, depth: 3}"], "--model-kwargs: key 'depth' is given twice (line 1, "
                                                             "columns 2 and 12)"),
 ])

@@ -169,7 +169,8 @@ def test_tar_member_outside_the_dataset_is_refused(tmp_path, member):
         info = tarfile.TarInfo(member)
         info.size = 3
         tar.addfile(info, io.BytesIO(b"abc"))
-    with open(path, "rb") as f, pytest.raises(ShardError, match=rf"evil.tar: member '{re.escape(member)}' has an absolute"):
+    with open(path, "rb") as f, pytest.raises(ShardError,
+                                              match=rf"evil.tar: member '{re.escape(member)}' has an absolute"):
         list(tar_samples(f, str(path)))
 
 

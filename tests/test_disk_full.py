@@ -142,7 +142,7 @@ def test_cli_keeps_tracebacks_for_other_os_errors(monkeypatch):
         main(["distill", "--name", "x"])
 
 
-def test_full_disk_during_a_checkpoint_then_resume(world, tmp_path, monkeypatch):
+def test_full_disk_during_a_checkpoint_then_resume(world, tmp_path, monkeypatch):  # noqa: F811
     """The disk fills while the step-4 checkpoint is written: the run stops with one line naming
     last.pt, the step-2 checkpoint is intact, nothing half-written and no lock stays; after space is
     freed, --resume finishes with each step logged once."""

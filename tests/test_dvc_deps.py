@@ -104,4 +104,5 @@ def test_teacher_stages_run_no_student_code(name):
 def test_the_closure_finds_lazy_imports():
     """The measure itself: a function-level import (how stages import torch-heavy code) is followed."""
     found = {p.relative_to(ROOT).as_posix() for p in closure([ROOT / "pipeline" / "commands" / "distill.py"])}
-    assert {"stages/distill.py", "pipeline/train/loader.py", "pipeline/targets/quant.py", "pipeline/data/views.py"} <= found
+    assert {"stages/distill.py", "pipeline/train/loader.py", "pipeline/targets/quant.py",
+            "pipeline/data/views.py"} <= found

@@ -152,7 +152,8 @@ def _independent_forward(teacher, x):
     for i, blk in enumerate(model.blocks, start=1):
         blk.attn.fused_attn = False
         # attn_drop receives softmax(q·kᵀ·scale) in timm's unfused path (identity in eval mode)
-        handles.append(blk.attn.attn_drop.register_forward_hook(lambda m, a, y, i=i: attn.__setitem__(i, a[0].detach())))
+        handles.append(blk.attn.attn_drop.register_forward_hook(
+            lambda m, a, y, i=i: attn.__setitem__(i, a[0].detach())))
         handles.append(blk.register_forward_hook(lambda m, a, y, i=i: blocks.__setitem__(i, y.detach())))
     with torch.no_grad():
         model.forward_features(x)
@@ -175,7 +176,8 @@ def test_analyze_matches_independently_extracted_attention(split):
     for i, layer in enumerate(got["layers"]):
         a = attn[layer]  # [7, 3, 65, 65]
         assert a.shape == (7, 3, 65, 65)
-        np.testing.assert_allclose(got["attention_distance"][i], analysis.attention_distance(a, (8, 8), 8.0).numpy(), rtol=1e-4)
+        np.testing.assert_allclose(got["attention_distance"][i], analysis.attention_distance(a, (8, 8), 8.0).numpy(),
+                                   rtol=1e-4)
         np.testing.assert_allclose(got["nmi"][i], analysis.attention_nmi(a).numpy(), rtol=1e-3, atol=1e-6)
         np.testing.assert_allclose(got["entropy"][i], analysis.attention_entropy(a).numpy(), rtol=1e-4)
         # spectra from numpy's SVD of the captured block outputs
@@ -188,8 +190,8 @@ def test_analyze_matches_independently_extracted_attention(split):
         np.testing.assert_allclose(got["spectrum_token"][i], np.mean(rel, 0), atol=2e-3)
         emb = t[:, 1:].mean(1)
         s = np.linalg.svd(emb - emb.mean(0), compute_uv=False)[:6]  # centered 7 images: rank <= 6
-        np.testing.assert_allclose(got["spectrum_image"][i], np.maximum(np.log(s) - np.log(s[0]), analysis.LOG_SV_FLOOR),
-                                   atol=2e-3)
+        np.testing.assert_allclose(got["spectrum_image"][i],
+                                   np.maximum(np.log(s) - np.log(s[0]), analysis.LOG_SV_FLOOR), atol=2e-3)
     # a layer subset (unsorted, repeated) gives the same numbers for those layers, batch size aside
     sub = analyze_model(teacher, split["test"], "tiny", num_images=7, layers=(6, 2, 2), batch_size=7, progress=False)
     assert sub["layers"] == [2, 6]
@@ -276,7 +278,8 @@ def test_evaluate_command_reads_config_section(split, student_dir, tmp_path):
     exported = json.loads((student_dir / "config.json").read_text())
     model = timm.create_model(exported["model"], checkpoint_path=str(student_dir / "model.safetensors"),
                               **exported["model_kwargs"]).eval()
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                 torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def embed(path):
         ims, labels = zip(*[(center_view(im, 64), lab) for im, lab, _ in iter_images(path, progress=False)])

@@ -174,7 +174,7 @@ def test_mim_store_matches_independent_qk_and_masks(world):
     np.testing.assert_array_equal(got["views"][:, 0], np.stack(boxes))  # a pure function of (seed, index, view)
     x = torch.stack([crop(world["images"][i], b[:4], b[4] > 0.5, model) for i, b in zip(idx, boxes)])
     ref = reference(model, x)
-    prog = progressive_keep({l: ref["hidden"][l] for l in (0, 2, 4)}, (0, 2, 4), 0.3)
+    prog = progressive_keep({i: ref["hidden"][i] for i in (0, 2, 4)}, (0, 2, 4), 0.3)
     np.testing.assert_array_equal(got["keep_progressive"][:, 0], prog.numpy())
     np.testing.assert_array_equal(got["keep_direct"][:, 0], direct_keep(ref["hidden"][6], 22).numpy())
     keep = got["keep_progressive"][:, 0].astype(np.int64)
@@ -193,7 +193,8 @@ def test_disc_features_equal_final_norm_tokens(world):
     a = TargetStore.open(world["disc"]).attrs
     assert a["tokens"] == "kept" and a["view_plan_digest"] == TargetStore.open(world["mim"]).attrs["view_plan_digest"]
     model = load_model(world["disc_ckpt"], "deit_tiny_patch16_224", DISC_KW)
-    x = torch.stack([crop(world["images"][i], mim["views"][i, 0, :4], mim["views"][i, 0, 4] > 0.5, model) for i in range(24)])
+    x = torch.stack([crop(world["images"][i], mim["views"][i, 0, :4], mim["views"][i, 0, 4] > 0.5, model)
+                     for i in range(24)])
     with torch.no_grad():
         feats = model.forward_features(x)  # [B, 65, 192], after the final norm
     keep = mim["keep_progressive"][:, 0].astype(np.int64)

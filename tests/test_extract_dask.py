@@ -14,7 +14,8 @@ from test_extract import assert_same_store, make_dataset, mim_cfg, save_checkpoi
 def test_local_cluster_two_workers_identical(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     manifest = make_dataset(tmp_path / "data", n=32, seed=5)  # 4 shards
-    ckpt = save_checkpoint(tmp_path / "mim.pth", "vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "depth": 6}, seed=1)
+    ckpt = save_checkpoint(tmp_path / "mim.pth", "vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "depth": 6},
+                           seed=1)
     cfg = mim_cfg(manifest, tmp_path / "single", random_init=False, checkpoint=str(ckpt), views=2)
     single = extract(cfg)
     dask_url = extract(replace(cfg, targets=str(tmp_path / "dask"), workers=2, retries=1))

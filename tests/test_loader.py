@@ -220,7 +220,8 @@ def test_epochs_back_to_back_start_the_next_loader_early_and_change_nothing(worl
     per_epoch = steps_per_epoch(cfg, 1)
     calls, consumed = [], []
     real = L.build_loader
-    monkeypatch.setattr(L, "build_loader", lambda c, epoch, *a, **k: calls.append((epoch, len(consumed))) or real(c, epoch, *a, **k))
+    monkeypatch.setattr(L, "build_loader",
+                        lambda c, epoch, *a, **k: calls.append((epoch, len(consumed))) or real(c, epoch, *a, **k))
     got = {}
     for epoch, it in E.epoch_iterators(cfg, 1, 4, skip_batches=1):
         got[epoch] = []

@@ -177,7 +177,7 @@ def test_only_rank_zero_takes_the_run_folder_lock(tmp_path):
 
 
 # ----------------------------------------------------------------------------- distill
-def test_distill_holds_the_lock_and_removes_it(world, tmp_path):
+def test_distill_holds_the_lock_and_removes_it(world, tmp_path):  # noqa: F811
     """A normal run and a run that stops with an error both leave no lock; the lock never enters the
     run folder (DVC hashes its outputs)."""
     cfg = _cfg(world, tmp_path, epochs=1)
@@ -202,7 +202,7 @@ def test_distill_holds_the_lock_and_removes_it(world, tmp_path):
     assert not Path(lock_path(str(cfg.run_dir))).exists()
 
 
-def test_second_resume_on_one_run_folder_is_refused(world, tmp_path, monkeypatch):
+def test_second_resume_on_one_run_folder_is_refused(world, tmp_path, monkeypatch):  # noqa: F811
     """While one writer holds a run folder, `distill --resume` (in process and from the command line)
     stops before touching it; after release the resume finishes with every step logged once."""
     import pipeline.train.losses as losses

@@ -62,7 +62,8 @@ def test_param_groups_no_decay_on_norms_biases_pos_cls():
     names = {id(p): n for n, p in s.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
-    assert {"vit.pos_embed", "vit.cls_token", "vit.norm.weight", "vit.blocks.0.attn.qkv.bias", "feature_head.bias"} <= nd
+    assert {"vit.pos_embed", "vit.cls_token", "vit.norm.weight", "vit.blocks.0.attn.qkv.bias",
+            "feature_head.bias"} <= nd
     assert {"vit.blocks.0.attn.qkv.weight", "vit.patch_embed.proj.weight", "feature_head.weight"} <= d
     assert "vit.head.weight" not in d | nd  # frozen classifier stays out
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -100,11 +101,12 @@ def _teacher_batches(n_batches, B=4, seed=0):
         tm = mim.forward_targets(mim.normalize(x01), relation_layers=(4, 5), hidden_layers=(0, 2, 4))
         keep = progressive_keep(tm["hidden"], (0, 2, 4), 0.3)
         tok = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep + 1], 1)
-        rel = torch.stack([tm["relations"][l] for l in (4, 5)], 1)  # [B, 2, H, N, N]
+        rel = torch.stack([tm["relations"][i] for i in (4, 5)], 1)  # [B, 2, H, N, N]
         rel = torch.stack([rel[b][:, :, tok[b]][:, :, :, tok[b]] for b in range(B)])
         feats = disc.forward_targets(disc.normalize(x01), relation_layers=(), hidden_layers=())["features"]
         feats = torch.stack([feats[b, tok[b]] for b in range(B)])
-        batches.append({"image": (x01 - 0.5) / 0.5, "keep_index": keep, "relations": rel.float(), "features": feats.float()})
+        batches.append({"image": (x01 - 0.5) / 0.5, "keep_index": keep, "relations": rel.float(),
+                        "features": feats.float()})
     return batches
 
 
@@ -119,12 +121,12 @@ def test_loss_decreases_on_real_teacher_targets():
     for step in range(32):
         b = batches[step % len(batches)]
         out = s(b["image"], b["keep_index"])
-        l = hybrid_loss(out, b, blocks=s.capture_blocks, head_rule=s.head_rule)
-        assert torch.isfinite(l["loss"])
+        terms = hybrid_loss(out, b, blocks=s.capture_blocks, head_rule=s.head_rule)
+        assert torch.isfinite(terms["loss"])
         opt.zero_grad()
-        l["loss"].backward()
+        terms["loss"].backward()
         opt.step()
-        losses.append(l["loss"].item())
+        losses.append(terms["loss"].item())
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.7 * first, (first, last)
 

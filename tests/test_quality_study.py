@@ -68,7 +68,8 @@ def test_quick_study_runs_end_to_end(tmp_path, capsys):
     for e in curve.values():  # ratios and seed means are what the runs measured
         knn = [views["runs"][k]["knn_top1"] for k in views["runs"] if k.split("-seed")[0] == e_name(curve, e)]
         assert e["knn_top1"]["mean"] == pytest.approx(sum(knn) / len(knn))
-        assert e["of_online"]["knn_top1"] == pytest.approx(e["knn_top1"]["mean"] / curve["long-online"]["knn_top1"]["mean"])
+        assert e["of_online"]["knn_top1"] == pytest.approx(e["knn_top1"]["mean"]
+                                                           / curve["long-online"]["knn_top1"]["mean"])
     rule = views["rule"]
     if rule is not None:  # the smallest V meeting 99% on both metrics, if any does
         ok = [e["views"] for e in curve.values() if e["views"] and min(e["of_online"].values()) >= 0.99]

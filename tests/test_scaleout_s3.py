@@ -94,7 +94,8 @@ def _chain(root: str, images: Path, runs: Path) -> dict:
                                       progress=False))
     steps = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
     return {"manifest": read_manifest(manifest), "mim": mim, "disc": disc, "metrics": metrics,
-            "losses": [(r["step"], r["loss"], r["loss_features"], r["loss_relations"]) for r in steps if "event" not in r]}
+            "losses": [(r["step"], r["loss"], r["loss_features"], r["loss_relations"])
+                       for r in steps if "event" not in r]}
 
 
 def test_the_chain_on_s3_equals_the_chain_on_local_paths(s3, tmp_path, capsys):

@@ -24,7 +24,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _params(world, tmp_path, name, **kw) -> Path:
+def _params(world, tmp_path, name, **kw) -> Path:  # noqa: F811
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
            dict(manifest=world["manifest"], mim_store=world["mim"], disc_store=world["disc"],
                 model="vit_tiny_patch16_224", model_kwargs=STUDENT_KW, epochs=2, batch_size=4, workers=0,
@@ -66,7 +66,7 @@ def _wait(procs, timeout=300) -> list[int]:
     return [p.wait(timeout=timeout) for p in procs]
 
 
-def test_two_nodes_equal_steps_weights_and_one_process_curve(world, tmp_path, monkeypatch):
+def test_two_nodes_equal_steps_weights_and_one_process_curve(world, tmp_path, monkeypatch):  # noqa: F811
     params = _params(world, tmp_path, "nodes")
     codes = _wait(_nodes(params, free_port()))
     assert codes == [0, 0], params.with_suffix(".node0.log").read_text()[-3000:]
@@ -87,7 +87,7 @@ def test_two_nodes_equal_steps_weights_and_one_process_curve(world, tmp_path, mo
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
-def test_killed_node_ends_the_other_and_resume_continues(world, tmp_path):
+def test_killed_node_ends_the_other_and_resume_continues(world, tmp_path):  # noqa: F811
     reference = _params(world, tmp_path, "reference", epochs=10)
     assert _wait(_nodes(reference, free_port())) == [0, 0]
     params = _params(world, tmp_path, "killed", epochs=10, checkpoint_every=1)

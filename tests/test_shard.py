@@ -145,7 +145,8 @@ def test_flat_folder_is_unlabeled_and_jpeg_reencode(tmp_path):
     png_src.save(expected, format="JPEG", quality=70)
     assert b["image"] == expected.getvalue()
     with tarfile.open(m.shard_url(0)) as t:
-        assert [x.name for x in t.getmembers()] == ["000000000.jpg", "000000000.json", "000000001.jpg", "000000001.json"]
+        assert [x.name for x in t.getmembers()] == ["000000000.jpg", "000000000.json",
+                                                    "000000001.jpg", "000000001.json"]
 
 
 def _broken_files(folder):
@@ -554,7 +555,8 @@ def _boxes(man):
             for member in t.getmembers():
                 if member.name.endswith(".json"):
                     meta = json.loads(t.extractfile(member).read())
-                    box = tuple(int(v) for v in re.search(r"crop \((\d+), (\d+), (\d+), (\d+)\)", meta["source"]).groups())
+                    box = tuple(int(v) for v in
+                                re.search(r"crop \((\d+), (\d+), (\d+), (\d+)\)", meta["source"]).groups())
                     out.setdefault(meta["name"].split("/")[0], []).append(box)
     return out
 
@@ -610,7 +612,8 @@ def test_sample_rerun_is_a_no_op_and_rebuild_is_identical(tmp_path, capfd):
 def test_sample_counts_are_parameters(tmp_path):
     path = shard(_cfg(sample=True, out_dir=str(tmp_path / "s"), manifest=str(tmp_path / "tiny.json"),
                       sample_train=40, sample_probe_train=2, sample_probe_test=1, shard_size=16, name="tiny"))
-    assert [read_manifest(p).total for p in (path, tmp_path / "tiny-probe-train.json", tmp_path / "tiny-probe-test.json")] == [40, 20, 10]
+    assert [read_manifest(p).total
+            for p in (path, tmp_path / "tiny-probe-train.json", tmp_path / "tiny-probe-test.json")] == [40, 20, 10]
     assert [s.count for s in read_manifest(path).shards] == [16, 16, 8]
 
 

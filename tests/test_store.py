@@ -27,7 +27,8 @@ N, S, V, T = 10, 4, 2, 17  # samples, shard size (shards 4 + 4 + 2), views, toke
 
 def _manifest(total=N, size=S) -> Manifest:
     shards = tuple(
-        ShardInfo(url=f"sample-{k:06d}.tar", count=min(size, total - k * size), first_index=k * size, sha256=f"{k:064x}")
+        ShardInfo(url=f"sample-{k:06d}.tar", count=min(size, total - k * size), first_index=k * size,
+                  sha256=f"{k:064x}")
         for k in range((total + size - 1) // size)
     )
     return Manifest(name="sample", shard_size=size, total=total, shards=shards, class_map=None)
@@ -171,7 +172,8 @@ def test_zarr_layout_chunks_shards_and_attributes(tmp_path, targets):
     attrs = g.attrs["hdpipe"]
     assert attrs["schema_version"] == SCHEMA_VERSION and attrs["manifest_digest"] == _manifest().digest()
     assert attrs["total"] == N and attrs["shard_size"] == S and attrs["num_shards"] == 3 and attrs["views"] == V
-    assert attrs["arrays"]["relations"] == {"shape_tail": [2, 3, T, T], "dtype": "float32", "precision": "int8", "per_view": True}
+    assert attrs["arrays"]["relations"] == {"shape_tail": [2, 3, T, T], "dtype": "float32", "precision": "int8",
+                                            "per_view": True}
     assert sorted(os.listdir(tmp_path / "t.zarr" / "done")) == ["000000.json", "000001.json", "000002.json"]
 
 
@@ -337,7 +339,8 @@ def test_create_validation(tmp_path):
     with pytest.raises(StoreError, match="unknown precision 'fp8'"):
         TargetStore.create(url, _attrs("fp8"), _specs("fp16"), _manifest(), V)
     with pytest.raises(StoreError, match="'relations' has precision 'int8' but the store's precision is 'fp16'"):
-        TargetStore.create(url, _attrs("fp16"), {**_specs(), "relations": ArraySpec((2, 3, T, T), "float32", "int8")}, _manifest(), V)
+        TargetStore.create(url, _attrs("fp16"), {**_specs(), "relations": ArraySpec((2, 3, T, T), "float32", "int8")},
+                           _manifest(), V)
     with pytest.raises(StoreError, match="set by the store"):
         TargetStore.create(url, _attrs(total=5), _specs(), _manifest(), V)
     with pytest.raises(StoreError, match="collide"):
@@ -358,7 +361,8 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     other = tmp_path / "not_a_store"
     other.mkdir()
     (other / "keep.txt").write_text("user data")
-    with pytest.raises(StoreError, match=r"not an hdpipe target store \(or its creation was interrupted\); pass --overwrite"):
+    with pytest.raises(StoreError,
+                       match=r"not an hdpipe target store \(or its creation was interrupted\); pass --overwrite"):
         TargetStore.create(str(other), _attrs(), _specs(), _manifest(), V)
     assert (other / "keep.txt").read_text() == "user data"
 

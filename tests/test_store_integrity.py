@@ -141,7 +141,7 @@ def test_distill_on_a_damaged_store_is_one_line_and_trains_nothing(world, tmp_pa
     assert "shard 0 of array 'relations' is damaged" in err[-1] and "Traceback" not in "\n".join(err)
     assert not (runs / "t" / "student").exists()
     log = runs / "t" / "log.jsonl"
-    assert not log.exists() or not [l for l in log.read_text().splitlines() if '"loss"' in l]
+    assert not log.exists() or not [line for line in log.read_text().splitlines() if '"loss"' in line]
 
 
 def test_q1pct_store_is_checked_too(world, tmp_path):
@@ -177,7 +177,8 @@ def test_a_full_disk_during_extraction_is_one_line_and_trusts_nothing_half_writt
     capsys.readouterr()
     assert _hdpipe(_extract_args(world["manifest"], out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("hdpipe: error: cannot write") and "(ENOSPC)" in err[-1] and "Traceback" not in "\n".join(err)
+    assert (err[-1].startswith("hdpipe: error: cannot write") and "(ENOSPC)" in err[-1]
+            and "Traceback" not in "\n".join(err))
     assert sorted(p.name for p in (out / "done").iterdir()) == ["000000.json"]
     monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
     assert _hdpipe(_extract_args(world["manifest"], out)) == 0

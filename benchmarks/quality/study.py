@@ -101,7 +101,8 @@ class Study:
             return {**out, "sizes": sizes}
 
         sizes = [a.distill_images, a.probe_images, a.test_images, a.shard_size]
-        if "data" in self.results and self.results["data"].get("sizes") != sizes:  # resized study: new splits, same teachers
+        # resized study: new splits, same teachers
+        if "data" in self.results and self.results["data"].get("sizes") != sizes:
             del self.results["data"]
         return self.step("data", make)
 
@@ -140,7 +141,8 @@ class Study:
         out = {kind: self.step(f"teacher-{kind}", train(kind)) for kind in ("mim", "disc")}
         for kind in ("mim", "disc"):
             spec = self.teacher_spec(out[kind]["checkpoint"])
-            out[kind]["eval"] = self.step(f"eval-teacher-{kind}", lambda spec=spec, kind=kind: self.evaluate(spec, f"teacher-{kind}"))
+            out[kind]["eval"] = self.step(f"eval-teacher-{kind}",
+                                          lambda spec=spec, kind=kind: self.evaluate(spec, f"teacher-{kind}"))
         return out
 
     # ---- 3. extraction --------------------------------------------------------------------------
@@ -153,7 +155,8 @@ class Study:
                       progress=False)
         sections = {"extract_mim": {**common, "role": "mim", "name": "mim", "checkpoint": teachers["mim"]["checkpoint"],
                                     "views": self.args.views, "seed": 0},
-                    "extract_disc": {**common, "role": "disc", "name": "disc", "checkpoint": teachers["disc"]["checkpoint"],
+                    "extract_disc": {**common, "role": "disc", "name": "disc",
+                                     "checkpoint": teachers["disc"]["checkpoint"],
                                      "mim_store": str(self.work / "targets" / "mim.zarr")}}
         path = self.work / "params.yaml"
         path.write_text(yaml.safe_dump(sections, sort_keys=False))
@@ -172,9 +175,9 @@ class Study:
                 from pipeline.targets.store import TargetStore
 
                 store = TargetStore.open(url)
-                out[section] = {"url": url, "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(_cpu() - c0, 2),
-                                "bytes_per_view": bytes_per_view(store)["total"], "views": store.views,
-                                "images": store.total}
+                out[section] = {"url": url, "wall_s": round(time.perf_counter() - t0, 2),
+                                "cpu_s": round(_cpu() - c0, 2), "bytes_per_view": bytes_per_view(store)["total"],
+                                "views": store.views, "images": store.total}
             return out
 
         return self.step("extract", run)
@@ -239,8 +242,8 @@ class Study:
                                   num_images=min(64, a.test_images), out_dir=str(self.work / "analyze" / label),
                                   device=a.device, progress=False, **teacher))["models"][label]
         dist = np.array(r["attention_distance"])  # [L, H] pixels
-        return {"knn_top1": m["knn"]["top1"], "linear_top1": m["linear"]["top1"], "finetune_top1": m["finetune"]["top1"],
-                "attention_distance_mean": float(dist.mean()),
+        return {"knn_top1": m["knn"]["top1"], "linear_top1": m["linear"]["top1"],
+                "finetune_top1": m["finetune"]["top1"], "attention_distance_mean": float(dist.mean()),
                 "attention_distance_head_spread": float(dist.std(axis=1).mean()),
                 "nmi_mean": float(np.mean(r["nmi"])), "eval_wall_s": round(time.perf_counter() - t0, 2),
                 "eval_cpu_s": round(_cpu() - c0, 2)}
@@ -268,10 +271,12 @@ def run(args) -> dict:
     students["online-hybrid"] = study.distill("online-hybrid", data, stores, params, source="online", base_lr=lr)
     for n in args.views_sweep:
         if n != V:
-            students[f"hybrid-views{n}"] = study.distill(f"hybrid-views{n}", data, stores, params, base_lr=lr, views_used=n)
+            students[f"hybrid-views{n}"] = study.distill(f"hybrid-views{n}", data, stores, params, base_lr=lr,
+                                                         views_used=n)
     students[f"hybrid-views{V}"] = students[f"hybrid-lr{lr:g}"]
     for alpha in args.alphas:
-        students[f"hybrid-alpha{alpha:g}"] = study.distill(f"hybrid-alpha{alpha:g}", data, stores, params, base_lr=lr, alpha=alpha)
+        students[f"hybrid-alpha{alpha:g}"] = study.distill(f"hybrid-alpha{alpha:g}", data, stores, params, base_lr=lr,
+                                                           alpha=alpha)
     for beta in args.betas:  # SmoothL1 beta: the paper states none; dBOT, whose recipe it follows, uses 2.0
         students[f"hybrid-beta{beta:g}"] = study.distill(f"hybrid-beta{beta:g}", data, stores, params, base_lr=lr,
                                                          smoothl1_beta=beta)
@@ -279,7 +284,8 @@ def run(args) -> dict:
         for label, kw in {"hybrid": {"base_lr": lr}, "online-hybrid": {"source": "online", "base_lr": lr},
                           "disc_only": {"teachers": "disc_only", "base_lr": best["disc_only"]},
                           "mim_only": {"teachers": "mim_only", "base_lr": best["mim_only"]}}.items():
-            students[f"{label}-seed{seed}"] = study.distill(f"{label}-seed{seed}", data, stores, params, seed=seed, **kw)
+            students[f"{label}-seed{seed}"] = study.distill(f"{label}-seed{seed}", data, stores, params,
+                                                            seed=seed, **kw)
     # The comparison the product rests on, cached vs online hybrid with every seed, gets a longer
     # fine-tune (and the teachers, for scale).
     key = {f"teacher-{kind}": study.teacher_spec(teachers[kind]["checkpoint"]) for kind in ("mim", "disc")}
@@ -313,14 +319,17 @@ def summarize(study: Study, teachers: dict, stores: dict, students: dict, best: 
         "finetune_long": {label: r["finetune_top1"] for label, r in long.items()},
         "comparison": {
             "cached_over_online_finetune": cached["finetune_top1"] / online["finetune_top1"],
-            "cached_over_online_finetune_long": long[f"hybrid-lr{lr:g}"]["finetune_top1"] / long["online-hybrid"]["finetune_top1"],
+            "cached_over_online_finetune_long": (long[f"hybrid-lr{lr:g}"]["finetune_top1"]
+                                                 / long["online-hybrid"]["finetune_top1"]),
             "cached_over_online_knn": cached["knn_top1"] / online["knn_top1"],
             "single_run": {"cached_train_wall_s": cached["train_wall_s"], "extract_wall_s": extract_s,
                            "online_train_wall_s": online["train_wall_s"],
-                           "online_over_cached_with_extraction": online["train_wall_s"] / (cached["train_wall_s"] + extract_s)},
+                           "online_over_cached_with_extraction": (online["train_wall_s"]
+                                                                  / (cached["train_wall_s"] + extract_s))},
             "study_path": {
                 "cached_runs": len(cached_train), "cached_wall_s": extract_s + sum(cached_train),
-                "cached_cpu_s": extract_cpu + sum(r["train_cpu_s"] for k, r in runs.items() if not k.startswith("online")),
+                "cached_cpu_s": extract_cpu + sum(r["train_cpu_s"] for k, r in runs.items()
+                                                  if not k.startswith("online")),
                 # every cached run done online instead: its measured online run time times the run count
                 "online_projected_wall_s": float(np.mean(online_train)) * len(cached_train),
             },
@@ -343,7 +352,8 @@ def write_outputs(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for metric, style in (("finetune_top1", "-o"), ("knn_top1", "-s"), ("linear_top1", "-^")):
         ax.plot(views, [s[f"hybrid-views{v}"][metric] for v in views], style, label=f"cached {metric[:-5]}")
-        ax.axhline(s["online-hybrid"][metric], ls="--", lw=1, color=ax.lines[-1].get_color(), label=f"online {metric[:-5]}")
+        ax.axhline(s["online-hybrid"][metric], ls="--", lw=1, color=ax.lines[-1].get_color(),
+                   label=f"online {metric[:-5]}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(views, [str(v) for v in views])
     ax.set_xlabel("stored views per image used (views_used)")
@@ -367,8 +377,8 @@ def table(report: dict) -> str:
     def row(name: str, lr: str, r: dict, key: str, seconds: float) -> str:
         f = f"{long[key]:.3f}" if key in long else "-"
         return (f"| {name} | {lr} | {r['knn_top1']:.3f} | {r['linear_top1']:.3f} | {r['finetune_top1']:.3f} | {f} | "
-                f"{r['attention_distance_mean']:.2f} | {r['attention_distance_head_spread']:.2f} | {r['nmi_mean']:.3f} | "
-                f"{seconds:.0f} |")
+                f"{r['attention_distance_mean']:.2f} | {r['attention_distance_head_spread']:.2f} | "
+                f"{r['nmi_mean']:.3f} | {seconds:.0f} |")
 
     for name, t in report["teachers"].items():
         rows.append(row(f"teacher {name}", "-", t["eval"], f"teacher-{name}", t["wall_s"]))
@@ -389,8 +399,8 @@ def main(argv=None) -> dict:
     # raise distill_images, probe_images and student_epochs; nothing else depends on them.
     full = dict(pretrain_images=20000, mae_epochs=12, sup_epochs=4, distill_images=2000, probe_images=2000,
                 test_images=1000, shard_size=250, views=8, views_sweep=(1, 2, 4, 8), student_epochs=8, batch_size=128,
-                lrs=(2e-3, 6e-3, 2e-2), alphas=(0.1, 0.3), betas=(2.0,), seeds=(0, 1), finetune_epochs=2, finetune_lr=2e-3,
-                long_finetune_epochs=5)
+                lrs=(2e-3, 6e-3, 2e-2), alphas=(0.1, 0.3), betas=(2.0,), seeds=(0, 1), finetune_epochs=2,
+                finetune_lr=2e-3, long_finetune_epochs=5)
     quick = dict(pretrain_images=96, mae_epochs=1, sup_epochs=1, distill_images=48, probe_images=40, test_images=20,
                  shard_size=16, views=2, views_sweep=(1, 2), student_epochs=1, batch_size=8, lrs=(2e-3, 2e-2),
                  alphas=(0.3,), betas=(2.0,), seeds=(0, 1), finetune_epochs=1, finetune_lr=2e-3,

@@ -48,7 +48,8 @@ def _augment(x: torch.Tensor, rng: np.random.Generator, crop: bool) -> torch.Ten
 
 
 def _schedule(opt, step: int, total: int, warmup: int, lr: float) -> None:
-    value = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    value = (lr * (step + 1) / warmup if step < warmup
+             else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
     for g in opt.param_groups:
         g["lr"] = value
 

@@ -115,7 +115,8 @@ def summarize(args, study: Study, stores: dict, sweep: dict, lr: float, runs: di
     path["online_over_cached_wall"] = path["online_wall_s"] / path["cached_wall_s"]
     path["online_over_cached_cpu"] = path["online_cpu_s"] / path["cached_cpu_s"]
     return {"setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-            "lr_sweep": {f"{k:g}": {m: v[m] for m in ("knn_top1", "linear_top1", "finetune_top1")} for k, v in sweep.items()},
+            "lr_sweep": {f"{k:g}": {m: v[m] for m in ("knn_top1", "linear_top1", "finetune_top1")}
+                         for k, v in sweep.items()},
             "best_lr": lr, "runs": runs, "curve": curve, "rule": rule, "rule_fraction": RULE_FRACTION, "cost": cost,
             "bytes_per_view": per_view}
 

@@ -98,7 +98,8 @@ class Manifest:
         if urls.is_absolute(url):
             return url
         if self.path is None:
-            raise ManifestError(f"manifest {self.name!r} has relative shard URL {url!r} but no file location to resolve it")
+            raise ManifestError(f"manifest {self.name!r} has relative shard URL {url!r} but no file location "
+                                "to resolve it")
         return urls.join(urls.parent(self.path), url)
 
     def shard_urls(self, shard_ids=None) -> list[str]:
@@ -145,7 +146,8 @@ def _need(d: dict, key: str, types: tuple, where: str, prefix: str = "") -> Any:
     if isinstance(value, bool) and bool not in types:
         raise _fail(where, prefix + key, f"expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
     if not isinstance(value, types):
-        raise _fail(where, prefix + key, f"expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__} {value!r}")
+        raise _fail(where, prefix + key,
+                    f"expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -186,7 +188,8 @@ def manifest_from_dict(doc: Any, where: str = "<memory>", path: str | None = Non
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise _fail(where, p + "sha256", f"expected 64 lowercase hex digits, got {sha!r}")
         if first != next_index:
-            raise _fail(where, p + "first_index", f"is {first}, expected {next_index}: index ranges must be contiguous from 0")
+            raise _fail(where, p + "first_index",
+                        f"is {first}, expected {next_index}: index ranges must be contiguous from 0")
         if first != k * shard_size:
             raise _fail(where, p + "first_index", f"is {first}, expected k*shard_size = {k * shard_size}")
         last = k == len(raw_shards) - 1
@@ -244,7 +247,8 @@ def read_manifest(path_or_url: str | os.PathLike) -> Manifest:
         with fs.open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise ManifestError(f"manifest {url} not found; write it with `hdpipe shard` (e.g. `hdpipe shard --sample`)") from None
+        raise ManifestError(f"manifest {url} not found; write it with `hdpipe shard` "
+                            "(e.g. `hdpipe shard --sample`)") from None
     except PermissionError:
         raise ManifestError(f"manifest {url} is not readable (permission denied)") from None
     try:
@@ -297,7 +301,8 @@ def verify_shards(manifest: Manifest, check_hashes: bool = True, shard_ids=None)
             try:
                 got = sha256_of(url)
             except PermissionError:
-                raise ManifestError(f"manifest {where}: shard {k} tar {url} is not readable (permission denied)") from None
+                raise ManifestError(f"manifest {where}: shard {k} tar {url} is not readable "
+                                    "(permission denied)") from None
             if got != manifest.shards[k].sha256:
                 raise ManifestError(f"manifest {where}: shard {k} tar {url} has sha256 {got[:16]}..., manifest "
                                     f"records {manifest.shards[k].sha256[:16]}...: the tar changed since it was "

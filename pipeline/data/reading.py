@@ -236,7 +236,8 @@ def iter_shard(manifest: Manifest, k: int, decode: bool = True) -> Iterator[dict
     `read_shard_records` to get a whole verified shard before using any record.
     """
     if not 0 <= k < manifest.num_shards:
-        raise ManifestError(f"shard {k} outside 0..{manifest.num_shards - 1} of manifest {manifest.path or manifest.name}")
+        raise ManifestError(f"shard {k} outside 0..{manifest.num_shards - 1} of manifest "
+                            f"{manifest.path or manifest.name}")
     info = manifest.shards[k]
     yield from _indexed_samples(manifest.shard_url(k), info.first_index, info.count, decode, info.sha256,
                                 where=f"shard {k} of manifest {manifest.path or manifest.name}",

@@ -276,13 +276,15 @@ def refuse_existing(out_dir: str, name: str, manifest_path: str, overwrite: bool
     fs, path = fs_and_path(urls.join(out_dir, shard_filename(name, 0)))
     existing = [path] if fs.exists(path) else []
     if not existing and not urls.is_remote(out_dir) and os.path.isdir(out_dir):
-        existing = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")))
+        existing = sorted(glob.glob(os.path.join(glob.escape(out_dir),
+                                                 f"{glob.escape(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")))
     if existing:
         raise ShardError(f"output shard {existing[0]} already exists; pass --overwrite to replace the dataset "
                          f"'{name}' or choose another --name/--out-dir")
     mfs, mpath = fs_and_path(manifest_path)
     if mfs.exists(mpath):
-        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it or choose --manifest")
+        raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it "
+                         "or choose --manifest")
 
 
 def remove_stale(out_dir: str, name: str, n_shards: int) -> None:

@@ -53,10 +53,12 @@ def analyze_model(teacher, manifest: str, label: str, *, num_images: int = 64, l
             tokens = out["block"][layer].float()  # [B, N, D] output of block `layer`
             num_prefix = attn.shape[-1] - grid[0] * grid[1]
             # Each metric is a mean over the batch; weight by b so the total is a mean over images.
-            sums["attention_distance"][i] = sums["attention_distance"][i] + b * analysis.attention_distance(attn, grid, patch_px, num_prefix)
+            sums["attention_distance"][i] = (sums["attention_distance"][i]
+                                             + b * analysis.attention_distance(attn, grid, patch_px, num_prefix))
             sums["nmi"][i] = sums["nmi"][i] + b * analysis.attention_nmi(attn, num_prefix)
             sums["entropy"][i] = sums["entropy"][i] + b * analysis.attention_entropy(attn, num_prefix)
-            sums["spectrum_token"][i] = sums["spectrum_token"][i] + b * analysis.singular_spectrum(tokens, "token", num_prefix)
+            sums["spectrum_token"][i] = (sums["spectrum_token"][i]
+                                         + b * analysis.singular_spectrum(tokens, "token", num_prefix))
             pooled[i].append(pool_tokens(tokens, pooling, num_prefix))
         n += b
         batch.clear()

@@ -58,7 +58,8 @@ def img_side(teacher) -> int:
 
 
 def iter_images(manifest_path: str, limit: int | None = None, progress: bool = True, desc: str = "images"):
-    """Yield (upright RGB image, label int (-1 unlabeled), index) in index order over the manifest's shards, at most `limit`."""
+    """Yield (upright RGB image, label int (-1 unlabeled), index) in index order over the manifest's
+    shards, at most `limit`."""
     from pipeline.data.reading import read_shard_records
     from pipeline.data.images import decode_image
     from pipeline.data.manifest import read_manifest

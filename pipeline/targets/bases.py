@@ -51,8 +51,8 @@ class ChannelBases:
             return None
         basis = np.asarray(arr[...])
         if digest(basis) != meta.get("digest"):
-            raise StoreError(f"target store {self.store.url}: the channel basis of {name!r} does not match its recorded "
-                             "digest (damaged); re-extract the store with `hdpipe extract --overwrite`")
+            raise StoreError(f"target store {self.store.url}: the channel basis of {name!r} does not match its "
+                             "recorded digest (damaged); re-extract the store with `hdpipe extract --overwrite`")
         self._cache[name] = basis
         return basis
 

@@ -156,7 +156,8 @@ def encode(x: np.ndarray, view_axes: int, channel_basis: np.ndarray | None = Non
     if kind == "channels":
         channel_basis = np.asarray(channel_basis, dtype=np.int64)
         if channel_basis.ndim != 2 or channel_basis.shape[0] != body[-1]:
-            raise StoreError(f"channel basis has shape {channel_basis.shape}, the array's rows have {body[-1]} channels")
+            raise StoreError(f"channel basis has shape {channel_basis.shape}, the array's rows have "
+                             f"{body[-1]} channels")
     axes = tuple(range(view_axes, x.ndim))
     # The step must keep residual codes in int16: bound it by what is left after the means.
     resid = x - x.mean(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)

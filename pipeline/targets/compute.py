@@ -67,13 +67,13 @@ def mim_batch(teacher, x, layers: tuple[int, ...], extras: tuple[str, ...], rati
     if not layers:
         return res
     tok = token_index(chosen, num_patches, tokens, x.shape[0], x.device)
-    rel = torch.stack([token_relations(*out["qk"][l], tok) for l in layers], dim=1)  # [B, nL, H, T, T]
+    rel = torch.stack([token_relations(*out["qk"][i], tok) for i in layers], dim=1)  # [B, nL, H, T, T]
     res["relations"] = rel
     if "attention" in extras:
         # Softmax over the stored token set: what a student that sees only these tokens can match.
         res["attention"] = torch.softmax(rel * teacher.head_dim ** -0.5, dim=-1)
     if "block_features" in extras:
-        res["block_features"] = torch.stack([gather_tokens(out["block"][l].float(), tok) for l in layers], dim=1)
+        res["block_features"] = torch.stack([gather_tokens(out["block"][i].float(), tok) for i in layers], dim=1)
     return res
 
 

@@ -43,7 +43,9 @@ from pipeline.targets import quant
 # Bump when the layout or attribute meaning changes; open() refuses others. 2: crc32c per chunk and
 # file lengths in done markers (version 1 stores cannot be checked, so they are rebuilt).
 SCHEMA_VERSION = 2
-ZSTD_LEVEL = 3  # zstd level of fp16/int8/exact chunks (its default): int8 codes are as small as at 5, fp16 5% bigger, writes 2-3x faster
+# zstd level of fp16/int8/exact chunks (its default): int8 codes are as small as at 5, fp16 5% bigger,
+# writes 2-3x faster
+ZSTD_LEVEL = 3
 # q1pct residual codes at level 7: 6% smaller than at 3 (measured on ViT-B relations), decoded as
 # fast, encoded ~3x slower (still below the codec's own time); levels 9+ gain <0.5% more. Blosc
 # blocks of 64 KiB (vs its default for the chunk) save another 2-3% on relations.
@@ -112,7 +114,8 @@ def shard_table(manifest: Any) -> tuple[int, int, list[int], str]:
         total, size, shards = int(manifest.total), int(manifest.shard_size), list(manifest.shards)
         digest = manifest.digest()
     except AttributeError as e:
-        raise StoreError(f"TargetStore.create needs a pipeline.data.manifest.Manifest, got {type(manifest).__name__}: {e}") from None
+        raise StoreError("TargetStore.create needs a pipeline.data.manifest.Manifest, "
+                         f"got {type(manifest).__name__}: {e}") from None
 
     def field(s, key):
         return s[key] if isinstance(s, Mapping) else getattr(s, key)
@@ -128,7 +131,8 @@ def shard_table(manifest: Any) -> tuple[int, int, list[int], str]:
             )
         counts.append(count)
     if sum(counts) != total:
-        raise StoreError(f"manifest shards hold {sum(counts)} samples but total is {total}; re-make it with `hdpipe shard`")
+        raise StoreError(f"manifest shards hold {sum(counts)} samples but total is {total}; "
+                         "re-make it with `hdpipe shard`")
     return total, size, counts, str(digest)
 
 
@@ -167,9 +171,11 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
             raise StoreError(f"array name {name!r} is not a valid store array name")
         if spec.precision != quant.LOSSLESS:
             if spec.precision != precision:
-                raise StoreError(f"array {name!r} has precision {spec.precision!r} but the store's precision is {precision!r}")
+                raise StoreError(f"array {name!r} has precision {spec.precision!r} but the store's precision "
+                                 f"is {precision!r}")
             if np.dtype(spec.dtype) != np.float32:
-                raise StoreError(f"array {name!r}: lossy precision {spec.precision!r} needs dtype float32, got {spec.dtype}")
+                raise StoreError(f"array {name!r}: lossy precision {spec.precision!r} needs dtype float32, "
+                                 f"got {spec.dtype}")
             quant.part_specs(spec.shape_tail, spec.precision, spec.uses_channel_basis)  # checks rows exist
     stored = [part_name(n, p) for n, s in arrays.items() for p in list(stored_parts(s)) + list(store_parts(s))]
     clash = sorted({x for x in stored if stored.count(x) > 1})
@@ -194,7 +200,8 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
     given = jsonable(dict(attrs))
     for key in STORE_ATTRS:
         if key in given and given[key] != jsonable(own[key]):
-            raise StoreError(f"store attribute {key!r} is set by the store ({own[key]!r}); the caller passed {given[key]!r}")
+            raise StoreError(f"store attribute {key!r} is set by the store ({own[key]!r}); "
+                             f"the caller passed {given[key]!r}")
     full = jsonable({**given, **own})
     full["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return full
@@ -258,7 +265,8 @@ def check_input(spec: ArraySpec, views: int, k: int, name: str, a: np.ndarray, c
     elif a.dtype != np.dtype(spec.dtype):
         cast = a.astype(spec.dtype)
         if not np.array_equal(cast, a):
-            raise StoreError(f"shard {k}: array {name!r} has dtype {a.dtype}; its values do not fit the store's {spec.dtype}")
+            raise StoreError(f"shard {k}: array {name!r} has dtype {a.dtype}; its values do not fit the store's "
+                             f"{spec.dtype}")
         a = cast
     if np.issubdtype(a.dtype, np.floating):
         require_finite(a, f"shard {k}: array {name!r}", "nothing of this shard was stored")

@@ -80,12 +80,12 @@ class TargetStore:
                views: int, overwrite: bool = False) -> "TargetStore":
         """Make the store (driver side, before any task), or reopen it to resume.
 
-        An existing store built with the same attributes (all but `created`) is reopened as is and
-        its done shards stay done (resume), with or without `overwrite`: re-running the same command
-        must never throw finished work away (DVC re-runs a stage with `overwrite: true` after an
-        interruption). One built with other settings is refused with every differing field named,
-        unless `overwrite`, which deletes it and rebuilds the store empty. The `hdpipe` attribute is written last, so a create that died half-way
-        leaves a group without it, which is refused as "not an hdpipe target store" (use overwrite).
+        An existing store built with the same attributes (all but `created`) is reopened as is and its done
+        shards stay done (resume), with or without `overwrite`: re-running the same command must never throw
+        finished work away (DVC re-runs a stage with `overwrite: true` after an interruption). One built with
+        other settings is refused with every differing field named, unless `overwrite`, which deletes it and
+        rebuilds the store empty. The `hdpipe` attribute is written last, so a create that died half-way leaves
+        a group without it, which is refused as "not an hdpipe target store" (use overwrite).
         """
         url = str(url).rstrip("/")
         full = full_attrs(attrs, arrays, manifest, views)

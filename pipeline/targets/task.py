@@ -81,7 +81,8 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
     if teacher.weights_digest != attrs["weights_digest"]:
         raise StoreError(
             f"teacher {task.source.name} on this worker has weights digest {teacher.weights_digest[:12]} but the "
-            f"store {task.store} was created with {attrs['weights_digest'][:12]}; every worker must load the same weights"
+            f"store {task.store} was created with {attrs['weights_digest'][:12]}; every worker must load the "
+            "same weights"
         )
     info = manifest.shards[k]
     # The whole tar is read (and its sha256 checked) before any of it reaches the teacher.

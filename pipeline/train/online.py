@@ -101,7 +101,8 @@ def build_online(mim_ref: str, disc_ref: str | None, *, teachers: str, relation_
     mim = cached_teacher(mim_recipe.source(), device)
     disc = cached_teacher(recipe_from_section(disc_ref).source(), device) if teachers != "mim_only" else None
     if disc is not None and tuple(disc.grid) != tuple(mim.grid):
-        raise ConfigError(f"online teachers disagree on the patch grid: {mim.name} {mim.grid} vs {disc.name} {disc.grid}")
+        raise ConfigError(f"online teachers disagree on the patch grid: {mim.name} {mim.grid} vs "
+                          f"{disc.name} {disc.grid}")
     stored = resolve_layers(mim_recipe.relation_layers, mim.depth)
     layers = () if teachers == "disc_only" else (tuple(relation_layers) or stored)
     n_keep = kept_count(mim.num_patches, mim_recipe.mask_ratio)

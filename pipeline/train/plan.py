@@ -86,7 +86,8 @@ def steps_per_epoch(cfg: LoaderConfig, world_size: int) -> int:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
     counts = sorted(int(v.sum()) for v in _valid(cfg))
     if not cfg.drop_last and world_size != 1:
-        raise ConfigError("loader drop_last=False gives ranks unequal step counts; it is allowed only with world_size 1")
+        raise ConfigError("loader drop_last=False gives ranks unequal step counts; "
+                          "it is allowed only with world_size 1")
     m = len(counts) // world_size
     if m == 0:
         raise ConfigError(
@@ -225,7 +226,8 @@ def plan_epoch(cfg: LoaderConfig, epoch: int, rank: int, world_size: int, skip_b
     if len(batches) < steps:
         raise AssertionError(f"plan has {len(batches)} batches, fewer than steps_per_epoch {steps}")
     return EpochPlan(
-        epoch=epoch, rank=rank, world_size=world_size, workers=tuple(workers), batches=tuple(batches[skip_batches:steps])
+        epoch=epoch, rank=rank, world_size=world_size, workers=tuple(workers),
+        batches=tuple(batches[skip_batches:steps])
     )
 
 

@@ -110,7 +110,8 @@ def _check_vit(model: nn.Module, name: str) -> None:
             f"[CLS] + patches, so register tokens are not supported (reg_tokens=0)"
         )
     if model.num_prefix_tokens != 1:
-        raise ConfigError(f"student model '{name}' has {model.num_prefix_tokens} prefix tokens; exactly 1 (CLS) is needed")
+        raise ConfigError(f"student model '{name}' has {model.num_prefix_tokens} prefix tokens; "
+                          "exactly 1 (CLS) is needed")
     if not isinstance(model.patch_drop, nn.Identity):
         raise ConfigError(
             f"student model '{name}' was built with patch_drop_rate > 0; token dropping is the distill stage's "
@@ -119,7 +120,8 @@ def _check_vit(model: nn.Module, name: str) -> None:
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
             raise ConfigError(
-                f"student model '{name}' block {i + 1} is {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}; "
+                f"student model '{name}' block {i + 1} is "
+                f"{type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}; "
                 f"relations are captured only from timm's plain Block/Attention"
             )
 
