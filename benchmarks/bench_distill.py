@@ -50,8 +50,10 @@ from pathlib import Path
 
 # Teachers and student per geometry: ViT-S on CPU (what this machine can run), ViT-B for a GPU check.
 GEOMETRIES = {
-    "small": {"mim": "timm:vit_small_patch16_224", "disc": "timm:deit_small_patch16_224", "student": "vit_small_patch16_224"},
-    "base": {"mim": "timm:vit_base_patch16_224", "disc": "timm:deit_base_patch16_224", "student": "vit_base_patch16_224"},
+    "small": {"mim": "timm:vit_small_patch16_224", "disc": "timm:deit_small_patch16_224",
+              "student": "vit_small_patch16_224"},
+    "base": {"mim": "timm:vit_base_patch16_224", "disc": "timm:deit_base_patch16_224",
+             "student": "vit_base_patch16_224"},
 }
 TARGETS = {"cached_over_ceiling": 0.90, "cached_over_online": 2.3}
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -148,7 +150,8 @@ def phase_ceiling(args, data) -> dict:
     cfg = distill_config(args, data, "ceiling")
     run = _setup(cfg)
     # Already on the device: the ceiling has no loading and no host-to-device copy.
-    mem = [{k: v.to(run.device) for k, v in b.items()} for b in _batches_in_memory(run.loader_cfg, min(args.steps + 1, 8))]
+    mem = [{k: v.to(run.device) for k, v in b.items()}
+           for b in _batches_in_memory(run.loader_cfg, min(args.steps + 1, 8))]
     return _timed_steps(cfg, lambda run: (mem[i % len(mem)] for i in range(args.steps + 1)), args.steps)
 
 
@@ -287,19 +290,24 @@ def main() -> None:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             rounds[phase].append(res)
             load.append(os.getloadavg()[0])
-            print(f"round {r + 1} {phase:8s} {res['images_per_s']:8.3f} img/s  {res['cpu_s_per_image']:7.3f} CPU-s/img  "
+            print(f"round {r + 1} {phase:8s} {res['images_per_s']:8.3f} img/s  "
+                  f"{res['cpu_s_per_image']:7.3f} CPU-s/img  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB  (load {load[-1]:.1f})", flush=True)
     speed = {k: spread([x["images_per_s"] for x in v]) for k, v in rounds.items()}
     cpu = {k: spread([x["cpu_s_per_image"] for x in v]) for k, v in rounds.items()}
     # Ratios within a round (phases of one round run back to back), then their spread over rounds.
     per_round = {
-        "cached_over_ceiling": [c["images_per_s"] / a["images_per_s"] for a, c in zip(rounds["ceiling"], rounds["cached"])],
-        "cached_over_online": [c["images_per_s"] / o["images_per_s"] for o, c in zip(rounds["online"], rounds["cached"])],
+        "cached_over_ceiling": [c["images_per_s"] / a["images_per_s"]
+                                for a, c in zip(rounds["ceiling"], rounds["cached"])],
+        "cached_over_online": [c["images_per_s"] / o["images_per_s"]
+                               for o, c in zip(rounds["online"], rounds["cached"])],
     }
     ratios = {k: spread(v) for k, v in per_round.items()}
     cpu_ratios = {  # speed = 1 / CPU-s per image
-        "cached_over_ceiling": spread([a["cpu_s_per_image"] / c["cpu_s_per_image"] for a, c in zip(rounds["ceiling"], rounds["cached"])]),
-        "cached_over_online": spread([o["cpu_s_per_image"] / c["cpu_s_per_image"] for o, c in zip(rounds["online"], rounds["cached"])]),
+        "cached_over_ceiling": spread([a["cpu_s_per_image"] / c["cpu_s_per_image"]
+                                       for a, c in zip(rounds["ceiling"], rounds["cached"])]),
+        "cached_over_online": spread([o["cpu_s_per_image"] / c["cpu_s_per_image"]
+                                      for o, c in zip(rounds["online"], rounds["cached"])]),
     }
     loader_cpu = cpu["loader"]["median"]
     ca = cpu["ceiling"]["median"]
@@ -330,12 +338,14 @@ def main() -> None:
         "integrity": integrity,
         "peak_cuda_mb": peak_cuda if torch.cuda.is_available() else None,
         "load_average_1min": load,
-        "setup": {"geometry": args.geometry, "mim_teacher": g["mim"], "disc_teacher": g["disc"], "student": g["student"],
+        "setup": {"geometry": args.geometry, "mim_teacher": g["mim"], "disc_teacher": g["disc"],
+                  "student": g["student"],
                   "weights": "random init", "images": args.images, "batch": args.batch, "timed_steps": args.steps,
                   "workers": args.workers, "threads": args.threads, "rounds": args.rounds,
                   "tokens": "kept: [CLS] + 67 of 196 patches (progressive, K=0.3)", "relation_layers": [10, 11],
                   "store_precision": "fp16", "extract_seconds": round(data["extract_s"], 2)},
-        "machine": {"device": args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
+        "machine": {"device": args.device if args.device != "auto"
+                    else ("cuda" if torch.cuda.is_available() else "cpu"),
                     "cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -352,8 +362,9 @@ def main() -> None:
         print(f"{k:22s} wall {r['min']:5.2f} / {r['median']:5.2f} / {r['max']:5.2f}  "
               f"(target >= {TARGETS[k]} in every round: {'met' if r['min'] >= TARGETS[k] else 'NOT met'})")
     print(f"loader alone: {loader_cpu:.4f} CPU-s/img -> ceiling/(ceiling + loader) = {ca / (ca + loader_cpu):.2f}")
-    print(f"integrity check: {1e3 * integrity['hash_s_per_image']:.3f} ms/img = {100 * integrity['share_of_loader']:.2f}% "
-          f"of the loader's time, {100 * integrity['share_of_cached']:.2f}% of stage two's (target <= 3%, first epoch only)")
+    print(f"integrity check: {1e3 * integrity['hash_s_per_image']:.3f} ms/img = "
+          f"{100 * integrity['share_of_loader']:.2f}% of the loader's time, {100 * integrity['share_of_cached']:.2f}% "
+          "of stage two's (target <= 3%, first epoch only)")
     if torch.cuda.is_available():
         print("peak CUDA memory MB: " + ", ".join(f"{k} {v:.0f}" for k, v in peak_cuda.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,12 +36,15 @@ from pipeline.urls import atomic_write_bytes
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
-    models: tuple[str, ...] = ()  # subjects: student:DIR (distill export) and/or teacher names (mae, clip, timm:NAME, open_clip:NAME[:TAG])
+    # subjects: student:DIR (distill export) and/or teacher names (mae, clip, timm:NAME, open_clip:NAME[:TAG])
+    models: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()  # legend names, one per model in order; empty = derived from the specs
     checkpoint: str | None = None  # teacher only: local weights file (allowed with exactly one teacher model)
     random_init: bool = False  # teachers only: random weights (the untrained reference); students keep theirs
-    model_kwargs: dict = field(default_factory=dict)  # teachers only: constructor overrides, e.g. {img_size: 64, patch_size: 8}
-    mean: tuple[float, float, float] | None = None  # teachers only: normalization mean overriding the teacher's config (a teacher trained with its own), RGB 0-1
+    # teachers only: constructor overrides, e.g. {img_size: 64, patch_size: 8}
+    model_kwargs: dict = field(default_factory=dict)
+    # teachers only: normalization mean overriding the teacher's config (a teacher trained with its own), RGB 0-1
+    mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None  # teachers only: normalization std overriding the teacher's config
     manifest: str = "manifests/sample-probe-test.json"  # images to analyze (labels unused)
     num_images: int = 64  # the first N images of the manifest (all when it holds fewer)

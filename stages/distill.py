@@ -72,17 +72,24 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DistillConfig:
     manifest: str = "manifests/sample.json"  # dataset manifest JSON the stores were extracted from
-    source: Literal["cache", "online"] = "cache"  # where targets come from: the stores (hdpipe), or both teachers run at every step (the baseline it replaces)
+    # where targets come from: the stores (hdpipe), or both teachers run at every step (the baseline it replaces)
+    source: Literal["cache", "online"] = "cache"
     mim_store: str | None = "targets/mae.zarr"  # MIM teacher store URL (relations, masks); None = disc_only
     disc_store: str | None = "targets/clip.zarr"  # discriminative teacher store URL (features); None = mim_only
-    online_mim: str = "params.yaml:extract_mim"  # online: FILE:SECTION describing the MIM teacher, view plan and masks, as for hdpipe extract
+    # online: FILE:SECTION describing the MIM teacher, view plan and masks, as for hdpipe extract
+    online_mim: str = "params.yaml:extract_mim"
     online_disc: str = "params.yaml:extract_disc"  # online: FILE:SECTION describing the discriminative teacher
-    view_schedule: Literal["random", "cycle"] = "random"  # cached: which stored view an epoch shows: random over views_used, or cycle (epoch mod views_used); online views are always fresh
+    # cached: which stored view an epoch shows: random over views_used, or cycle (epoch mod views_used); online views
+    # are always fresh
+    view_schedule: Literal["random", "cycle"] = "random"
     views_used: int = 0  # cached: use only the first N stored views (0 = all), so one extraction serves a views sweep
-    token_resample: float = 1.0  # fraction F of the view's stored patch tokens the student sees each step, a new seeded subset every epoch ([CLS] always; targets cut to the same tokens; 1 = off)
+    # fraction F of the view's stored patch tokens the student sees each step, a new seeded subset every epoch ([CLS]
+    # always; targets cut to the same tokens; 1 = off)
+    token_resample: float = 1.0
     model: str = "vit_base_patch16_224"  # timm ViT name of the student (random init)
     model_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs (img_size, patch_size, depth, ...)
-    relation_layers: tuple[int, ...] = ()  # teacher blocks (1-based) to distill, a subset of the store's; () = all stored
+    # teacher blocks (1-based) to distill, a subset of the store's; () = all stored
+    relation_layers: tuple[int, ...] = ()
     mim_target: MimTarget = "relations"  # which T_m target (paper: relations)
     teachers: TeacherMode = "hybrid"  # which loss terms: both, features only, MIM only
     masking: Masking = "progressive"  # student token mask (paper: progressive)
@@ -119,7 +126,8 @@ class DistillConfig:
         if self.views_used < 0:
             raise ConfigError(f"views_used must be >= 0 (0 = every stored view), got {self.views_used}")
         if not 0 < self.token_resample <= 1:
-            raise ConfigError(f"token_resample must be a fraction in (0, 1] (1 = every stored token), got {self.token_resample}")
+            raise ConfigError(f"token_resample must be a fraction in (0, 1] (1 = every stored token), "
+                              f"got {self.token_resample}")
         for key in ("epochs", "batch_size", "accum_steps", "log_every", "mix_shards"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -347,7 +355,8 @@ def distill(cfg: DistillConfig) -> Path:
                 summary = {"epoch": cfg.epochs, "step": state.step} | {k: v for k, v in meters.items() if k != "steps"}
                 atomic_write_bytes(str(cfg.run_dir / "metrics.json"), (json.dumps(summary, indent=2) + "\n").encode())
             lcfg = run.loader_cfg
-            export_student(run.student.encoder_state_dict(), cfg.model, run.student.model_kwargs, cfg.run_dir / "student",
+            export_student(run.student.encoder_state_dict(), cfg.model, run.student.model_kwargs,
+                           cfg.run_dir / "student",
                            preprocessing={"mean": list(lcfg.mean), "std": list(lcfg.std),
                                           "interpolation": lcfg.interpolation})
         # Every rank says what it ended with (DDP keeps the weights equal; multi-node runs check it).
@@ -366,13 +375,15 @@ def check_resume(cfg: DistillConfig, ckpt: dict, path: Path, world_size: int) ->
     diff = [k for k in now if k not in RESUME_FREE | EPOCH_BOUNDARY_FREE and saved.get(k) != now[k]]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
-        raise ConfigError(f"--resume with settings that differ from {path}: {detail}; use the run's config.yaml or another --name")
+        raise ConfigError(f"--resume with settings that differ from {path}: {detail}; use the run's config.yaml "
+                          "or another --name")
     if ckpt["state"]["batches_done"]:
         moved = [f"{k} {saved.get(k)} -> {now[k]}" for k in sorted(EPOCH_BOUNDARY_FREE) if saved.get(k) != now[k]]
         if ckpt.get("world_size", 1) != world_size:
             moved.append(f"world size {ckpt.get('world_size', 1)} -> {world_size}")
         if moved:
             raise ConfigError(
-                f"{path} is mid-epoch (epoch {ckpt['state']['epoch']}, {ckpt['state']['batches_done']} batches done) and "
+                f"{path} is mid-epoch (epoch {ckpt['state']['epoch']}, {ckpt['state']['batches_done']} batches "
+                f"done) and "
                 f"the loader's batch order depends on {', '.join(moved)}; resume with the same settings"
             )

@@ -27,11 +27,15 @@ from pipeline.urls import atomic_write_bytes
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    model: str = ""  # subject: student:DIR (a distill export, e.g. student:runs/sample/student) or any teacher name (mae, clip, timm:NAME, open_clip:NAME[:TAG])
+    # subject: student:DIR (a distill export, e.g. student:runs/sample/student) or any teacher name (mae, clip,
+    # timm:NAME, open_clip:NAME[:TAG])
+    model: str = ""
     checkpoint: str | None = None  # teacher only: local weights file instead of the hub's pretrained tag
     random_init: bool = False  # teacher only: random weights (a baseline; also what tests use)
-    model_kwargs: dict = field(default_factory=dict)  # teacher only: model constructor overrides, e.g. {img_size: 64, patch_size: 8}
-    mean: tuple[float, float, float] | None = None  # teacher only: normalization mean overriding the teacher's config (a teacher trained with its own), RGB 0-1
+    # teacher only: model constructor overrides, e.g. {img_size: 64, patch_size: 8}
+    model_kwargs: dict = field(default_factory=dict)
+    # teacher only: normalization mean overriding the teacher's config (a teacher trained with its own), RGB 0-1
+    mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None  # teacher only: normalization std overriding the teacher's config
     train_manifest: str = "manifests/sample-probe-train.json"  # labeled manifest the probes are fit on
     test_manifest: str = "manifests/sample-probe-test.json"  # labeled manifest accuracy is measured on
@@ -49,7 +53,8 @@ class EvaluateConfig:
     finetune_weight_decay: float = 0.05  # fine-tuning AdamW weight decay
     finetune_layer_decay: float = 0.75  # layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i); 1.0 = off
     finetune_warmup_epochs: float = 1.0  # fine-tuning linear warmup, epochs
-    finetune_crop_scale: tuple[float, float] = (0.35, 1.0)  # fine-tuning RandomResizedCrop area range (then a horizontal flip)
+    # fine-tuning RandomResizedCrop area range (then a horizontal flip)
+    finetune_crop_scale: tuple[float, float] = (0.35, 1.0)
     finetune_label_smoothing: float = 0.1  # fine-tuning cross-entropy label smoothing
     finetune_seed: int = 0  # fine-tuning seed: head init, views, batch order
     device: str = "auto"  # auto (CUDA when present, bf16 autocast), cpu, cuda, cuda:1, ...

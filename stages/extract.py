@@ -46,9 +46,11 @@ class ExtractConfig(TeacherRecipe):
     workers: int = 0  # >0: start a dask LocalCluster with this many single-threaded worker processes
     scheduler: str | None = None  # address of a running dask scheduler (tcp://host:8786); overrides workers
     retries: int = 2  # dask retries per shard task (a lost worker; deterministic errors fail again)
-    on_error: Literal["fail", "skip"] = "fail"  # unreadable image inside a shard: stop, or store valid=false and list it in the done marker
+    # unreadable image inside a shard: stop, or store valid=false and list it in the done marker
+    on_error: Literal["fail", "skip"] = "fail"
     overwrite: bool = False  # delete and rebuild an existing store built with other settings
-    rebuild_shards: tuple[int, ...] = ()  # shards to extract again although done (damaged: readers and `hdpipe inspect --content` name them)
+    # shards to extract again although done (damaged: readers and `hdpipe inspect --content` name them)
+    rebuild_shards: tuple[int, ...] = ()
     progress: bool = True  # progress bar and summary on stderr
     CHOICES: ClassVar[dict] = {"precision": CODECS}  # fields whose values are a registry's names (--help lists them)
 

@@ -58,7 +58,8 @@ class ShardConfig:
     out_dir: str = "data/shards"  # tars go to <out_dir>/<name>/ (local path or fsspec URL)
     manifest: str | None = None  # manifest path; default manifests/<name>.json
     shard_size: int | None = None  # images per tar; None = 1024 (folders), 128 (sample), as found (urls)
-    shuffle: bool = True  # seeded shuffle of the input order (class folders would otherwise give one-class tars); False: sorted paths
+    # seeded shuffle of the input order (class folders would otherwise give one-class tars); False: sorted paths
+    shuffle: bool = True
     seed: int = 0  # seed of `shuffle` and of the sample's crops
     on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop, or leave it out and list it in the manifest
     reencode: Literal["png", "jpeg"] = "png"  # non-JPEG inputs: lossless (PNG/WebP kept, others -> PNG) or JPEG

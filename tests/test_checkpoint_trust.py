@@ -73,7 +73,7 @@ def test_planted_pickle_is_refused_by_load_checkpoint(tmp_path, form):
     assert not marker.exists()
 
 
-def test_planted_pickle_is_refused_by_distill_resume(world, tmp_path):
+def test_planted_pickle_is_refused_by_distill_resume(world, tmp_path):  # noqa: F811 (a fixture)
     """The real resume path, in process and through `hdpipe distill --resume`: refused by name, the
     command never ran, the exit status is 2 with one line, and the run folder's lock is gone."""
     marker = tmp_path / "pwned"
@@ -157,7 +157,7 @@ def test_round_trip_restores_every_rng_exactly(tmp_path):
     assert ck["config"] == state["config"] and ck["state"] == state["state"]
 
 
-def test_a_real_runs_checkpoint_loads_weights_only(world, tmp_path):
+def test_a_real_runs_checkpoint_loads_weights_only(world, tmp_path):  # noqa: F811 (a fixture)
     """What `distill` itself saves (model, AdamW state, schedule, TrainState, config, RNGs) is read by
     the strict loader as it is: no object outside the allow-list sneaks in."""
     cfg = _cfg(world, tmp_path, epochs=1, name="plain")

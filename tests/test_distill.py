@@ -68,7 +68,7 @@ def _cfg(world, tmp_path, **kw) -> DistillConfig:
 
 
 def _log(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _steps(run_dir: Path) -> list[dict]:
@@ -107,13 +107,14 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     assert exported["head"].startswith("none")
     fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, **exported["model_kwargs"])
     data_cfg = timm.data.resolve_data_config({}, model=fresh)  # the normalization the student was trained with
-    assert exported["mean"] == pytest.approx(list(data_cfg["mean"])) and exported["std"] == pytest.approx(list(data_cfg["std"]))
+    assert exported["mean"] == pytest.approx(list(data_cfg["mean"]))
+    assert exported["std"] == pytest.approx(list(data_cfg["std"]))
     weights = load_file(str(export / "model.safetensors"))
     assert not [k for k in weights if k.startswith("head.")]  # no untrained classifier travels with it
     res = fresh.load_state_dict(weights, strict=True)
     assert not res.missing_keys and not res.unexpected_keys
-    loaded = timm.create_model("vit_tiny_patch16_224", pretrained=False, checkpoint_path=str(export / "model.safetensors"),
-                               **exported["model_kwargs"]).eval()
+    loaded = timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                               checkpoint_path=str(export / "model.safetensors"), **exported["model_kwargs"]).eval()
     # the README's fine-tuning call: a new 10-class head, every encoder weight from the export
     tuned = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10, **STUDENT_KW,
                               pretrained_cfg_overlay=dict(file=str(export / "model.safetensors"), num_classes=0))
@@ -237,7 +238,8 @@ def test_resume_after_sigkill_continues_the_loss_curve(world, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # kill mid-epoch 1, after the step-8 checkpoint and before step 12
         log = run_dir / "log.jsonl"
-        steps = [json.loads(l).get("step", 0) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
+        lines = log.read_text().splitlines() if log.exists() else []
+        steps = [json.loads(line).get("step", 0) for line in lines if line.strip()]
         if steps and max(steps) >= 9:
             break
         time.sleep(0.005)
@@ -263,7 +265,8 @@ def test_resume_after_sigkill_continues_the_loss_curve(world, tmp_path):
     # What DVC records after a resume equals the uninterrupted run's: epoch averages over all of the
     # epoch's steps (not only those run after the resume), metrics.json and the plot table.
     full_dir = tmp_path / "runs" / "full"
-    ends = [[{k: v for k, v in r.items()} for r in _log(d) if r.get("event") == "epoch_end"] for d in (full_dir, run_dir)]
+    ends = [[{k: v for k, v in r.items()} for r in _log(d) if r.get("event") == "epoch_end"]
+            for d in (full_dir, run_dir)]
     assert [r["steps"] for r in ends[1]] == [6, 6, 6] and ends[0] == ends[1]
     assert (run_dir / "metrics.json").read_text() == (full_dir / "metrics.json").read_text()
     assert (run_dir / "plots" / "loss.csv").read_bytes() == (full_dir / "plots" / "loss.csv").read_bytes()
@@ -338,7 +341,7 @@ def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
     keep = progressive_keep(tm["hidden"], mask_layers(6), 0.3)
     assert torch.equal(keep, batch["keep_index"])  # the stored mask is the online one
     tok = torch.cat([torch.zeros(len(keep), 1, dtype=torch.long), keep + 1], 1)
-    rel = torch.stack([tm["relations"][l] for l in (4, 5)], 1)
+    rel = torch.stack([tm["relations"][layer] for layer in (4, 5)], 1)
     rel = torch.stack([rel[b][:, :, tok[b]][:, :, :, tok[b]] for b in range(len(tok))])
     feats = disc.forward_targets(disc.normalize(x01))["features"]
     feats = torch.stack([feats[b, tok[b]] for b in range(len(tok))])

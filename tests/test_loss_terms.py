@@ -47,7 +47,7 @@ def test_hybrid_loss_adds_a_registered_term_with_its_weight(l2):
     torch.testing.assert_close(got["loss"], got["loss_features"] + 0.1 * want_l2)
 
 
-def test_a_registered_term_is_trained_logged_and_plotted(world, tmp_path, l2, capsys):
+def test_a_registered_term_is_trained_logged_and_plotted(world, tmp_path, l2, capsys):  # noqa: F811 (a fixture)
     from pipeline.train.loader import build_loader
     from stages.distill import loader_config
 
@@ -84,7 +84,8 @@ def test_a_registered_term_is_trained_logged_and_plotted(world, tmp_path, l2, ca
     assert any("epoch end" in ln and f"l2 {metrics['loss_l2']:.4f}" in ln for ln in said)
 
 
-def test_a_registered_term_resumes_mid_epoch_to_the_same_epoch_averages(world, tmp_path, l2, monkeypatch):
+def test_a_registered_term_resumes_mid_epoch_to_the_same_epoch_averages(world, tmp_path, l2,  # noqa: F811
+                                                                        monkeypatch):
     """Stopped at step 5 (a NaN in the new term; checkpoint at step 4, mid-epoch 0), then resumed: the
     epoch averages, metrics.json and plots/loss.csv equal an uninterrupted run's."""
     full = distill(_cfg(world, tmp_path, name="full", loss_weights={"l2": 0.1}))

@@ -26,21 +26,33 @@ class TeacherRecipe:
     role: Literal["auto", "mim", "disc"] = "auto"  # auto: from the teacher table (mae -> mim, others -> disc)
     checkpoint: str | None = None  # local weights (.pth/.bin/.safetensors) instead of the hub's pretrained tag
     random_init: bool = False  # random weights from a fixed seed (demos and tests only)
-    model_kwargs: dict = field(default_factory=dict)  # passed to the model constructor, e.g. {img_size: 64, patch_size: 8}
-    mean: tuple[float, float, float] | None = None  # per-channel normalization mean (RGB, 0-1 scale) overriding the teacher's own config; None: the hub's
-    std: tuple[float, float, float] | None = None  # per-channel normalization std overriding the teacher's own config; None: the hub's
-    interpolation: Interpolation | None = None  # resize filter of the teacher's views overriding its own config; None: the hub's
+    # passed to the model constructor, e.g. {img_size: 64, patch_size: 8}
+    model_kwargs: dict = field(default_factory=dict)
+    # per-channel normalization mean (RGB, 0-1 scale) overriding the teacher's own config; None: the hub's
+    mean: tuple[float, float, float] | None = None
+    # per-channel normalization std overriding the teacher's own config; None: the hub's
+    std: tuple[float, float, float] | None = None
+    # resize filter of the teacher's views overriding its own config; None: the hub's
+    interpolation: Interpolation | None = None
     # View plan (MIM teachers; None = VIEW_DEFAULTS). Discriminative teachers take the MIM store's
     # plan: left None they inherit it, and a value that differs from it is an error.
     views: int | None = None  # views (crops) per image, V; MIM default 2 (VIEW_DEFAULTS)
-    seed: int | None = None  # view-plan seed: crop box and flip of view (index, v) come from rng([seed, index, v]); MIM default 0
-    scale: tuple[float, float] | None = None  # RandomResizedCrop area range, fraction of the image; MIM default (0.2, 1.0), MAE's
-    ratio: tuple[float, float] | None = None  # RandomResizedCrop aspect-ratio range (width/height); MIM default (3/4, 4/3)
+    # view-plan seed: crop box and flip of view (index, v) come from rng([seed, index, v]); MIM default 0
+    seed: int | None = None
+    # RandomResizedCrop area range, fraction of the image; MIM default (0.2, 1.0), MAE's
+    scale: tuple[float, float] | None = None
+    # RandomResizedCrop aspect-ratio range (width/height); MIM default (3/4, 4/3)
+    ratio: tuple[float, float] | None = None
     hflip: bool | None = None  # horizontal flip with p=0.5 per view; MIM default true
-    relation_layers: tuple[int, ...] = (-2, -1)  # 1-based blocks; values <= 0 count back from the last block L (0 = L, -1 = L-1), so the default is (L-2, L-1) = (10, 11) for L = 12
-    extra_targets: tuple[str, ...] = ()  # MIM only: any of attention (softmax(R·d^-0.5) over the token set), block_features (block outputs at relation layers)
+    # 1-based blocks; values <= 0 count back from the last block L (0 = L, -1 = L-1), so the default is (L-2, L-1) =
+    # (10, 11) for L = 12
+    relation_layers: tuple[int, ...] = (-2, -1)
+    # MIM only: any of attention (softmax(R·d^-0.5) over the token set), block_features (block outputs at relation
+    # layers)
+    extra_targets: tuple[str, ...] = ()
     mask_ratio: float = 0.3  # K: fraction of kept patch tokens dropped at each of the layers (0, L/3, 2L/3)
-    tokens: Literal["auto", "kept", "all"] = "auto"  # token set of relations/features: [CLS]+kept or every token; auto = kept for MIM, the MIM store's set for disc
+    # token set of relations/features: [CLS]+kept or every token; auto = kept for MIM, the MIM store's set for disc
+    tokens: Literal["auto", "kept", "all"] = "auto"
 
     def validate(self) -> None:
         if self.views is not None and self.views < 1:

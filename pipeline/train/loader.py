@@ -62,28 +62,28 @@ __all__ = ["LoaderConfig", "EpochLoader", "build_loader", "steps_per_epoch", "ch
 @dataclass(frozen=True)
 class LoaderConfig:
     manifest: str  # path or URL of the dataset manifest JSON written by `hdpipe shard`
-    mim_store: str | None = None  # URL of the MIM teacher's store (views, masks, relations); None: views/masks from the MIM store the disc store records, no MIM targets
-    disc_store: str | None = None  # URL of the discriminative teacher's store (features); None = no feature targets
+    mim_store: str | None = None  # MIM store URL (views, masks, relations); None: the disc store's, no MIM targets
+    disc_store: str | None = None  # discriminative teacher's store URL (features); None = no feature targets
     batch_size: int = 64  # samples per batch on each rank (global batch = batch_size * world_size)
-    num_workers: int = 4  # DataLoader worker processes per rank (0 = decode in the main process); part of the epoch plan
-    seed: int = 0  # seeds shard order, sample order and view choice (with the epoch) and random masks (with index, view)
+    num_workers: int = 4  # DataLoader worker processes per rank (0 = the main process); part of the epoch plan
+    seed: int = 0  # seeds shard and sample order, view choice (with the epoch), random masks (with index, view)
     img_size: int = 224  # student input side in pixels; the stored view is rendered at this size
     mean: tuple[float, float, float] = IMAGENET_MEAN  # student's per-channel normalization mean (RGB, 0-1 scale)
     std: tuple[float, float, float] = IMAGENET_STD  # student's per-channel normalization std (RGB, 0-1 scale)
     interpolation: str = "bicubic"  # resize filter for rendering the view (bilinear|bicubic|nearest|...)
     masking: Masking = "progressive"  # which kept-token set the student sees
-    relation_layers: tuple[int, ...] | None = None  # 1-based teacher blocks to load from the MIM store; None = all stored, () = none (views/masks only)
+    relation_layers: tuple[int, ...] | None = None  # 1-based MIM blocks to load; None = all, () = none
     mim_target: MimTarget = "relations"  # which MIM store array becomes the MIM target
     pin_memory: bool = True  # pin batches in page-locked memory when CUDA is available (ignored on CPU)
     prefetch_factor: int = 2  # items each worker prepares ahead (num_workers > 0 only)
-    mix_shards: int = 4  # shards whose rows each worker shuffles together (memory: this many shards' images and one view of targets per sample); part of the epoch plan
-    drop_last: bool = True  # cut every rank to the same whole number of batches; False only for world_size 1 (adds the last partial batch)
-    view_schedule: Literal["random", "cycle"] = "random"  # stored view per epoch: random over views_used, or cycle (epoch mod views_used)
+    mix_shards: int = 4  # shards whose rows each worker shuffles together (held in memory at once); part of the plan
+    drop_last: bool = True  # every rank gets equal whole batches; False (world size 1 only) adds the last partial one
+    view_schedule: Literal["random", "cycle"] = "random"  # random over views_used, or epoch mod views_used
     views_used: int = 0  # use only the first N stored views (0 = all)
-    online_plan: tuple | None = None  # online: (seed, scale, ratio, hflip) of fresh views (view id = epoch), no store read; None = replay stored views
-    teacher_inputs: tuple[tuple[int, str], ...] = ()  # online: (size, interpolation) of each teacher's input render (batch key x01_<size>_<interp>)
-    image_transport: Literal["float", "uint8"] = "float"  # float: normalized here; uint8: 4x fewer bytes to move, normalized on the training device
-    token_resample: float = 1.0  # fraction F of the stored patch tokens each sample shows this epoch ([CLS] always; 1 = all), seeded by (seed, epoch, index)
+    online_plan: tuple | None = None  # online: (seed, scale, ratio, hflip) of fresh views; None = stored
+    teacher_inputs: tuple[tuple[int, str], ...] = ()  # online: (size, interpolation) of each teacher's render
+    image_transport: Literal["float", "uint8"] = "float"  # float: normalized here; uint8: normalized on the device
+    token_resample: float = 1.0  # fraction of stored patch tokens shown per epoch ([CLS] always; 1 = all)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -296,7 +296,8 @@ class _PlanDataset(IterableDataset):
                 if online is not None:  # a fresh view of the plan: its targets come from the teachers
                     view = self.plan.epoch
                     box = online.view(index, view, *image.size)
-                    rec = {f"x01_{size}_{interp}": render(image, box, size, interp) for size, interp in cfg.teacher_inputs}
+                    rec = {f"x01_{size}_{interp}": render(image, box, size, interp)
+                           for size, interp in cfg.teacher_inputs}
                 else:
                     shard = targets[k]
                     local = index - shard.first

@@ -65,7 +65,8 @@ class RunLog:
         if text and not text.endswith("\n"):
             lines = lines[:-1]  # a row cut short (killed, or the disk filled, mid-append): redone after the checkpoint
         rows = [json.loads(ln) for ln in lines if ln.strip()]
-        rows = [r for r in rows if r.get("step", 0) <= step and not (r.get("event") == "epoch_end" and r["step"] > step)]
+        rows = [r for r in rows
+                if r.get("step", 0) <= step and not (r.get("event") == "epoch_end" and r["step"] > step)]
         atomic_write_bytes(str(self.jsonl), "".join(json.dumps(r) + "\n" for r in rows).encode())
         self.csv_fields = None  # the header comes back with the first kept row
         steps = [r for r in rows if "event" not in r]
@@ -119,7 +120,8 @@ class RunLog:
         done = row["step"] - self.first_step
         rate = done / max(time.perf_counter() - self.t_start, 1e-9)
         left = (self.total_steps - row["step"]) / rate if rate > 0 else None
-        what = "epoch end" if row.get("event") == "epoch_end" else f"lr {row['lr']:.3g}, {row['images_per_s']:.1f} img/s"
+        what = ("epoch end" if row.get("event") == "epoch_end"
+                else f"lr {row['lr']:.3g}, {row['images_per_s']:.1f} img/s")
         terms = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in row.items() if k.startswith("loss_"))
         print(f"{self.name}: epoch {row['epoch'] + 1}/{self.epochs} step {row['step']}/{self.total_steps} "
               f"loss {row['loss']:.4f} ({terms}), {what}, ETA {eta(left)}", file=sys.stderr, flush=True)
