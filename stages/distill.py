@@ -54,19 +54,33 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
+from timm.data import resolve_data_config
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import to_dict, write_resolved
+from pipeline.data.manifest import read_manifest
 from pipeline.errors import ConfigError
+from pipeline.provenance import environment
 from pipeline.targets.layout import MimTarget
 from pipeline.targets.masking import Masking
-from pipeline.train.losses import TeacherMode
+from pipeline.targets.weights import weights_digest
+from pipeline.train.checkpoint import export_student, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.train.distributed import barrier, gather_objects, locked_group, same_on_every_rank
+from pipeline.train.epochs import epoch_iterators
+from pipeline.train import loader, losses  # by module: the step count and the loss are looked up when used
+from pipeline.train.loader import LoaderConfig
+from pipeline.train.loop import Run, TrainState, train_steps
+from pipeline.train.losses import TeacherMode, term_weights
+from pipeline.train.online import build_online
+from pipeline.train.optim import WarmupCosine, build_optimizer, scaled_lr
+from pipeline.train.plan import view_reuse
+from pipeline.train.runlog import RunLog, prepare_run_dir
+from pipeline.train.sources import resolve_sources
 from pipeline.train.student import MaskedStudent
-
-if TYPE_CHECKING:
-    from pipeline.train.loop import Run
+from pipeline.urls import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -162,8 +176,6 @@ def _loader_roles(cfg: DistillConfig) -> tuple[str | None, tuple[int, ...] | Non
 def target_sources(cfg: DistillConfig):
     """What the stores serve, checked against the manifest, each other and this run's settings
     (`pipeline.train.sources.resolve_sources`, the one owner of those checks), before a student is built."""
-    from pipeline.data.manifest import read_manifest
-    from pipeline.train.sources import resolve_sources
 
     read_manifest(cfg.manifest)  # a missing or malformed manifest is reported first, by name
     disc, layers = _loader_roles(cfg)
@@ -193,9 +205,7 @@ def build_student(cfg: DistillConfig, src) -> MaskedStudent:
 def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.device, online: dict | None = None):
     """The loader's config for this run: the student's input size and normalization, and which
     targets the teachers mode reads (disc_only still replays the MIM store's views and masks)."""
-    from timm.data import resolve_data_config
 
-    from pipeline.train.loader import LoaderConfig
 
     data_cfg = resolve_data_config({}, model=student.vit)  # mean/std/interpolation of the model family
     h, w = student.vit.patch_embed.img_size  # the built size (model_kwargs img_size), not the family's default
@@ -220,13 +230,6 @@ def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.devi
 def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     """Student, loss, optimizer, schedule and loader config for `cfg`, resumed from the run's
     checkpoint when `cfg.resume` (its config must match; see RESUME_FREE)."""
-    from pipeline.train.checkpoint import load_checkpoint, set_rng_state
-    from pipeline.train.loader import steps_per_epoch
-    from pipeline.train.losses import hybrid_loss, term_weights
-    from pipeline.train.loop import Run, TrainState
-    from pipeline.train.optim import WarmupCosine, build_optimizer, scaled_lr
-    from pipeline.train.plan import view_reuse
-    from pipeline.train.runlog import RunLog, prepare_run_dir
 
     run_dir = cfg.run_dir
     term_weights(cfg.teachers, cfg.alpha, cfg.loss_weights)  # an unknown loss term is refused before any work
@@ -234,7 +237,6 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
         prepare_run_dir(run_dir)
     online = online_loader = None
     if cfg.source == "online":
-        from pipeline.train.online import build_online
 
         src, online, online_loader = build_online(
             cfg.online_mim, cfg.online_disc, teachers=cfg.teachers, relation_layers=tuple(cfg.relation_layers),
@@ -245,7 +247,7 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, src).to(device)
     lcfg = loader_config(cfg, student, device, online_loader)
-    batches = steps_per_epoch(lcfg, dist.world_size)
+    batches = loader.steps_per_epoch(lcfg, dist.world_size)
     steps_per = batches // cfg.accum_steps  # optimizer steps per epoch; trailing micro-batches are dropped
     if steps_per < 1:
         raise ConfigError(
@@ -279,14 +281,13 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
         print(f"distill {cfg.name}: {'warning: ' if warn else ''}{line}", file=sys.stderr, flush=True)
     model: torch.nn.Module = student
     if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
         # Without both teachers some parameters get no gradient (feature head / last blocks).
         model = DDP(student, device_ids=[device] if device.type == "cuda" else None,
                     find_unused_parameters=cfg.teachers != "hybrid")
     if cfg.compile:
         model = torch.compile(model)
-    loss_fn = partial(hybrid_loss, blocks=student.capture_blocks, head_rule=student.head_rule, alpha=cfg.alpha,
+    loss_fn = partial(losses.hybrid_loss, blocks=student.capture_blocks, head_rule=student.head_rule, alpha=cfg.alpha,
                       beta=cfg.smoothl1_beta, target=cfg.mim_target, teachers=cfg.teachers,
                       loss_weights=cfg.loss_weights)
     return Run(student, model, loss_fn, optimizer, scheduler, lcfg, steps_per, global_batch, lr, state, log, dist,
@@ -295,8 +296,6 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
 
 def save(run: Run, cfg: DistillConfig) -> None:
     """Atomic checkpoint of the whole run (every rank's RNG states; rank 0 writes)."""
-    from pipeline.train.checkpoint import rng_state, save_checkpoint
-    from pipeline.train.distributed import barrier, gather_objects
 
     rngs = gather_objects(rng_state(), run.dist)
     run.state.saved_step = run.state.step
@@ -313,12 +312,6 @@ def save(run: Run, cfg: DistillConfig) -> None:
 def distill(cfg: DistillConfig) -> Path:
     """Train the student for `cfg.epochs` from the stores, export it, return the run directory. Rank 0
     holds the run folder's writer lock throughout (`pipeline.locks`): a second run on it stops at once."""
-    from pipeline.provenance import environment
-    from pipeline.train.checkpoint import export_student
-    from pipeline.train.distributed import barrier, locked_group, same_on_every_rank
-    from pipeline.train.epochs import epoch_iterators
-    from pipeline.train.loop import train_steps
-    from pipeline.urls import atomic_write_bytes
 
     with locked_group(cfg.device, cfg.run_dir, "run folder") as (d, device):  # resume truncates the logs
         run = build_run(cfg, d, device)
@@ -360,7 +353,6 @@ def distill(cfg: DistillConfig) -> Path:
                            preprocessing={"mean": list(lcfg.mean), "std": list(lcfg.std),
                                           "interpolation": lcfg.interpolation})
         # Every rank says what it ended with (DDP keeps the weights equal; multi-node runs check it).
-        from pipeline.targets.weights import weights_digest
 
         atomic_write_bytes(str(cfg.run_dir / "ranks" / f"rank{d.rank}.json"), (json.dumps({
             "rank": d.rank, "world_size": d.world_size, "step": state.step, "host": platform.node(),
