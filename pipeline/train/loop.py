@@ -18,15 +18,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from pipeline.device import autocast
 from pipeline.errors import require_finite
 from pipeline.train.distributed import Dist, all_mean
-from pipeline.train.optim import clip_gradients
+from pipeline.train.optim import WarmupCosine, clip_gradients
 from pipeline.train.runlog import RunLog
+
+if TYPE_CHECKING:  # types only: the loop itself needs neither the loader nor the online teachers
+    from pipeline.train.loader import LoaderConfig
+    from pipeline.train.online import OnlineTargets
 
 
 @dataclass
@@ -64,8 +68,8 @@ class Run:
     model: torch.nn.Module  # what runs the forward: the student, DDP-wrapped and/or compiled
     loss_fn: Callable[[dict, dict], dict]  # hybrid_loss with this run's terms, weights and context
     optimizer: torch.optim.Optimizer
-    scheduler: object  # pipeline.train.optim.WarmupCosine
-    loader_cfg: object  # pipeline.train.loader.LoaderConfig
+    scheduler: WarmupCosine
+    loader_cfg: LoaderConfig
     steps_per_epoch: int  # optimizer steps per epoch on every rank
     global_batch: int  # batch_size x accum_steps x world size
     lr: float  # peak lr = base_lr x global_batch / 1024
@@ -76,7 +80,7 @@ class Run:
     accum_steps: int = 1  # micro-batches per optimizer step; gradients synchronized on the last one
     clip_grad: float | None = None  # max global grad norm; None = no clipping
     resumed: bool = False
-    online: object = None  # pipeline.train.online.OnlineTargets (source: online): teachers in the step
+    online: OnlineTargets | None = None  # source: online: both teachers in the step
 
     def batches(self, loader) -> Iterator[dict]:
         """The loader's batches as the step reads them: on the device (on CUDA the next batch's copy
