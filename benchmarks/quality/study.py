@@ -78,6 +78,13 @@ class Study:
         print(f"study: {key} done in {out['wall_s']:.0f} s", file=sys.stderr, flush=True)
         return out
 
+    def prepare(self) -> tuple[dict, dict, Path, dict]:
+        """(data, teachers, params file, stores): the steps every study script starts from, cached."""
+        data = self.data()
+        teachers = self.teachers()
+        params = self.params(data, teachers)
+        return data, teachers, params, self.extract(params)
+
     # ---- 1. data --------------------------------------------------------------------------------
     def data(self) -> dict:
         a = self.args
@@ -256,10 +263,7 @@ def score(r: dict) -> float:
 
 def run(args) -> dict:
     study = Study(args)
-    data = study.data()
-    teachers = study.teachers()
-    params = study.params(data, teachers)
-    stores = study.extract(params)
+    data, teachers, params, stores = study.prepare()
     V = args.views
     students, best = {}, {}
     for mode in ("hybrid", "disc_only", "mim_only"):  # lr first, for each teacher setting
@@ -387,14 +391,19 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every study script takes (they share the --work folder's cached steps)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a test runs it on a synthetic idx stand-in)")
     p.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--work", default="/tmp/hdpipe-quality")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = arg_parser(__doc__).parse_args(argv)
     # Sized for a 2-CPU box: the MAE teacher takes ~55 min, everything after it about two hours. A larger box can
     # raise distill_images, probe_images and student_epochs; nothing else depends on them.
     full = dict(pretrain_images=20000, mae_epochs=12, sup_epochs=4, distill_images=2000, probe_images=2000,

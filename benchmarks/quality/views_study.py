@@ -16,7 +16,6 @@ Writes `<out>/views.json`, `<out>/views-epochs.png` and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import Study, score  # noqa: E402
+from study import Study, arg_parser, score  # noqa: E402
 
 RULE_FRACTION = 0.99  # cached reaches this fraction of online's seed mean (k-NN and 5-epoch fine-tune)
 
@@ -47,10 +46,7 @@ def settings(args) -> dict[str, dict]:
 
 def run(args) -> dict:
     study = Study(args)
-    data = study.data()
-    teachers = study.teachers()
-    params = study.params(data, teachers)
-    stores = study.extract(params)
+    data, _, params, stores = study.prepare()
     sweep = {lr: study.distill(f"hybrid-lr{lr:g}", data, stores, params, base_lr=lr) for lr in args.lrs}
     lr = max(args.lrs, key=lambda x: score(sweep[x]))
     runs = {}
@@ -168,12 +164,7 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a test runs it on a synthetic idx stand-in)")
-    p.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--work", default="/tmp/hdpipe-quality")
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--device", default="auto")
+    p = arg_parser(__doc__)
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; 0,1,2 where time allows)")
     args = p.parse_args(argv)
     # The study's sizes (study.py) with 4x its 8 epochs for the long runs.
