@@ -263,7 +263,7 @@ def _shard_sample(cfg: ShardConfig) -> Path:
 def _index_urls(cfg: ShardConfig) -> Path:
     from tqdm import tqdm
 
-    from pipeline.data.indexing import class_map_of, expand_urls, index_tar
+    from pipeline.data.indexing import class_map_of, expand_urls, index_tar, merge_names
 
     urls = expand_urls(cfg.urls)
     first = os.path.basename(urls[0].split("://")[-1])
@@ -274,14 +274,15 @@ def _index_urls(cfg: ShardConfig) -> Path:
         raise ShardError(f"manifest {manifest_path} already exists; pass --overwrite to replace it "
                          "or choose --manifest")
     t0 = time.perf_counter()
-    indexed = []
+    indexed, names = [], {}
     for url in tqdm(urls, unit="tar", desc=f"index {name}", disable=not cfg.progress):
         t = index_tar(url)
         if t.count == 0:
             raise ShardError(f"tar {url} holds no samples")
-        indexed.append(t)
+        merge_names(names, t.names)
+        indexed.append(dataclasses.replace(t, names={}))  # names are kept once, for the dataset
     counts, hashes = [t.count for t in indexed], [t.sha256 for t in indexed]
-    class_map = class_map_of(indexed, urls)
+    class_map = class_map_of(indexed, urls, names)
     size = cfg.shard_size or counts[0]
     for k, (url, n) in enumerate(zip(urls, counts)):
         last = k == len(urls) - 1

@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+PROBE_ROWS = 8192  # linear probe: train rows per block of the loss (one block = the old full batch up to here)
+
 
 def pool_tokens(tokens: torch.Tensor, pooling: Literal["cls", "mean"], num_prefix: int = 1) -> torch.Tensor:
     """[B, N, D] final tokens -> [B, D]: the CLS token, or the mean of the patch tokens (prefix excluded)."""
@@ -63,14 +65,15 @@ def knn_scores(
     train = torch.nn.functional.normalize(train_feats.float(), dim=1)
     test = torch.nn.functional.normalize(test_feats.float(), dim=1)
     kk = min(k, train.shape[0])
-    onehot = torch.nn.functional.one_hot(train_labels.long(), num_classes).float()  # [N_train, C]
+    labels = train_labels.long().to(train.device)
     out = []
     for start in range(0, test.shape[0], chunk):
         sim = test[start : start + chunk] @ train.T  # [b, N_train]
         top_sim, top_idx = sim.topk(kk, dim=1)  # [b, k]
         weights = (top_sim / temperature).exp()  # [b, k]
-        votes = (onehot[top_idx] * weights.unsqueeze(-1)).sum(dim=1)  # [b, C]
-        out.append(votes)
+        # each neighbour's weight added to its label's vote (no [N_train, C] one-hot: 4 KB a train image at C = 1000)
+        votes = torch.zeros(weights.shape[0], num_classes, device=weights.device)
+        out.append(votes.scatter_add_(1, labels[top_idx], weights))  # [b, C]
     return torch.cat(out) if out else torch.zeros(0, num_classes, device=train.device)
 
 
@@ -129,11 +132,21 @@ def linear_probe_scores(
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
                             tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
 
+    n = xs.shape[0]
+
     def closure():
+        # The loss of all rows, its gradient summed over blocks of PROBE_ROWS: logits, softmax and their
+        # gradients exist for one block at a time (whole, they held ~16 KB a train image at 1000 classes).
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xs @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
+        loss = 0.5 * weight_decay * (w * w).sum()
         loss.backward()
-        return loss
+        total = loss.detach()
+        for s in range(0, n, PROBE_ROWS):
+            part = torch.nn.functional.cross_entropy(xs[s : s + PROBE_ROWS] @ w + b, y[s : s + PROBE_ROWS],
+                                                     reduction="sum") / n
+            part.backward()
+            total = total + part.detach()
+        return total
 
     with torch.enable_grad():
         opt.step(closure)

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+import numpy as np
+
 from pipeline.errors import ShardDamagedError
+from pipeline.urls import is_local_fs
 from pipeline.targets.schema import part_name, stored_parts
 
 if TYPE_CHECKING:
@@ -44,10 +48,17 @@ def shard_files(store: "TargetStore", k: int, names: Iterable[str]) -> dict[str,
 
 
 def file_lengths(store: "TargetStore", keys: Iterable[str]) -> dict[str, int | None]:
-    """{key: bytes on disk, None when absent} (one stat per file)."""
+    """{key: bytes on disk, None when absent} (one stat per file: `os.stat` on a local disk)."""
     out: dict[str, int | None] = {}
+    local = is_local_fs(store.fs)
     for key in keys:
         path = f"{store.path}/{key}"
+        if local:  # fsspec's size() costs ~20x the stat under it; inspect and resume do 11 per shard
+            try:
+                out[key] = os.stat(path).st_size
+            except FileNotFoundError:
+                out[key] = None
+            continue
         store.fs.invalidate_cache(path)  # an object store's listing cache may predate the file's removal
         try:
             out[key] = int(store.fs.size(path))
@@ -129,21 +140,46 @@ def reading(store: "TargetStore", k: int, name: str) -> Iterator[None]:
         raise damaged(store, k, name, "a crc32c does not match the bytes on disk") from None
 
 
+def read_sorted_rows(store: "TargetStore", arr, name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted global indices) of one stored part `arr` of array `name`. A run of rows is
+    one read (Zarr fetches the shard files concurrently: the `valid` rows of 1,252 shards in a third
+    of the time of a read per shard); other rows are read shard by shard, `rows` split in one pass.
+    A damaged chunk is an error naming its shard (a failed run is read again shard by shard)."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        try:
+            return arr[int(rows[0]) : int(rows[-1]) + 1]
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+    shards = np.unique(rows // store.shard_size)
+    bounds = np.searchsorted(rows, np.append(shards, shards[-1] + 1) * store.shard_size)
+    got = []
+    for k, a, b in zip(shards, bounds[:-1], bounds[1:]):  # rows[a:b]: those in shard k
+        with reading(store, int(k), name):
+            got.append(arr.get_orthogonal_selection((rows[a:b],) + (slice(None),) * (arr.ndim - 1)))
+    return np.concatenate(got)
+
+
 def damaged_shards(store: "TargetStore") -> dict[int, str]:
     """{done shard: why} for shards whose files are missing or not the length their marker records.
 
-    One listing per stored part (not one stat per file), so it stays cheap at ImageNet's 1,252
-    shards; flipped bytes of the right length are `check_content`'s (and every reader's) to find."""
+    On a local disk one `os.stat` per file (13,800 for a MIM store of ImageNet's 1,252 shards: 0.1 s;
+    walking the nested chunk folders with fsspec took 20x that); on an object store one listing per
+    stored part, not a request per file. Flipped bytes of the right length are `check_content`'s
+    (and every reader's) to find."""
     done = sorted(store.done_shards())
     if not done:
         return {}
-    lengths: dict[str, int] = {}
-    for part in {key.split("/c/")[0] for key in shard_files(store, 0, store.arrays)}:
-        folder = f"{store.path}/{part}/c"
-        store.fs.invalidate_cache(folder)
-        if store.fs.exists(folder):
-            for path, info in store.fs.find(folder, detail=True).items():
-                lengths[path[len(store.path.rstrip("/")) + 1:].lstrip("/")] = int(info["size"])
+    if is_local_fs(store.fs):
+        lengths = file_lengths(store, [key for k in done for key in shard_files(store, k, store.arrays)])
+    else:
+        lengths = {}
+        for part in {key.split("/c/")[0] for key in shard_files(store, 0, store.arrays)}:
+            folder = f"{store.path}/{part}/c"
+            store.fs.invalidate_cache(folder)
+            if store.fs.exists(folder):
+                for path, info in store.fs.find(folder, detail=True).items():
+                    lengths[path[len(store.path.rstrip("/")) + 1:].lstrip("/")] = int(info["size"])
     out = {}
     for k in done:
         files = shard_files(store, k, store.arrays)
