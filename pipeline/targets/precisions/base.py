@@ -54,9 +54,9 @@ class Codec(ABC):
         """Largest |x_hat - x| per element (float64, broadcasts to x), or None when only views are bounded."""
         return None
 
-    def decode_torch(self, parts: dict):
-        """`decode` on torch tensors (e.g. on the training device), the same float32 values; optional."""
-        raise NotImplementedError(f"precision {self.name!r} decodes on the host only (numpy)")
+    # `decode` on torch tensors (e.g. on the training device), the same float32 values: a codec that
+    # offers it defines `decode_torch(self, parts: dict) -> torch.Tensor`; None = host (numpy) only.
+    decode_torch = None
 
     def within_bound(self, x: np.ndarray, x_hat: np.ndarray, view_axes: int) -> bool:
         """Whether x_hat = decode(encode(x)) meets the stated bounds (float64 arithmetic)."""
