@@ -16,8 +16,8 @@ the loader's own per-sample work, done by the functions the loader calls:
                 (`pipeline.data.views.render_pil`)
   to tensor     -> uint8 [3, 224, 224], then the piece normalized to float32 at once (CPU runs;
                 a GPU run ships the uint8 pixels and normalizes on the GPU)
-  targets       Zarr target shards read + the epoch's view of each row decoded (`loader._ShardTargets`)
-  collate       samples -> batch tensors (`loader._stack`)
+  targets       Zarr target shards read + the epoch's view of each row (`shard_rows.ShardRows`)
+  collate       samples -> batch tensors, targets decoded (`loader._stack`, `target_rows.finish_targets`)
 Then the whole loader (`build_loader`, workers 0) over the same images, in a warm epoch (tars
 already verified) and in a fresh process's first epoch, as the check that the phases add up. The
 targets phase includes the stores' integrity checks (each shard file's length against its done
@@ -103,10 +103,13 @@ def phase_costs(data: dict, batch: int) -> dict:
     from pipeline.data.views import render_pil
     from pipeline.train import loader as L
     from pipeline.train.plan import sources_of
+    from pipeline.train.shard_rows import ShardRows, encoded_arrays
+    from pipeline.train.target_rows import finish_targets
     from pipeline.urls import fs_and_path
 
     cfg = loader_config(data, batch)
     src = sources_of(cfg)
+    arrays = encoded_arrays(cfg.mim_store, cfg.disc_store, src)
     manifest = read_manifest(cfg.manifest)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -128,7 +131,7 @@ def phase_costs(data: dict, batch: int) -> dict:
         with fs.open(path, "rb") as f:
             hashlib.sha256(f.read()).hexdigest()
         t = clock("sha256", t)
-        targets = L._ShardTargets(cfg, src, k, info.first_index, info.count, epoch=0)
+        targets = ShardRows(cfg, src, arrays, k, info.first_index, info.count, epoch=0, pixels=False)
         t = clock("targets", t)
         samples, images = [], []
         for rec in records:
@@ -147,7 +150,7 @@ def phase_costs(data: dict, batch: int) -> dict:
             n += 1
             if len(samples) == batch:
                 t = time.process_time()
-                out = L._stack(samples)
+                out = finish_targets(L._stack(samples, arrays), arrays)
                 t = clock("collate", t)
                 out["image"] = (torch.stack(images).float().div_(255) - mean) / std
                 clock("to tensor", t)

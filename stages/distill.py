@@ -221,6 +221,8 @@ def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.devi
         # On a GPU the loader ships uint8 pixels (4x fewer bytes to pin and copy); they are
         # normalized on the GPU, bit for bit what the loader's own float path gives.
         image_transport="uint8" if device.type == "cuda" else "float",
+        # and the stored codes of the targets, decoded on the GPU (`pipeline.train.target_rows`)
+        target_transport="encoded" if device.type == "cuda" else "decoded",
         view_schedule=cfg.view_schedule, views_used=cfg.views_used, token_resample=cfg.token_resample,
         **stores, **(online or {}),
     )

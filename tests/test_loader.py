@@ -494,6 +494,32 @@ def test_uint8_image_transport_normalized_on_the_device_equals_the_float_path(wo
         assert all(torch.equal(a[k], b[k]) for k in b if k != "image")
 
 
+@pytest.mark.parametrize("store,kw", [
+    ("kept", {}),  # fp16, kept tokens
+    ("all", {"mim_target": "attention", "masking": "direct", "token_resample": 0.6}),  # gathered, renormalized, cut
+    ("all", {"mim_target": "block_features", "relation_layers": (2,)}),  # one layer of several
+    ("even_stores", {}),  # q1pct: token-subspace relations, channel-basis features
+])
+def test_encoded_targets_decoded_on_the_device_equal_the_worker_decoded_ones(world, store, kw):
+    """What a GPU run gets (the stored codes, decoded by ahead_on_device after the copy) is bit for
+    bit what the loader's workers decode (here the "device" is the CPU; the code is the same), and
+    the batches in between carry codes, not float32 targets."""
+    from pipeline.train.device_copy import ahead_on_device
+
+    manifest = world["even"] if store == "even_stores" else world["uneven"]
+    cfg = cfg_for(manifest, world[store], num_workers=2, **kw)
+    decoded = run_epoch(cfg, epoch=1)
+    raw = list(build_loader(replace(cfg, target_transport="encoded"), 1))
+    target = kw.get("mim_target", "relations")
+    assert target not in raw[0] and "features" not in raw[0] and "_targets" in raw[0]
+    assert any(k.startswith(f"_enc.{target}.") for k in raw[0]) and ("_tok" in raw[0]) == (store == "all")
+    got = list(ahead_on_device(iter(raw), torch.device("cpu")))
+    assert len(got) == len(decoded)
+    for a, b in zip(got, decoded, strict=True):
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in b), [k for k in b if not torch.equal(a[k], b[k])]
+
+
 def test_kept_and_all_token_stores_give_the_same_targets(world):
     """Same teachers, views and masks: gathering from a tokens:all store (attention renormalized over
     the kept tokens) reproduces the tokens:kept store, up to fp16 storage rounding."""

@@ -20,20 +20,25 @@ Exactly one of relations/attention/block_features is present, when `mim_store` i
 
 Which rows each rank and worker reads, in which batches, and the resume guarantee are the epoch
 plan's (`pipeline.train.plan`); the store checks are `pipeline.train.sources`. Here, each worker
-reads every shard of its current mixing window whole: `read_shard_records` for the images (the
-tar's sha256 checked before any row is used) and `store.read_shard_views(k)` for the targets
-(never one random Zarr read per sample), joined on the global index; the stored view is replayed
-with `pipeline.data.views.render` at the student's img_size. The main process reassembles worker
-pieces by plan position, so batch j never depends on worker timing.
+reads every shard of its current mixing window whole (`pipeline.train.shard_rows.ShardRows`:
+`store.read_shard_views(k)` for the targets, never one random Zarr read per sample) and, unless the
+store holds the student's pixels, the tar (`read_shard_records`, its sha256 checked before any row
+is used), joined on the global index; the stored view is replayed with `pipeline.data.views.render`
+at the student's img_size, or its stored patches are placed (`student_pixels`). The main process
+reassembles worker pieces by plan position, so batch j never depends on worker timing.
 
-Memory: a worker holds one window at a time: `mix_shards` shards' encoded images and, per row, the
-chosen view's targets still encoded (S x one view's stored bytes per shard, whatever V is; rows
-are decoded to float32 one sample at a time), plus `prefetch_factor` pieces.
+Targets travel encoded until `pipeline.train.target_rows.finish_targets` decodes a whole piece:
+in the worker (`target_transport` "decoded") or on the training device ("encoded", the CUDA
+default: batches then carry `_enc.*` codes and `_targets`, and `device_copy` decodes them).
+
+Memory: a worker holds one window at a time: `mix_shards` shards' encoded images (none with stored
+pixels) and, per row, the chosen view's targets still encoded (S x one view's stored bytes per
+shard, whatever V is), plus `prefetch_factor` pieces.
 
 Targets: a store built with `tokens: kept` holds [CLS] + keep_progressive rows already (only
 masking `progressive` can be served); a store built with `tokens: all` serves every masking: the
-kept tokens' rows and columns ([0] + 1 + keep_index) are gathered at load time. Gathered
-`attention` rows are renormalized over the kept tokens (softmax restricted to a subset), so a
+kept tokens' rows and columns ([0] + 1 + keep_index) are gathered when the piece is decoded.
+Gathered `attention` rows are renormalized over the kept tokens (softmax restricted to a subset), so a
 `tokens: all` store and a `tokens: kept` store give the same targets for the same mask.
 """
 from __future__ import annotations
@@ -47,13 +52,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.errors import ConfigError, ShardError, StoreError
+from pipeline.errors import ConfigError, ShardError
 from pipeline.targets.layout import MIM_TARGETS, MimTarget
 from pipeline.targets.masking import MASKINGS, Masking
 from pipeline.targets.specs import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, scheduled_view, sources_of, steps_per_epoch
-from pipeline.train.resample import token_positions, token_subset
-from pipeline.train.sources import Sources, open_store
+from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, sources_of, steps_per_epoch
+from pipeline.train.shard_rows import ShardRows, encoded_arrays, stored_pixels
+from pipeline.train.sources import Sources
+from pipeline.train.target_rows import TARGETS, TOKENS, EncodedArray, finish_targets, pack
 
 # The loader's public face: the plan's step count and view choice are part of its contract.
 __all__ = ["LoaderConfig", "EpochLoader", "build_loader", "steps_per_epoch", "choose_view", "plan_epoch"]
@@ -84,6 +90,12 @@ class LoaderConfig:
     teacher_inputs: tuple[tuple[int, str], ...] = ()  # online: (size, interpolation) of each teacher's render
     image_transport: Literal["float", "uint8"] = "float"  # float: normalized here; uint8: normalized on the device
     token_resample: float = 1.0  # fraction of stored patch tokens shown per epoch ([CLS] always; 1 = all)
+    # decoded: workers decode targets to float32; encoded: batches carry the stored codes and
+    # `pipeline.train.target_rows.finish_targets` decodes them on the training device
+    target_transport: Literal["decoded", "encoded"] = "decoded"
+    # auto: the store's student pixels when it has them for this input (no JPEG decode, crop or
+    # resize), else rendered from the tars; store: must use them; render: always from the tars
+    student_pixels: Literal["auto", "store", "render"] = "auto"
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -106,6 +118,10 @@ class LoaderConfig:
             raise ConfigError(f"loader image_transport must be 'float' or 'uint8', got {self.image_transport!r}")
         if self.views_used < 0:
             raise ConfigError(f"loader views_used must be >= 0, got {self.views_used}")
+        if self.target_transport not in ("decoded", "encoded"):
+            raise ConfigError(f"loader target_transport must be 'decoded' or 'encoded', got {self.target_transport!r}")
+        if self.student_pixels not in ("auto", "store", "render"):
+            raise ConfigError(f"loader student_pixels must be 'auto', 'store' or 'render', got {self.student_pixels!r}")
         if not 0 < self.token_resample <= 1:
             raise ConfigError(f"loader token_resample must be in (0, 1], got {self.token_resample}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -114,87 +130,6 @@ class LoaderConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Worker side: read whole shards, replay views, gather targets, emit plan pieces.
-
-
-class _ShardTargets:
-    """One shard's targets from every store: each row's view of this epoch, decoded per sample.
-
-    Only the chosen view of every row is kept, still encoded (fp16 / int8 / q1pct parts), so a
-    worker holding `mix_shards` shards holds S x (one view's stored bytes) per shard, whatever V is.
-    """
-
-    def __init__(self, cfg: LoaderConfig, src: Sources, k: int, first: int, count: int, epoch: int):
-        self.cfg, self.src, self.first, self.epoch = cfg, src, first, epoch
-        used = cfg.views_used or src.num_views
-        self.view_of_row = np.array([scheduled_view(cfg.view_schedule, cfg.seed, epoch, first + r, used)
-                                     for r in range(count)], dtype=np.int64)
-        # Only the arrays this masking reads: each costs one Zarr read per shard.
-        view_names = ["views"] + {"progressive": ["keep_progressive"], "direct": ["keep_direct"]}.get(cfg.masking, [])
-        self.parts = {name: (src.view_store, parts) for name, parts in
-                      open_store(src.view_store).read_shard_views(k, view_names, self.view_of_row).items()}
-        if src.mim_array is not None:
-            got = open_store(cfg.mim_store).read_shard_views(k, [src.mim_array], self.view_of_row)
-            self.parts["mim"] = (cfg.mim_store, got[src.mim_array])
-        if cfg.disc_store is not None:
-            got = open_store(cfg.disc_store).read_shard_views(k, ["features"], self.view_of_row)
-            self.parts["features"] = (cfg.disc_store, got["features"])
-        for name, (_, parts) in self.parts.items():
-            rows = next(iter(parts.values())).shape[0]
-            if rows != count:
-                raise StoreError(f"store shard {k} array {name} has {rows} rows, manifest says {count}")
-
-    def _row(self, key: str, local: int) -> np.ndarray:
-        """Row `local` of one array (its epoch view), decoded."""
-        url, parts = self.parts[key]
-        name = {"mim": self.src.mim_array}.get(key, key)
-        return open_store(url).decode_rows(name, {p: a[local] for p, a in parts.items()})
-
-    def keep(self, local: int, index: int, view: int) -> np.ndarray:
-        """int64 [n_keep] (or [P] for masking none) sorted kept patch indices."""
-        masking = self.cfg.masking
-        if masking in ("progressive", "direct"):
-            return np.asarray(self._row(f"keep_{masking}", local), dtype=np.int64)
-        if masking == "random":
-            from pipeline.targets.masking import random_keep
-
-            out = random_keep(
-                np.array([index]), np.array([view]), self.src.num_patches, self.src.n_keep, self.cfg.seed
-            )
-            return np.asarray(out, dtype=np.int64).reshape(-1)
-        return np.arange(self.src.num_patches, dtype=np.int64)
-
-    def sample(self, local: int, index: int, view: int) -> dict[str, np.ndarray]:
-        keep = self.keep(local, index, view)
-        # Token positions inside the stored token axis: a kept-token store is [CLS]+kept already.
-        tok = None if self.src.tokens == "kept" else token_positions(keep)
-        if self.cfg.token_resample < 1:  # this epoch's subset of the kept tokens (pipeline.train.resample)
-            sub = token_subset(self.cfg.seed, self.epoch, index, len(keep), self.cfg.token_resample)
-            keep, tok = keep[sub], token_positions(sub) if tok is None else tok[token_positions(sub)]
-        out = {"keep_index": keep}
-        if self.src.mim_array is not None:
-            arr = self._row("mim", local)[list(self.src.layer_pos)]  # [L, H, Ts, Ts] or [L, Ts, D]
-            if tok is not None:
-                if self.src.mim_array == "block_features":
-                    arr = arr[:, tok]
-                else:
-                    arr = arr[:, :, tok[:, None], tok[None, :]]
-                if self.src.mim_array == "attention":
-                    # A store holds softmax over its tokens; renormalizing the columns shown gives
-                    # exactly the softmax over [CLS] + those tokens (what a student seeing only
-                    # them can match).
-                    arr = arr / arr.sum(axis=-1, keepdims=True)
-            out[self.src.mim_array] = np.asarray(arr, dtype=np.float32)
-        if "features" in self.parts:
-            arr = self._row("features", local)  # [Ts, D]
-            if tok is not None:
-                arr = arr[tok]
-            out["features"] = np.asarray(arr, dtype=np.float32)
-        return out
-
-    def view_box(self, local: int):
-        from pipeline.data.views import View
-
-        return View.from_row(self._row("views", local))
 
 
 def _decode_image(data: bytes, index: int, url: str, max_pixels: int):
@@ -218,12 +153,16 @@ def normalize_image(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return pixels.float().div_(255).sub_(m).div_(s)
 
 
-def _stack(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    keys = samples[0].keys()
-    out = {}
-    for key in keys:
+def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...]) -> dict[str, torch.Tensor]:
+    """One piece's samples as batch tensors; targets stay encoded (`target_rows.pack`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in samples[0]:
         vals = [s[key] for s in samples]
-        if isinstance(vals[0], torch.Tensor):
+        if key == TOKENS and vals[0] is None:
+            continue  # every token stored is shown
+        if any(a.key == key for a in arrays):
+            out.update(pack(key, vals))
+        elif isinstance(vals[0], torch.Tensor):
             out[key] = torch.stack(vals)
         else:
             out[key] = torch.from_numpy(np.stack(vals))
@@ -233,9 +172,10 @@ def _stack(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 class _PlanDataset(IterableDataset):
     """Each DataLoader worker streams its own shards and emits the plan's pieces in order."""
 
-    def __init__(self, cfg: LoaderConfig, src: Sources, plan: EpochPlan):
+    def __init__(self, cfg: LoaderConfig, src: Sources | None, plan: EpochPlan, arrays: tuple[EncodedArray, ...],
+                 pixels: bool):
         super().__init__()
-        self.cfg, self.src, self.plan = cfg, src, plan
+        self.cfg, self.src, self.plan, self.arrays, self.pixels = cfg, src, plan, arrays, pixels
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()  # None in the main process (num_workers 0): stream 0
@@ -272,16 +212,18 @@ class _PlanDataset(IterableDataset):
             # rows is used; images are decoded only for the rows a piece needs (rows extraction
             # marked invalid may not decode at all).
             images: dict[int, bytes] = {}
-            targets: dict[int, _ShardTargets] = {}
+            targets: dict[int, ShardRows] = {}
             for k in window:
                 info = manifest.shards[k]
                 if not any(info.first_index <= i < info.first_index + info.count for i in needed_idx):
                     continue
-                for rec in read_shard_records(manifest, k):
-                    if rec["index"] in needed_idx:
-                        images[rec["index"]] = rec["image"]
+                if not self.pixels:  # stored pixels need no tar: the stores were extracted from verified ones
+                    for rec in read_shard_records(manifest, k):
+                        if rec["index"] in needed_idx:
+                            images[rec["index"]] = rec["image"]
                 if cfg.online_plan is None:
-                    targets[k] = _ShardTargets(cfg, src, k, info.first_index, info.count, self.plan.epoch)
+                    targets[k] = ShardRows(cfg, src, self.arrays, k, info.first_index, info.count,
+                                           self.plan.epoch, self.pixels)
             for pos in range(lo, hi):
                 while piece < len(wanted) and wanted[piece][1] <= pos:
                     piece += 1
@@ -292,7 +234,8 @@ class _PlanDataset(IterableDataset):
                     continue
                 index = int(rows[pos - lo])
                 k = manifest.shard_of(index)
-                image = _decode_image(images.pop(index), index, manifest.shard_url(k), manifest.max_image_pixels)
+                image = None if self.pixels else _decode_image(images.pop(index), index, manifest.shard_url(k),
+                                                               manifest.max_image_pixels)
                 if online is not None:  # a fresh view of the plan: its targets come from the teachers
                     view = self.plan.epoch
                     box = online.view(index, view, *image.size)
@@ -302,14 +245,20 @@ class _PlanDataset(IterableDataset):
                     shard = targets[k]
                     local = index - shard.first
                     view = int(shard.view_of_row[local])
-                    box = shard.view_box(local)
                     rec = shard.sample(local, view=view, index=index)
-                rec["image"] = render_uint8(image, box, cfg.img_size, cfg.interpolation)
+                    if self.pixels:
+                        rec["image"] = shard.pixels(local, index, view)
+                    else:
+                        box = shard.view_box(local)
+                if image is not None:
+                    rec["image"] = render_uint8(image, box, cfg.img_size, cfg.interpolation)
                 rec["index"] = np.int64(index)
                 rec["view"] = np.int64(view)
                 samples.append(rec)
                 if pos + 1 == e:
-                    out = _stack(samples)
+                    out = _stack(samples, self.arrays)
+                    if cfg.target_transport == "decoded":  # the whole piece at once, in this worker
+                        out = finish_targets(out, self.arrays)
                     if cfg.image_transport == "float":  # the whole piece at once
                         out["image"] = normalize_image(out["image"], cfg.mean, cfg.std)
                     out["_piece"] = torch.tensor([w, s, e], dtype=torch.int64)
@@ -330,15 +279,19 @@ class _PlanDataset(IterableDataset):
 class EpochLoader:
     """Iterable over one rank's batches of one epoch; `len()` is the number it will yield."""
 
-    def __init__(self, cfg: LoaderConfig, plan: EpochPlan, src: Sources):
+    def __init__(self, cfg: LoaderConfig, plan: EpochPlan, src: Sources | None):
         self.cfg, self.plan, self.src = cfg, plan, src
+        arrays = () if src is None else encoded_arrays(cfg.mim_store, cfg.disc_store, src)
+        pixels = src is not None and stored_pixels(cfg, src)
+        # What the consumer must still do to the batches: decode targets on its device (`finish_targets`)
+        self.target_arrays = arrays if cfg.target_transport == "encoded" else ()
         cuda = torch.cuda.is_available()
         self.pin = cfg.pin_memory and cuda
         kwargs: dict[str, Any] = {}
         if cfg.num_workers > 0:
             kwargs["prefetch_factor"] = cfg.prefetch_factor
         self._loader = DataLoader(
-            _PlanDataset(cfg, src, plan),
+            _PlanDataset(cfg, src, plan, arrays, pixels),
             batch_size=None,  # workers emit whole pieces; batching happens in the plan
             num_workers=cfg.num_workers,
             pin_memory=self.pin,
@@ -373,12 +326,14 @@ class EpochLoader:
                     raise AssertionError(f"loader piece {got} arrived where {(w, s, e)} was planned")
                 parts.append(item)
             if len(parts) == 1:
-                yield parts[0]
+                batch = parts[0]
             else:
                 batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
                 if self.pin:
                     batch = {key: v.pin_memory() for key, v in batch.items()}
-                yield batch
+            if self.target_arrays:  # encoded targets say how to decode them (`device_copy` does, on the device)
+                batch[TARGETS] = self.target_arrays
+            yield batch
 
 
 def build_loader(

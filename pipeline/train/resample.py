@@ -45,8 +45,10 @@ def resample_batch(batch: dict, fraction: float, seed: int, epoch: int) -> dict:
     `features` [B, T, D] over T = 1 + n tokens -> 1 + m (attention rows renormalized).
 
     Online runs call it on the teachers' fresh targets; cached runs cut each sample in the loader
-    worker (`pipeline.train.loader`) with the same `token_subset`, so both see the same tokens."""
+    worker (`pipeline.train.shard_rows`) with the same `token_subset`, so both see the same tokens."""
     import torch
+
+    from pipeline.train.target_rows import cut_tokens
 
     keep = batch["keep_index"]
     n = keep.shape[1]
@@ -58,18 +60,7 @@ def resample_batch(batch: dict, fraction: float, seed: int, epoch: int) -> dict:
     tok = torch.cat([torch.zeros_like(sub[:, :1]), sub + 1], dim=1)  # [B, 1 + m]
     out = dict(batch)
     out["keep_index"] = keep.gather(1, sub)
-    for name in ("relations", "attention"):
+    for name in ("relations", "attention", "block_features", "features"):
         if name in batch:
-            r = batch[name]  # [B, L, H, T, T]
-            B, L, H = r.shape[:3]
-            rows = tok[:, None, None, :, None].expand(B, L, H, tok.shape[1], r.shape[-1])
-            r = r.gather(3, rows)
-            r = r.gather(4, tok[:, None, None, None, :].expand(B, L, H, tok.shape[1], tok.shape[1]))
-            out[name] = r / r.sum(dim=-1, keepdim=True) if name == "attention" else r
-    if "block_features" in batch:
-        f = batch["block_features"]  # [B, L, T, D]
-        out["block_features"] = f.gather(2, tok[:, None, :, None].expand(f.shape[0], f.shape[1], -1, f.shape[-1]))
-    if "features" in batch:
-        f = batch["features"]  # [B, T, D]
-        out["features"] = f.gather(1, tok[:, :, None].expand(-1, -1, f.shape[-1]))
+            out[name] = cut_tokens(name, batch[name], tok)
     return out
