@@ -23,9 +23,13 @@ Three steps, all per view (views are independent):
 3. Residual codes are zigzag-mapped (0, -1, 1, -2 ... -> 0, 1, 2, 3 ...) to uint16, predictors to
    uint32/uint16; the store byte-shuffles and zstd-compresses them (`schema.codecs`).
 
-Bit-determinism: every number that reaches the store is computed by elementwise IEEE operations
-and exact integer products (`pipeline.targets.exact`), so the same input gives the same bytes on
-every machine, and decode rebuilds exactly the codes encode measured its error on.
+Bit-determinism: every number that reaches the store is computed by elementwise IEEE operations,
+exact integer products and sums (`pipeline.targets.exact`) and float sums in one fixed order
+(`exact.tree_sum`: halves added elementwise, never numpy's or a GPU's own reduction order), so the
+same input gives the same bytes on every machine, and in both implementations: this one (numpy) and
+`pipeline.targets.compact_torch` (torch, on the teacher's device), which performs the very same
+operations. Decode rebuilds exactly the codes encode measured its error on. (Codec version 3, see
+`schema.Q1PCT_CODEC`: version 2 summed in numpy's order; its parts decode the same way.)
 """
 from __future__ import annotations
 
@@ -103,19 +107,33 @@ def _rint_mean(q: np.ndarray, axis: int) -> np.ndarray:
     return np.rint(q.mean(axis=axis)).astype(np.int64)
 
 
+def _view_sum(a: np.ndarray, view_axes: int) -> np.ndarray:
+    """float64 sum of each view's elements in `exact.tree_sum`'s fixed order."""
+    return exact.tree_sum(a.reshape(a.shape[:view_axes] + (-1,)).astype(np.float64))
+
+
 def _relative_error(x: np.ndarray, x_hat: np.ndarray, view_axes: int) -> np.ndarray:
-    axes = tuple(range(view_axes, x.ndim))
-    d = x_hat - x  # float32: exact for nearby values
-    num = np.sqrt(np.sum(d * d, axis=axes, dtype=np.float64))
-    den = np.sqrt(np.sum(x * x, axis=axes, dtype=np.float64))
+    d = (x_hat - x).astype(np.float64)  # float32 difference (exact for nearby values); squares exact in float64
+    num = np.sqrt(_view_sum(d * d, view_axes))
+    x64 = x.astype(np.float64)
+    den = np.sqrt(_view_sum(x64 * x64, view_axes))
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
 
 
 def _first_step(x: np.ndarray, view_axes: int, floor: np.ndarray) -> np.ndarray:
-    axes = tuple(range(view_axes, x.ndim))
-    rms = np.sqrt(np.mean(x * x, axis=axes, dtype=np.float64))
+    x64 = x.astype(np.float64)
+    rms = np.sqrt(_view_sum(x64 * x64, view_axes) / max(1, math.prod(x.shape[view_axes:])))
     step = np.maximum(2.0 * math.sqrt(3.0) * DESIGN * rms, floor)
     return np.where(step > 0, step, 1.0).astype(np.float32)  # an all-zero view: any step, codes 0
+
+
+def _floor(x: np.ndarray, view_axes: int) -> np.ndarray:
+    """The smallest step that keeps residual codes in int16: what is left of each view after its row
+    and column means, / 32000 (float64 [*views])."""
+    resid = x - (exact.tree_sum(x.astype(np.float64)) / x.shape[-1]).astype(np.float32)[..., None]
+    if x.ndim - view_axes >= 2:
+        resid -= (exact.tree_sum(resid.astype(np.float64), -2) / x.shape[-2]).astype(np.float32)[..., None, :]
+    return np.max(np.abs(resid).reshape(x.shape[:view_axes] + (-1,)), axis=-1, initial=0.0).astype(np.float64) / 32000.0
 
 
 def _bounded(x: np.ndarray, view_axes: int, step: np.ndarray, attempt) -> tuple[dict, np.ndarray]:
@@ -158,14 +176,7 @@ def encode(x: np.ndarray, view_axes: int, channel_basis: np.ndarray | None = Non
         if channel_basis.ndim != 2 or channel_basis.shape[0] != body[-1]:
             raise StoreError(f"channel basis has shape {channel_basis.shape}, the array's rows have "
                              f"{body[-1]} channels")
-    axes = tuple(range(view_axes, x.ndim))
-    # The step must keep residual codes in int16: bound it by what is left after the means.
-    resid = x - x.mean(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
-    if len(body) >= 2:
-        resid -= resid.mean(axis=-2, keepdims=True, dtype=np.float64).astype(np.float32)
-    floor = np.max(np.abs(resid), axis=axes).astype(np.float64) / 32000.0 if resid.size else 0.0
-    del resid
-    _, step = _bounded(x, view_axes, _first_step(x, view_axes, floor),
+    _, step = _bounded(x, view_axes, _first_step(x, view_axes, _floor(x, view_axes)),
                        lambda s: (None, _codes(x, s).astype(np.float32) * _per_view(s, x.ndim)))
     # The error depends only on Q: the predictors are computed once, for the final step.
     q = _codes(x, step)
@@ -250,7 +261,7 @@ def fit_channel_basis(x: np.ndarray) -> np.ndarray:
     from orthogonal iteration on it (`exact.leading_basis`).
     """
     rows = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    rms = float(np.sqrt(np.mean(rows * rows, dtype=np.float64))) if rows.size else 0.0
+    rms = float(np.sqrt(exact.tree_sum(rows.astype(np.float64).reshape(-1) ** 2) / rows.size)) if rows.size else 0.0
     grid = np.rint(rows / np.float32(rms / 256.0)).astype(np.int64) if rms > 0 else np.zeros(rows.shape, np.int64)
     gram = exact.imatmul(grid.T, grid)  # [D, D], exact
     basis = exact.leading_basis(gram, min(CHANNELS, gram.shape[0]), BASIS_ITERATIONS, fill=True)

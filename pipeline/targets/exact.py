@@ -11,8 +11,12 @@ the last bits). So:
   any order, blocking or FMA gives the exact result, fast. Larger bounds use numpy's int64 matmul
   (exact, no BLAS); beyond int64 it refuses.
 - `round_shift`: x / 2**s rounded half up, in integer arithmetic.
+- `tree_sum`: a float sum in one fixed order (halves added elementwise), so the same bits come out
+  of numpy here and of torch on any device (`pipeline.targets.compact_torch` mirrors it). numpy's
+  own sums do not promise that: pairwise blocks over the last axis, sequential over others, and a
+  GPU reduces in yet another order.
 - `orthonormal_columns`: Gram-Schmidt with only elementwise IEEE operations (correctly rounded
-  everywhere) and numpy reductions over fixed axes (a fixed summation order), never BLAS.
+  everywhere) and `tree_sum`, never BLAS.
 - `leading_basis`: an orthonormal basis whose first columns span the dominant subspace of a
   symmetric integer matrix (orthogonal iteration built from the two above).
 """
@@ -67,16 +71,46 @@ def round_shift(x: np.ndarray, s: int) -> np.ndarray:
     return (x + (1 << (s - 1))) >> s
 
 
+def tree_sum(a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Sum of `a` along `axis` in a fixed order: with h the largest power of two below the length n,
+    elements h..n-1 are added elementwise to elements 0..n-h-1, then halves are added until one
+    element is left. Only elementwise IEEE additions, so the bits depend on the values alone
+    (`compact_torch.tree_sum` does the very same additions)."""
+    a = np.asarray(a)
+    axis %= a.ndim
+    lead = (slice(None),) * axis
+    n = a.shape[axis]
+    if n == 0:
+        return np.zeros(a.shape[:axis] + a.shape[axis + 1:], a.dtype)
+    while n > 1:
+        h = 1 << ((n - 1).bit_length() - 1)
+        if n == 2 * h:
+            a = a[lead + (slice(0, h),)] + a[lead + (slice(h, n),)]
+        else:  # the first n-h elements take the last n-h; the rest are carried as they are
+            b = a[lead + (slice(0, h),)].copy()
+            b[lead + (slice(0, n - h),)] += a[lead + (slice(h, n),)]
+            a = b
+        n = h
+    return a[lead + (0,)]
+
+
+def ceil_log2(top: np.ndarray) -> np.ndarray:
+    """ceil(log2(top)) of positive float64 values, exactly (from the binary exponent, not from a libm
+    log2 whose last bit may differ between libraries)."""
+    mantissa, exponent = np.frexp(top)
+    return exponent.astype(np.int64) - (mantissa == 0.5)
+
+
 def _dots(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     """q[..., :, i] . v for every column i: elementwise products, then a reduction over the row axis."""
-    return np.sum(q * v[..., :, None], axis=-2)
+    return tree_sum(q * v[..., :, None], axis=-2)
 
 
 def _project_out(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     """v minus its components along the (orthonormal) columns of q, twice (classical Gram-Schmidt
     repeated: orthogonal to working precision)."""
     for _ in range(2):
-        v = v - np.sum(q * _dots(q, v)[..., None, :], axis=-1)
+        v = v - tree_sum(q * _dots(q, v)[..., None, :], axis=-1)
     return v
 
 
@@ -98,16 +132,16 @@ def orthonormal_columns(y: np.ndarray, fill: bool = True) -> np.ndarray:
     spare = iter(range(n))
     for j in range(r):
         v = y[..., :, j]
-        scale = np.sqrt(np.sum(v * v, axis=-1))
+        scale = np.sqrt(tree_sum(v * v))
         v = _project_out(q[..., :, :j], v)
-        norm = np.sqrt(np.sum(v * v, axis=-1))
+        norm = np.sqrt(tree_sum(v * v))
         ok = norm > 1e-9 * np.maximum(scale, 1.0)
         if fill:
             while not ok:  # a dependent column: the next unit vector that is not
                 v = np.zeros(n)
                 v[next(spare)] = 1.0
                 v = _project_out(q[:, :j], v)
-                norm = np.sqrt(np.sum(v * v))
+                norm = np.sqrt(tree_sum(v * v))
                 ok = norm > 1e-9
         q[..., :, j] = np.where(ok[..., None], v / np.where(ok, norm, 1.0)[..., None], 0.0)
     return q
@@ -126,7 +160,7 @@ def leading_basis(gram: np.ndarray, rank: int, iterations: int = 8, start: np.nd
     n = gram.shape[-1]
     rank = min(rank, n)
     top = np.max(np.abs(gram), axis=(-2, -1), keepdims=True).astype(np.float64)
-    shift = np.where(top > 2.0**20, np.ceil(np.log2(np.maximum(top, 1.0))) - 20, 0).astype(np.int64)
+    shift = np.where(top > 2.0**20, ceil_log2(np.maximum(top, 1.0)) - 20, 0).astype(np.int64)
     # Round half up, per matrix: (x + 2**(s-1)) >> s, and x itself where s is 0.
     g = np.where(shift > 0, (gram + (np.int64(1) << np.maximum(shift - 1, 0))) >> shift, gram)
     basis = np.broadcast_to(np.eye(n, rank), gram.shape[:-2] + (n, rank)) if start is None else start

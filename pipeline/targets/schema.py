@@ -51,7 +51,11 @@ ZSTD_LEVEL = 3
 # blocks of 64 KiB (vs its default for the chunk) save another 2-3% on relations.
 COMPACT_ZSTD_LEVEL = 7
 COMPACT_BLOCK_BYTES = 65536
-Q1PCT_CODEC = 2  # version of the q1pct parts (2: token subspace and channel basis predictors)
+# Version of the q1pct encoder, and so of its parts: 2 added the token subspace and channel basis
+# predictors; 3 sums in one fixed order (`exact.tree_sum`), so numpy and torch on any device store the
+# same bytes. 3's parts are 2's, decoded the same way: stores of either are read; only 3 is written.
+Q1PCT_CODEC = 3
+Q1PCT_READS = (2, 3)
 # Settings the caller must give: without them a store cannot be checked against its consumers.
 REQUIRED_ATTRS = ("teacher", "weights_digest", "preprocessing", "precision", "tokens", "view_plan_digest")
 # Added by the store itself; a caller may pass them only with the same value.
@@ -205,6 +209,22 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
     full = jsonable({**given, **own})
     full["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return full
+
+
+def check_q1pct_codec(attrs: dict, url: str, writing: bool = False) -> None:
+    """Refuse a q1pct store whose parts this hdpipe cannot read, or (`writing`) did not encode itself:
+    shards of two encoder versions in one store would break its same-bytes promise."""
+    if attrs.get("precision") != "q1pct":
+        return
+    version = attrs.get("q1pct_codec", 1)
+    if version not in Q1PCT_READS:
+        raise StoreError(f"target store {url} holds q1pct codes of codec version {version!r}; this hdpipe "
+                         f"({__version__}) reads version {' or '.join(map(str, Q1PCT_READS))}: re-extract it with "
+                         "`hdpipe extract --overwrite`")
+    if writing and version != Q1PCT_CODEC:
+        raise StoreError(f"target store {url} holds q1pct codes of encoder version {version}; this hdpipe "
+                         f"({__version__}) encodes version {Q1PCT_CODEC} (other bytes for the same targets): finish "
+                         "the store with the hdpipe that began it, or re-extract it with `hdpipe extract --overwrite`")
 
 
 def create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> None:

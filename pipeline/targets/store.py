@@ -39,8 +39,8 @@ from pipeline import __version__
 from pipeline.errors import StoreError
 from pipeline.targets import integrity, quant
 from pipeline.targets.bases import ChannelBases, digest
-from pipeline.targets.schema import (Q1PCT_CODEC, SCHEMA_VERSION, ArraySpec, check_input, create_arrays, diff,
-                                     full_attrs, jsonable, part_name, store_parts, stored_parts)
+from pipeline.targets.schema import (SCHEMA_VERSION, ArraySpec, check_input, check_q1pct_codec, create_arrays,
+                                     diff, full_attrs, jsonable, part_name, store_parts, stored_parts)
 from pipeline.urls import atomic_write_bytes, fs_and_path, is_local_fs
 
 _DONE_RE = re.compile(r"^(\d{6})\.json$")
@@ -146,11 +146,7 @@ class TargetStore:
                 f"target store {url} has schema_version {attrs.get('schema_version')!r}; this hdpipe "
                 f"({__version__}) reads {SCHEMA_VERSION}: re-extract it with `hdpipe extract --overwrite`"
             )
-        if attrs.get("precision") == "q1pct" and attrs.get("q1pct_codec") != Q1PCT_CODEC:
-            raise StoreError(
-                f"target store {url} holds q1pct codes of codec version {attrs.get('q1pct_codec', 1)!r}; this hdpipe "
-                f"({__version__}) reads version {Q1PCT_CODEC}: re-extract it with `hdpipe extract --overwrite`"
-            )
+        check_q1pct_codec(dict(attrs), url)
         store = cls(url, group, mode)
         if expect:
             diffs = []
@@ -245,6 +241,7 @@ class TargetStore:
         if names != want:
             raise StoreError(f"shard {k}: arrays missing {sorted(want - names)}, unknown {sorted(names - want)}")
         checked = {n: check_input(self.arrays[n], self.views, k, n, arrays[n], count) for n in sorted(self.arrays)}
+        check_q1pct_codec(self.attrs, self.url, writing=True)
         if self._mode == "r":
             self._group = zarr.open_group(store=_zarr_store(self.url, "r+"), mode="r+")
             self._zarr, self._mode = {}, "r+"

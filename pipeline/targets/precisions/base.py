@@ -55,8 +55,12 @@ class Codec(ABC):
         return None
 
     # `decode` on torch tensors (e.g. on the training device), the same float32 values: a codec that
-    # offers it defines `decode_torch(self, parts: dict) -> torch.Tensor`; None = host (numpy) only.
+    # offers it defines `decode_torch(self, parts: dict, channel_basis=None) -> torch.Tensor` (the
+    # basis a tensor too); None = host (numpy) only.
     decode_torch = None
+    # `encode` on a float32 tensor where it was computed (the teacher's device), the same parts as
+    # tensors, byte for byte: `encode_torch(self, x, view_axes, channel_basis=None) -> dict`; None = numpy only.
+    encode_torch = None
 
     def within_bound(self, x: np.ndarray, x_hat: np.ndarray, view_axes: int) -> bool:
         """Whether x_hat = decode(encode(x)) meets the stated bounds (float64 arithmetic)."""

@@ -29,5 +29,5 @@ class Fp16(Codec):
     def element_bound(self, x: np.ndarray, view_axes: int) -> np.ndarray:
         return np.maximum(np.abs(np.asarray(x, np.float64)) * 2.0**-11, 2.0**-25)
 
-    def decode_torch(self, parts: dict):
+    def decode_torch(self, parts: dict, channel_basis=None):
         return parts["q"].float()

@@ -49,5 +49,5 @@ class Int8(Codec):
         a = np.abs(np.asarray(x, np.float64)).max(axis=-1, keepdims=True)
         return (a / 127 + np.maximum(a / 127 * 2.0**-10, 2.0**-24)) / 2 + a * 2.0**-23
 
-    def decode_torch(self, parts: dict):
+    def decode_torch(self, parts: dict, channel_basis=None):
         return parts["q"].float() * parts["scale"].float().unsqueeze(-1)

@@ -3,7 +3,8 @@
 One uniform grid per view, integer predictors (row/column means, a shared token subspace for
 token-by-token matrices, a dataset-wide channel basis for features), residual codes for zstd. The
 codec, its parts and its bit-determinism are `pipeline.targets.compact`'s (with `exact.py` and, for
-the channel basis, `bases.py`); this module only presents it as a `Codec`.
+the channel basis, `bases.py`), and in torch `compact_torch`'s (the same bytes, on any device); this
+module only presents it as a `Codec`.
 """
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ class Q1pct(Codec):
 
     def decode(self, parts: dict[str, np.ndarray], channel_basis=None) -> np.ndarray:
         return compact.decode(parts, channel_basis)
+
+    def encode_torch(self, x, view_axes: int, channel_basis=None) -> dict:
+        from pipeline.targets import compact_torch
+
+        return compact_torch.encode(x, view_axes, channel_basis)
+
+    def decode_torch(self, parts: dict, channel_basis=None):
+        from pipeline.targets import compact_torch
+
+        return compact_torch.decode(parts, channel_basis)
