@@ -24,6 +24,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from pipeline import urls
+from pipeline.data.views import Interpolation
 from pipeline.errors import ConfigError, StoreError
 from pipeline.targets.quant import CODECS
 from pipeline.targets.recipe import TeacherRecipe
@@ -52,6 +53,12 @@ class ExtractConfig(TeacherRecipe):
     # shards to extract again although done (damaged: readers and `hdpipe inspect --content` name them)
     rebuild_shards: tuple[int, ...] = ()
     progress: bool = True  # progress bar and summary on stderr
+    # MIM stores: also store each view's student input (the stored tokens' patches, uint8, lossless), so stage two
+    # decodes no JPEG; unset: on, except when resuming a store made without them (older stores)
+    student_pixels: bool | None = None
+    # side of the stored student views in pixels, a multiple of the teacher's grid; unset: the teacher's img_size
+    student_img_size: int | None = None
+    student_interpolation: Interpolation = "bicubic"  # resize filter of the stored student views (the loader's default)
     CHOICES: ClassVar[dict] = {"precision": CODECS}  # fields whose values are a registry's names (--help lists them)
 
     def validate(self) -> None:
@@ -67,6 +74,8 @@ class ExtractConfig(TeacherRecipe):
             raise ConfigError(f"rebuild_shards must be shard numbers >= 0, got {list(self.rebuild_shards)}")
         if self.precision not in CODECS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(CODECS)}")
+        if self.student_img_size is not None and self.student_img_size < 1:
+            raise ConfigError(f"student_img_size must be >= 1 pixel, got {self.student_img_size}")
 
 
 def store_name(cfg: ExtractConfig) -> str:
@@ -126,9 +135,54 @@ def open_mim_store(cfg: ExtractConfig, manifest):
     return mim
 
 
+def student_pixels(cfg: ExtractConfig, teacher, role: str):
+    """The student pixels a new store of this run holds (`pipeline.targets.pixels`), or None."""
+    from pipeline.targets.pixels import StudentPixels
+
+    if role != "mim":
+        if cfg.student_pixels or cfg.student_img_size is not None:
+            raise ConfigError(f"--student-pixels / --student-img-size: teacher {cfg.teacher} is discriminative and its "
+                              "store holds no student pixels (the student's views and masks come from the MIM store); "
+                              "set them on the MIM teacher's extraction")
+        return None
+    if cfg.student_pixels is False:
+        if cfg.student_img_size is not None:
+            raise ConfigError("--student-img-size sizes the stored student pixels; drop it with --no-student-pixels")
+        return None
+    return StudentPixels.for_grid(cfg.student_img_size or teacher.img_size, cfg.student_interpolation, teacher.grid)
+
+
+def resumes_without_pixels(url: str, attrs: dict, arrays: dict, manifest, views: int) -> bool:
+    """Whether the store at `url` was made without student pixels and otherwise with exactly these
+    settings: `student_pixels` unset then resumes it as it is (pixels are the default only since
+    issue 19; re-running an older store's command must not rebuild it)."""
+    from pipeline.targets.schema import diff, full_attrs
+    from pipeline.targets.store import TargetStore
+
+    try:
+        old = TargetStore.open(url).attrs
+    except StoreError:
+        return False
+    if old.get("student_pixels"):
+        return False
+    new = full_attrs(attrs, arrays, manifest, views)
+    return not diff({k: v for k, v in old.items() if k != "created"}, {k: v for k, v in new.items() if k != "created"},
+                    "")
+
+
 def _log(msg: str) -> None:
     """A start or end line on stderr, printed with or without progress bars (DVC logs show it)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def _pixel_bytes(store) -> str:
+    """", student pixels N KB per view" over the store's done shards ("" when it holds none)."""
+    if "student_pixels" not in store.arrays:
+        return ""
+    done = sorted(store.done_shards())
+    views = sum(store.shard_rows(k)[1] for k in done) * store.views
+    nbytes = sum(store.shard_bytes("student_pixels", k) for k in done)
+    return f" (student pixels {nbytes / max(views, 1) / 1000:.1f} KB per view)"
 
 
 def _invalidate_damaged(store, rebuild: tuple[int, ...]) -> None:
@@ -180,12 +234,23 @@ def extract(cfg: ExtractConfig) -> str:
     distributed = bool(cfg.scheduler) or cfg.workers > 0
     # The driver needs the teacher only for its attributes when workers extract: keep it off the GPUs.
     teacher = cached_teacher(source, torch.device("cpu") if distributed else task_device(cfg.device))
+    pixels = student_pixels(cfg, teacher, role)
     if role == "mim":
         plan = cfg.view_plan(teacher)
-        attrs, arrays = mim_layout(teacher, source, plan=plan, relation_layers=resolve_layers(cfg.relation_layers,
-                                   teacher.depth), extra_targets=cfg.extra_targets, mask_ratio=cfg.mask_ratio,
-                                   tokens="kept" if cfg.tokens == "auto" else cfg.tokens, precision=cfg.precision)
         V = plan.views
+
+        def layout(px):
+            return mim_layout(teacher, source, plan=plan, relation_layers=resolve_layers(cfg.relation_layers,
+                              teacher.depth), extra_targets=cfg.extra_targets, mask_ratio=cfg.mask_ratio,
+                              tokens="kept" if cfg.tokens == "auto" else cfg.tokens, precision=cfg.precision,
+                              student_pixels=px)
+
+        attrs, arrays = layout(pixels)
+        unset = pixels is not None and cfg.student_pixels is None
+        if unset and resumes_without_pixels(url, *layout(None), manifest, V):
+            _log(f"extract: {url} was made without student pixels; resuming it as it is (--student-pixels "
+                 "--overwrite would rebuild it with them)")
+            attrs, arrays = layout(None)
     else:
         attrs, arrays = disc_layout(teacher, source, mim_attrs=mim_attrs, mim_store=mim_store_url(cfg),
                                     precision=cfg.precision)
@@ -239,6 +304,6 @@ def extract(cfg: ExtractConfig) -> str:
             bar.close()
         seconds = time.perf_counter() - t0
         _log(f"extract: done {totals['shards']} shards, {images} images, {totals['views']} views "
-             f"({totals['skipped']} skipped as unreadable), store {urls.size_on_disk(url) / 2**20:.1f} MiB, "
-             f"{seconds:.1f} s ({totals['views'] / max(seconds, 1e-9):.1f} views/s) -> {url}")
+             f"({totals['skipped']} skipped as unreadable), store {urls.size_on_disk(url) / 2**20:.1f} MiB"
+             f"{_pixel_bytes(store)}, {seconds:.1f} s ({totals['views'] / max(seconds, 1e-9):.1f} views/s) -> {url}")
         return url

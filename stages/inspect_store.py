@@ -21,7 +21,7 @@ from pipeline.targets.store import TargetStore
 # Attributes shown in their own rows; every other `hdpipe` attribute is listed under "settings".
 _SHOWN = {"schema_version", "teacher", "precision", "codec", "total", "views", "shard_size", "num_shards",
           "arrays", "manifest_digest", "view_plan_digest", "weights_digest", "package_version",
-          "code_version", "created"}
+          "code_version", "created", "student_pixels"}
 
 
 def inspect_store(url: str, content: bool = False) -> dict:
@@ -100,6 +100,9 @@ def store_info(store: TargetStore, content: bool = False) -> dict:
         "damaged": damaged_report(store, content),
         "rows_done": rows_done,
         "bytes_per_view": bpv["total"],
+        # the student's stored input (`pipeline.targets.pixels`): how it was rendered, what it adds per view
+        "student_pixels": ({**a["student_pixels"], "bytes_per_view": bpv.get("student_pixels", 0.0)}
+                           if a.get("student_pixels") else None),
         # kept once for the whole store, whatever its size (not in bytes_per_view)
         "store_level_bytes": store_level_bytes(store),
         "arrays": arrays,
@@ -168,6 +171,12 @@ def format_info(info: dict) -> str:
                      _kb(e["bytes_per_view"]), _err(e)])
     out += _table(["name", "shape", "dtype", "precision", "stored parts", "bytes/view", "rel. error vs fp32"], rows)
     out += ["", f"bytes per view {_kb(info['bytes_per_view'])} (on disk, finished shards)"]
+    px = info.get("student_pixels")
+    if px:
+        out += [f"student pixels {_kb(px['bytes_per_view'])} per view of it: {px['img_size']} px views, "
+                f"{px['patch_size']} px patches, {px['interpolation']} ({px['renderer']})"]
+    elif attrs.get("role") == "mim":
+        out += ["student pixels none (stage two renders the student's views from the tars)"]
     if info["store_level_bytes"]:
         out += ["kept once       " + ", ".join(f"{k} {_kb(v)}" for k, v in info["store_level_bytes"].items())]
     out += ["", "provenance"]

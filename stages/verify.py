@@ -69,9 +69,10 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     from pipeline.data.images import decode_image
     from pipeline.data.manifest import read_manifest
     from pipeline.targets.store import TargetStore
-    from pipeline.data.views import View, ViewPlan, render
+    from pipeline.data.views import View, ViewPlan, render, render_uint8
     from pipeline.run.worker import cached_teacher, task_device
     from pipeline.targets.compute import disc_batch, mim_batch
+    from pipeline.targets.pixels import StudentPixels, stored_patches
     from pipeline.targets.quant import codec
     from pipeline.targets.teachers import TeacherSource
 
@@ -111,8 +112,9 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     indices = sorted({i for i, _ in picks})
     row_of = {i: r for r, i in enumerate(indices)}
 
+    px = StudentPixels.from_attrs(attrs)  # stored student views: rendered again and compared exactly
     names = (["views", "keep_progressive", "keep_direct", "relations"] + list(attrs["extra_targets"])
-             if role == "mim" else ["features"])
+             + (["student_pixels"] if px else []) if role == "mim" else ["features"])
     stored = store.read_rows(indices, names=names)  # {name: [len(indices), V, ...]}
     if role == "mim":
         views_src, keep_src = stored["views"], stored["keep_progressive"]
@@ -145,6 +147,10 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
                 # The crop boxes themselves are a pure function of the plan: recompute them too.
                 out["views"] = torch.as_tensor(np.stack([
                     plan.view(i, v, *images[i].size).as_row() for i, v in batch]))
+                if px is not None:  # at the stored token set's patches, like the relations
+                    u = torch.stack([render_uint8(images[i], view, px.img_size, px.interpolation)
+                                     for (i, _), view in zip(batch, views)])
+                    out["student_pixels"] = stored_patches(u, keep, attrs["tokens"], teacher.grid)
             else:
                 out = disc_batch(teacher, x, keep, attrs["tokens"])
             for name, t in out.items():
@@ -166,6 +172,9 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         elif name == "views":
             err = _errors(got, new)
             entry = {**err, "tolerance": 1e-6, "ok": err["max_abs"] <= 1e-6}
+        elif name == "student_pixels":  # lossless: equal or wrong
+            err = _errors(got, new)
+            entry = {**err, "tolerance": 0.0, "ok": err["max_abs"] == 0}
         else:
             err = _errors(got, new)
             entry = {**err, "tolerance": tol, "ok": err["rel"] <= tol}

@@ -262,7 +262,8 @@ def test_all_tokens_extras_int8_match_module(world, tmp_path):
     report = verify(VerifyConfig(store=str(tmp_path / "mim.zarr"), samples=5, device="cpu"))
     assert report["ok"] and report["tolerance"] == CODECS["int8"].verify_tolerance, report
     assert sorted(report["arrays"]) == ["attention", "block_features", "keep_direct", "keep_progressive",
-                                        "relations", "views"]
+                                        "relations", "student_pixels", "views"]
+    assert report["arrays"]["student_pixels"]["max_abs"] == 0
 
 
 def test_resume_skips_done_shards_and_refuses_other_settings(world):

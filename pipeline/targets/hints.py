@@ -17,6 +17,9 @@ import shlex
 from typing import Any, Mapping
 
 
+_NEGATABLE = ("hflip", "student_pixels")  # flags whose off must be written (--no-hflip)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
@@ -57,6 +60,11 @@ def extract_command(attrs: Mapping[str, Any], *, manifest: str, out: str, overwr
         if "ratio" in (attrs.get("mask") or {}):
             flags["mask_ratio"] = attrs["mask"]["ratio"]
         flags["tokens"] = attrs.get("tokens", "kept")
+        pixels = attrs.get("student_pixels")  # absent: made without (older stores, --no-student-pixels)
+        flags["student_pixels"] = bool(pixels)
+        if pixels:
+            flags["student_img_size"] = pixels["img_size"]
+            flags["student_interpolation"] = pixels["interpolation"]
     elif attrs.get("mim_store"):
         flags["mim_store"] = attrs["mim_store"]
     if attrs.get("precision"):
@@ -64,11 +72,11 @@ def extract_command(attrs: Mapping[str, Any], *, manifest: str, out: str, overwr
     flags.update(changes)
     parts = ["hdpipe extract"]
     for key, value in flags.items():
-        if value is None or value is False and key != "hflip":
+        if value is None or value is False and key not in _NEGATABLE:
             continue
         flag = "--" + key.replace("_", "-")
-        if key == "hflip":
-            parts.append("--hflip" if value else "--no-hflip")
+        if key in _NEGATABLE:  # off is not their default: spelled out
+            parts.append(flag if value else f"--no-{flag[2:]}")
         elif value is True:
             parts.append(flag)
         else:

@@ -7,6 +7,8 @@ MIM store (N samples, V views, T stored tokens, L relation layers, H heads, D wi
     relations         [N, V, L, H, T, T]       raw Q·Kᵀ per head, no 1/√d (the store's precision)
     attention         [N, V, L, H, T, T]       optional: softmax(R·d^-0.5) over the stored tokens
     block_features    [N, V, L, T, D]          optional: block outputs at the relation layers
+    student_pixels    uint8 [N, V, K, 3, p, p] optional: the student's view at the stored tokens' patches
+                                               (K = T - 1; `pipeline.targets.pixels`)
 Discriminative store:
     features          [N, V, T, D]             final-layer tokens after the final norm, raw
 Both: `valid` bool [N] (false for samples skipped as unreadable).
@@ -23,6 +25,7 @@ from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.data.views import ViewPlan
+    from pipeline.targets.pixels import StudentPixels
     from pipeline.targets.schema import ArraySpec
     from pipeline.targets.teachers import Teacher, TeacherSource
 
@@ -63,9 +66,10 @@ def _common(teacher: "Teacher", source: "TeacherSource", role: str, tokens: str,
 
 
 def mim_layout(teacher: "Teacher", source: "TeacherSource", *, plan: "ViewPlan", relation_layers: tuple[int, ...],
-               extra_targets: tuple[str, ...], mask_ratio: float, tokens: str,
-               precision: str) -> tuple[dict, dict[str, "ArraySpec"]]:
-    """(attributes, arrays) of a MIM store; `relation_layers` resolved 1-based blocks."""
+               extra_targets: tuple[str, ...], mask_ratio: float, tokens: str, precision: str,
+               student_pixels: "StudentPixels | None" = None) -> tuple[dict, dict[str, "ArraySpec"]]:
+    """(attributes, arrays) of a MIM store; `relation_layers` resolved 1-based blocks. With
+    `student_pixels`, the store also holds each view's student input at its stored tokens' patches."""
     from pipeline.targets.masking import kept_count, mask_layers
     from pipeline.targets.schema import ArraySpec
 
@@ -90,6 +94,9 @@ def mim_layout(teacher: "Teacher", source: "TeacherSource", *, plan: "ViewPlan",
         arrays["attention"] = ArraySpec((nl, H, T, T), "float32", precision)
     if "block_features" in extra_targets:
         arrays["block_features"] = ArraySpec((nl, T, D), "float32", precision)
+    if student_pixels is not None:  # absent otherwise: stores without pixels keep their attributes
+        attrs["student_pixels"] = student_pixels.to_attrs()
+        arrays["student_pixels"] = student_pixels.spec(T - 1)
     arrays["valid"] = ArraySpec((), "bool", per_view=False)
     return attrs, arrays
 

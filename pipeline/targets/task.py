@@ -87,11 +87,12 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
 
     from pipeline.data.images import decode_image
     from pipeline.data.reading import read_shard_records
-    from pipeline.data.views import View, ViewPlan, render
+    from pipeline.data.views import View, ViewPlan
     from pipeline.provenance import code_version
     from pipeline.run.decode_ahead import prefetched
     from pipeline.run.worker import cached_teacher, task_device, worker_identity, worker_rank
     from pipeline.targets.compute import disc_batch, mim_batch
+    from pipeline.targets.pixels import StudentPixels, render_views, stored_patches
     from pipeline.targets.store import TargetStore
 
     t0 = time.perf_counter()
@@ -112,6 +113,7 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
     rows = [Row(int(s["index"]), str(s.get("name", "")), s["image"]) for s in read_shard_records(manifest, k)]
     S, V = len(rows), store.views
     size, interp = teacher.img_size, teacher.interpolation
+    px = StudentPixels.from_attrs(attrs)  # the student's views to store too (MIM stores made with them)
     valid = np.ones(S, dtype=bool)
     # Whole-shard outputs, filled batch by batch; rows of unreadable samples stay zero (valid=false).
     out = {name: np.zeros(((S, V) if spec.per_view else (S,)) + spec.shape_tail, dtype=spec.dtype)
@@ -129,7 +131,8 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
     batches = [items[i:i + task.batch_size] for i in range(0, len(items), task.batch_size)]
 
     def prepare(batch):
-        """([B] float32 [3, size, size] views in [0, 1], ok bool [B]) for (row, view) pairs.
+        """([B] float32 [3, size, size] views in [0, 1], ok bool [B], [B] uint8 [3, S, S] student
+        views when the store holds them) for (row, view) pairs.
 
         Runs on the prefetch thread: only decoding and rendering (PIL) happen here; stacking and
         normalizing stay on the main thread so the two threads do not both start torch's OpenMP
@@ -143,29 +146,37 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
                 if task.on_error == "fail":
                     raise ShardError(f"{e}; re-run with --on-error skip to store it as valid=false") from None
                 rows[r].error = str(e)
-        xs, ok = [], []
+        xs, ok, us = [], [], []
         for r, v in batch:
             if r not in images:
                 xs.append(torch.zeros(3, size, size))
                 ok.append(False)
+                if px is not None:
+                    us.append(torch.zeros(3, px.img_size, px.img_size, dtype=torch.uint8))
                 continue
             if plan is not None:  # MIM: the view is a pure function of (seed, index, view id)
                 view = plan.view(rows[r].index, v, *images[r].size)
                 out["views"][r, v] = view.as_row()
             else:  # disc: exactly the view the MIM teacher saw
                 view = View.from_row(mim_views[r, v])
-            xs.append(render(images[r], view, size, interp))
+            x, u = render_views(images[r], view, size, interp, px)  # one render when student and teacher agree
+            xs.append(x)
             ok.append(True)
-        return xs, np.array(ok)
+            if u is not None:
+                us.append(u)
+        return xs, np.array(ok), us
 
     with torch.inference_mode():
         def join(first, second):  # prepare(a + b) from prepare(a) and prepare(b)
-            return first[0] + second[0], np.concatenate([first[1], second[1]])
+            return first[0] + second[0], np.concatenate([first[1], second[1]]), first[2] + second[2]
 
-        for batch, (xs, ok) in prefetched(batches, prepare, join):
+        for batch, (xs, ok, us) in prefetched(batches, prepare, join):
             x = teacher.normalize(torch.stack(xs))  # [B, 3, size, size] on the teacher's device
             if role == "mim":
                 res = mim_batch(teacher, x, layers, extras, float(attrs["mask"]["ratio"]), attrs["tokens"])
+                if px is not None:  # the kept patches are known only now (progressive masks)
+                    res["student_pixels"] = stored_patches(torch.stack(us), res["keep_progressive"], attrs["tokens"],
+                                                           teacher.grid)
             else:
                 keep = torch.as_tensor(np.stack([keep_src[r, v] for r, v in batch]).astype(np.int64))
                 res = disc_batch(teacher, x, keep.to(device), attrs["tokens"])
