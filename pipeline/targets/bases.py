@@ -58,8 +58,11 @@ class ChannelBases:
 
     def fit(self, k: int, name: str, values: np.ndarray) -> np.ndarray:
         """Fit array `name`'s channel basis on shard k's float32 values (k must be 0) and store it."""
-        from pipeline.targets import compact
+        from pipeline.targets import compact, quant
 
+        if isinstance(values, quant.Encoded):  # `device_encode` encodes only arrays whose basis is fitted
+            raise StoreError(f"target store {self.store.url}: array {name!r} arrived encoded before its channel "
+                             "basis was fitted; shard 0's writer fits it from float32 values")
         if k != 0:
             raise StoreError(
                 f"target store {self.store.url}: array {name!r} predicts from a channel basis that shard 0's writer "

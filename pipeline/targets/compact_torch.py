@@ -66,8 +66,7 @@ def imatmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if bound < _EXACT_F64:
         return (a.double() @ b.double()).long()
     bits = max(1, int(_absmax(b)).bit_length() // 2)
-    high = torch.div(b, 1 << bits, rounding_mode="floor")
-    return imatmul(a, high) * (1 << bits) + imatmul(a, b - high * (1 << bits))
+    return imatmul(a, b >> bits) * (1 << bits) + imatmul(a, b & ((1 << bits) - 1))  # b = high * 2**bits + low
 
 
 def round_shift(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -75,7 +74,7 @@ def round_shift(x: torch.Tensor, s: int) -> torch.Tensor:
     x = x.long()
     if s <= 0:
         return x * (1 << -s)
-    return torch.div(x + (1 << (s - 1)), 1 << s, rounding_mode="floor")
+    return (x + (1 << (s - 1))) >> s  # arithmetic shift: floor, as numpy's
 
 
 def _ceil_log2(top: torch.Tensor) -> torch.Tensor:
@@ -104,8 +103,7 @@ def _leading_basis(gram: torch.Tensor, rank: int, iterations: int, start: torch.
     """`exact.leading_basis(gram, rank, iterations, start, fill=False)`."""
     top = gram.abs().amax(dim=(-2, -1), keepdim=True).double()
     shift = torch.where(top > 2.0**20, _ceil_log2(torch.clamp(top, min=1.0)) - 20, 0)
-    g = torch.where(shift > 0, torch.div(gram + torch.pow(2, torch.clamp(shift - 1, min=0)), torch.pow(2, shift),
-                                         rounding_mode="floor"), gram)
+    g = torch.where(shift > 0, (gram + torch.pow(2, torch.clamp(shift - 1, min=0))) >> shift, gram)
     basis = _orthonormal_columns(start[..., :rank])
     for _ in range(iterations):
         basis = _orthonormal_columns(imatmul(g, torch.round(basis * 2.0**20).long()).double())
@@ -117,12 +115,12 @@ def _leading_basis(gram: torch.Tensor, rank: int, iterations: int, start: torch.
 
 def zigzag(q: torch.Tensor, dtype: torch.dtype = torch.uint16) -> torch.Tensor:
     """int -> unsigned: 0, -1, 1, -2 ... -> 0, 1, 2, 3 ... (`compact.zigzag`)."""
-    return torch.where(q >= 0, q * 2, -q * 2 - 1).to(dtype)
+    return ((q * 2) ^ (q >> 63)).to(dtype)  # bit ops: integer division and where cost ~5x more on a CPU
 
 
 def unzigzag(z: torch.Tensor) -> torch.Tensor:
     z = z.long()
-    return torch.where(z % 2 == 1, -(z + 1) // 2, z // 2)
+    return (z >> 1) ^ (z & 1).neg_()
 
 
 def _per_view(step: torch.Tensor, ndim: int) -> torch.Tensor:

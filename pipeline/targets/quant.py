@@ -24,6 +24,7 @@ as a number.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -108,6 +109,29 @@ def encode(x: np.ndarray, precision: str, view_axes: int = 2,
     return c.encode(x, view_axes, channel_basis)
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An array encoded before it reaches the store (on the teacher's device: `pipeline.targets.device_encode`),
+    with its error measured where it was encoded."""
+
+    parts: dict[str, np.ndarray]  # {part: [*views, ...]} as `encode` makes them
+    err2: np.ndarray  # float64 [*views]: ||decode(parts) - x||² of each view
+    ref2: np.ndarray  # float64 [*views]: ||x||² of each view
+
+    def error(self) -> dict[str, float]:
+        """What `error_stats` returns for these parts and their input."""
+        return _error_summary(self.err2, self.ref2)
+
+
+def _error_summary(err2: np.ndarray, ref2: np.ndarray) -> dict[str, float]:
+    """error_stats' dict from squared error and reference norms per view (float64 arrays)."""
+    e2, r2 = np.asarray(err2, np.float64).reshape(-1), np.asarray(ref2, np.float64).reshape(-1)
+    pv = np.where(r2 > 0, np.sqrt(e2 / np.where(r2 > 0, r2, 1.0)), np.where(e2 > 0, np.inf, 0.0))
+    err_l2, ref_l2 = math.sqrt(float(np.sum(e2))), math.sqrt(float(np.sum(r2)))
+    rel = 0.0 if err_l2 == 0.0 else (err_l2 / ref_l2 if ref_l2 > 0 else math.inf)
+    return {"relative": rel, "max_view": float(np.max(pv, initial=0.0)), "err_l2": err_l2, "ref_l2": ref_l2}
+
+
 def error_stats(x: np.ndarray, parts: dict[str, np.ndarray], precision: str, view_axes: int = 2,
                 channel_basis: np.ndarray | None = None) -> dict[str, float]:
     """Error of decode(parts) against x, computed a block of rows at a time (bounded memory).
@@ -115,8 +139,7 @@ def error_stats(x: np.ndarray, parts: dict[str, np.ndarray], precision: str, vie
     Returns {"relative": ||x_hat - x|| / ||x||, "max_view": worst per-view relative error,
     "err_l2": ||x_hat - x||, "ref_l2": ||x||} (norms over the whole array, float64).
     """
-    err2 = ref2 = 0.0
-    worst = 0.0
+    err2, ref2 = [], []
     x = np.asarray(x, dtype=np.float32)
     step = _BLOCK if view_axes >= 1 else max(1, len(x))
     for i in range(0, max(1, x.shape[0] if x.ndim else 1), step):
@@ -124,15 +147,9 @@ def error_stats(x: np.ndarray, parts: dict[str, np.ndarray], precision: str, vie
         pb = {k: (v[i : i + step] if view_axes >= 1 else v) for k, v in parts.items()}
         d = decode(pb, precision, channel_basis) - xb  # float32, see per_view_relative_error
         axes = tuple(range(view_axes, xb.ndim))
-        e2 = np.sum(d * d, axis=axes, dtype=np.float64)
-        r2 = np.sum(xb * xb, axis=axes, dtype=np.float64)
-        err2 += float(np.sum(e2))
-        ref2 += float(np.sum(r2))
-        pv = np.where(r2 > 0, np.sqrt(e2 / np.where(r2 > 0, r2, 1.0)), np.where(e2 > 0, np.inf, 0.0))
-        worst = max(worst, float(np.max(pv)) if np.size(pv) else 0.0)
-    err_l2, ref_l2 = math.sqrt(err2), math.sqrt(ref2)
-    rel = 0.0 if err_l2 == 0.0 else (err_l2 / ref_l2 if ref_l2 > 0 else math.inf)
-    return {"relative": rel, "max_view": worst, "err_l2": err_l2, "ref_l2": ref_l2}
+        err2.append(np.sum(d * d, axis=axes, dtype=np.float64).reshape(-1))
+        ref2.append(np.sum(xb * xb, axis=axes, dtype=np.float64).reshape(-1))
+    return _error_summary(np.concatenate(err2), np.concatenate(ref2))
 
 
 def decode(parts: dict[str, np.ndarray], precision: str, channel_basis: np.ndarray | None = None) -> np.ndarray:

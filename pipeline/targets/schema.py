@@ -305,9 +305,17 @@ def part_name(name: str, part: str) -> str:
 
 
 def check_input(spec: ArraySpec, views: int, k: int, name: str, a: np.ndarray, count: int) -> np.ndarray:
-    """Shard k's rows of array `name` as the store writes them (float32 for lossy precisions), or
-    StoreError naming what is wrong (shape, dtype, values that do not fit, non-finite values)."""
-    want = ((count, views) if spec.per_view else (count,)) + spec.shape_tail
+    """Shard k's rows of array `name` as the store writes them (float32 for lossy precisions, or its
+    parts already encoded, `quant.Encoded`), or StoreError naming what is wrong (shape, dtype, values
+    that do not fit, non-finite values)."""
+    lead = (count, views) if spec.per_view else (count,)
+    want = lead + spec.shape_tail
+    if isinstance(a, quant.Encoded):
+        expect = {p: (lead + tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in stored_parts(spec).items()}
+        got = {p: (tuple(v.shape), v.dtype) for p, v in a.parts.items()}
+        if spec.precision == quant.LOSSLESS or got != expect:
+            raise StoreError(f"shard {k}: array {name!r} arrives encoded as {got}; the store expects {expect}")
+        return a
     a = np.asarray(a)
     if a.shape != want:
         raise StoreError(f"shard {k}: array {name!r} has shape {a.shape}, the store expects {want}")

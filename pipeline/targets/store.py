@@ -232,8 +232,9 @@ class TargetStore:
         """Write shard k of every array (one whole-shard assignment each), then its done marker.
 
         arrays: {name: [count_k, V, *shape_tail]} for every array of the store (float targets as
-        float32, quantized here). Returns the done marker written. Rewriting a done shard first
-        removes its marker, so a crash half-way never leaves a marker over mixed data.
+        float32, quantized here, or `quant.Encoded` parts encoded on the teacher's device). Returns
+        the done marker written. Rewriting a done shard first removes its marker, so a crash half-way
+        never leaves a marker over mixed data.
         """
         t0 = time.perf_counter()
         first, count = self.shard_rows(k)
@@ -258,6 +259,9 @@ class TargetStore:
             if spec.uses_channel_basis:
                 basis = self.bases.get(name) if self.bases.get(name) is not None else self.bases.fit(k, name, a)
                 bases[name] = digest(basis)
+            if isinstance(a, quant.Encoded):  # encoded on the teacher's device (`device_encode`), with this basis
+                encoded[name], errors[name] = a.parts, a.error()
+                continue
             parts = quant.encode(a, spec.precision, view_axes=view_axes, channel_basis=basis)
             errors[name] = quant.error_stats(a, parts, spec.precision, view_axes=view_axes, channel_basis=basis)
             encoded[name] = parts

@@ -92,6 +92,7 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
     from pipeline.run.decode_ahead import prefetched
     from pipeline.run.worker import cached_teacher, task_device, worker_identity, worker_rank
     from pipeline.targets.compute import disc_batch, mim_batch
+    from pipeline.targets.device_encode import DeviceEncoder
     from pipeline.targets.pixels import StudentPixels, render_views, stored_patches
     from pipeline.targets.store import TargetStore
 
@@ -116,8 +117,10 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
     px = StudentPixels.from_attrs(attrs)  # the student's views to store too (MIM stores made with them)
     valid = np.ones(S, dtype=bool)
     # Whole-shard outputs, filled batch by batch; rows of unreadable samples stay zero (valid=false).
+    # Lossy arrays whose codec encodes in torch (q1pct) are encoded on the teacher's device instead.
+    encoder = DeviceEncoder(store, S, device)
     out = {name: np.zeros(((S, V) if spec.per_view else (S,)) + spec.shape_tail, dtype=spec.dtype)
-           for name, spec in store.arrays.items()}
+           for name, spec in store.arrays.items() if name not in encoder}
     if role == "mim":
         plan = ViewPlan.from_attrs(attrs["view_plan"])
         layers, extras = tuple(attrs["relation_layers"]), tuple(attrs["extra_targets"])
@@ -184,7 +187,10 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
             vv = np.array([v for _, v in batch])[ok]
             for name, t in res.items():
                 t = t[torch.as_tensor(ok, device=t.device)]
-                out[name][rr, vv] = (t.float() if t.is_floating_point() else t).cpu().numpy()
+                if name in encoder:
+                    encoder.put(name, rr, vv, t)
+                else:
+                    out[name][rr, vv] = (t.float() if t.is_floating_point() else t).cpu().numpy()
             if progress is not None:
                 progress(len(batch))
     for r, row in enumerate(rows):
@@ -198,5 +204,5 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
                "worker": worker_rank(), "dask_worker": worker_identity(),
                "autocast": "bf16" if device.type == "cuda" else "none",
                "code_version": code_version()}
-    store.write_shard(k, out, summary)  # checks finiteness before anything is written
+    store.write_shard(k, {**out, **encoder.encoded()}, summary)  # checks finiteness before anything is written
     return summary

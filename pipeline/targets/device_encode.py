@@ -1,0 +1,84 @@
+"""Extraction's lossy targets encoded where the teacher computed them, batch by batch.
+
+A codec with `encode_torch` (q1pct) encodes each batch on the teacher's device: the host receives
+the stored parts (uint16 codes, half the bytes of float32 targets), spends no CPU on the codec, and
+never holds a whole shard of float32 targets; `TargetStore.write_shard` stores the parts as they are
+(`quant.Encoded`). The parts are the numpy encoder's, byte for byte (`pipeline.targets.compact_torch`),
+so a store holds the same bytes whichever path wrote it. Arrays whose codec has no torch encoder, and
+a channel-basis array before shard 0's writer has fitted its basis (from float32 values), stay
+float32 on the host and are encoded at write time as before.
+
+Batches are encoded in turn on the main thread, after the teacher's forward: the compression and
+write of the shard still come after its last batch (no overlap with the next batch's forward).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pipeline.targets import quant
+
+if TYPE_CHECKING:
+    from pipeline.targets.store import TargetStore
+
+
+class _Rows:
+    """One array's parts for a whole shard [S, V, ...] on the host, filled batch by batch."""
+
+    def __init__(self, codec, shape_tail: tuple[int, ...], basis: torch.Tensor | None, rows: int, views: int,
+                 device: torch.device):
+        self.codec, self.basis = codec, basis
+        # Rows no batch fills (samples skipped as unreadable) hold what encoding zeros gives, as on the host.
+        zero = codec.encode_torch(torch.zeros((1,) + tuple(shape_tail), device=device), 1, basis)
+        self.parts = {}
+        for p, t in zero.items():
+            a = t.cpu().numpy()
+            self.parts[p] = np.empty((rows, views) + a.shape[1:], a.dtype)
+            self.parts[p][...] = a[0]
+        self.err2 = np.zeros((rows, views))
+        self.ref2 = np.zeros((rows, views))
+
+    def put(self, rows: np.ndarray, views: np.ndarray, x: torch.Tensor) -> None:
+        x = x.float().contiguous()  # [n, *shape_tail]
+        parts = self.codec.encode_torch(x, 1, self.basis)
+        # The error as `quant.error_stats` measures it: float32 differences, float64 squares summed.
+        d = (self.codec.decode_torch(parts, channel_basis=self.basis) - x).flatten(1).double()
+        ref = x.flatten(1).double()
+        self.err2[rows, views] = (d * d).sum(1).cpu().numpy()
+        self.ref2[rows, views] = (ref * ref).sum(1).cpu().numpy()
+        for p, t in parts.items():
+            self.parts[p][rows, views] = t.cpu().numpy()
+
+
+class DeviceEncoder:
+    """The arrays of one extraction task that are encoded on the teacher's device (`name in encoder`)."""
+
+    def __init__(self, store: "TargetStore", rows: int, device: torch.device | str):
+        device = torch.device(device)
+        self._arrays: dict[str, _Rows] = {}
+        for name, spec in store.arrays.items():
+            if spec.precision == quant.LOSSLESS or not spec.per_view:
+                continue
+            codec = quant.codec(spec.precision)
+            if codec.encode_torch is None or codec.decode_torch is None:
+                continue
+            basis = None
+            if spec.uses_channel_basis:
+                fitted = store.bases.get(name)
+                if fitted is None:
+                    continue  # shard 0's writer fits it from this shard's float32 values
+                basis = torch.as_tensor(np.asarray(fitted)).to(device)
+            self._arrays[name] = _Rows(codec, spec.shape_tail, basis, rows, store.views, device)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays
+
+    def put(self, name: str, rows: np.ndarray, views: np.ndarray, x: torch.Tensor) -> None:
+        """Encode x [n, *shape_tail] (float, on the teacher's device) into rows `rows`, views `views`."""
+        self._arrays[name].put(np.asarray(rows), np.asarray(views), x)
+
+    def encoded(self) -> dict[str, quant.Encoded]:
+        """{name: quant.Encoded} of the whole shard, for `TargetStore.write_shard`."""
+        return {name: quant.Encoded(a.parts, a.err2, a.ref2) for name, a in self._arrays.items()}
