@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from pipeline.data.patches import take_patches
-from pipeline.data.views import ALGORITHM_VERSION, INTERPOLATIONS, View, render_uint8
+from pipeline.data.views import ALGORITHM_VERSION, INTERPOLATIONS, View, render, render_uint8
 from pipeline.errors import ConfigError
 from pipeline.targets.schema import ArraySpec
 
@@ -67,22 +67,11 @@ class StudentPixels:
         """The array of `tokens` patches per view (n_keep, or every patch)."""
         return ArraySpec((int(tokens), 3, self.patch_size, self.patch_size), "uint8", pixels=True)
 
-    def mismatch(self, img_size: int, interpolation: str) -> str | None:
-        """Why a student fed views of `img_size` px rendered with `interpolation` cannot use these
-        pixels (naming the extract options that would make matching ones), or None when it can."""
-        if (int(img_size), str(interpolation)) == (self.img_size, self.interpolation):
-            return None
-        return (f"the store's student pixels are {self.img_size} px views rendered {self.interpolation}, the student "
-                f"wants {img_size} px {interpolation} (extract with --student-img-size {img_size} "
-                f"--student-interpolation {interpolation})")
-
 
 def render_views(image, view: View, size: int, interpolation: str,
                  px: StudentPixels | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the teacher's float32 [3, size, size] view in [0, 1], the student's uint8 [3, S, S] view or
     None): one render when both have the same size and filter (`render` is `render_uint8 / 255`)."""
-    from pipeline.data.views import render
-
     if px is None:
         return render(image, view, size, interpolation), None
     pixels = render_uint8(image, view, px.img_size, px.interpolation)
