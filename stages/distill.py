@@ -100,6 +100,9 @@ class DistillConfig:
     # fraction F of the view's stored patch tokens the student sees each step, a new seeded subset every epoch ([CLS]
     # always; targets cut to the same tokens; 1 = off)
     token_resample: float = 1.0
+    # cached: the student's input from the MIM store's pixels (auto: when it holds them for this student; store:
+    # required; render: always decode and render the tars' images); the same input bit for bit either way
+    student_pixels: Literal["auto", "store", "render"] = "auto"
     model: str = "vit_base_patch16_224"  # timm ViT name of the student (random init)
     model_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs (img_size, patch_size, depth, ...)
     # teacher blocks (1-based) to distill, a subset of the store's; () = all stored
@@ -160,7 +163,8 @@ class DistillConfig:
 # Fields that may differ between a checkpoint's config and the resuming run's (they change neither
 # the math nor the batch order). `workers`, `mix_shards` and the world size decide the loader's batch
 # order, so they may change only when the checkpoint is at an epoch boundary.
-RESUME_FREE = {"resume", "device", "log_every", "print_every", "checkpoint_every", "compile", "runs_dir"}
+RESUME_FREE = {"resume", "device", "log_every", "print_every", "checkpoint_every", "compile", "runs_dir",
+               "student_pixels"}  # the same input either way
 EPOCH_BOUNDARY_FREE = {"workers", "mix_shards"}  # decide the loader's batch order: free at epoch ends only
 
 
@@ -224,7 +228,7 @@ def loader_config(cfg: DistillConfig, student: MaskedStudent, device: torch.devi
         # and the stored codes of the targets, decoded on the GPU (`pipeline.train.target_rows`)
         target_transport="encoded" if device.type == "cuda" else "decoded",
         view_schedule=cfg.view_schedule, views_used=cfg.views_used, token_resample=cfg.token_resample,
-        **stores, **(online or {}),
+        student_pixels=cfg.student_pixels, **stores, **(online or {}),
     )
 
 

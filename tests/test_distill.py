@@ -307,6 +307,38 @@ def test_ddp_two_ranks_equal_one_process_on_the_same_global_batches(world, tmp_p
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
+def test_store_pixels_train_the_same_student_as_the_jpeg_path(world, tmp_path, monkeypatch):
+    """The MIM store holds the student's pixels (tokens all: every patch): a run that reads them
+    decodes no image at all, and trains the same student, step for step, as one that renders each
+    view from the tar (losses equal to 1e-6, the exported weights equal)."""
+    from safetensors.torch import load_file
+
+    from pipeline.targets.store import TargetStore
+    from pipeline.train import loader as L
+
+    assert TargetStore.open(world["mim"]).attrs["student_pixels"]["img_size"] == 64
+    runs = {}
+    for mode in ("render", "store"):
+        decoded = []
+        real = L._decode_image
+        monkeypatch.setattr(L, "_decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+        runs[mode] = distill(_cfg(world, tmp_path, name=mode, student_pixels=mode, workers=0))
+        assert (len(decoded) > 0) == (mode == "render")
+    a, b = _steps(runs["render"]), _steps(runs["store"])
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        for k in ("loss", "loss_features", "loss_relations"):
+            assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-6), (x["step"], k)
+    wa, wb = (load_file(str(runs[m] / "student" / "model.safetensors")) for m in ("render", "store"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_student_pixels_store_without_them_is_a_clear_error(world, tmp_path):
+    with pytest.raises(ConfigError, match="student_pixels 'store'.*rendered for.*student-img-size"):
+        distill(_cfg(world, tmp_path, student_pixels="store", name="other-size",
+                     model_kwargs={**STUDENT_KW, "img_size": 32, "patch_size": 4}))
+
+
 # ----------------------------------------------------------------------------- equivalence
 def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
     """Loss from the loader's stored targets == loss with both teachers run here on the same views.
@@ -367,7 +399,8 @@ def test_incomplete_store_names_missing_shards_and_command(world, tmp_path):
     command = (f"hdpipe extract --teacher timm:vit_tiny_patch16_224 --role mim --manifest {world['manifest']} "
                f"--out {broken} --random-init --model-kwargs '{{\"depth\": 6, \"img_size\": 64, \"patch_size\": 8}}' "
                "--views 1 --seed 0 --scale 0.2,1.0 --ratio 0.75,1.3333333333333333 --hflip --relation-layers 4,5 "
-               "--extra-targets attention --mask-ratio 0.3 --tokens all --precision fp16")
+               "--extra-targets attention --mask-ratio 0.3 --tokens all --student-pixels --student-img-size 64 "
+               "--student-interpolation bicubic --precision fp16")
     assert str(e.value) == (f"target store {broken} is incomplete: 1 of 3 shards not finished (1); "
                             f"run `{command}` to finish them")
 

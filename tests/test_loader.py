@@ -7,6 +7,7 @@ with `TargetStore.read_rows` and gathered with `np.take`.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from dataclasses import replace
 import tarfile
@@ -212,28 +213,41 @@ def test_view_schedules_and_views_used(world):
         build_loader(replace(base, views_used=3), 0)
 
 
-def test_epochs_back_to_back_start_the_next_loader_early_and_change_nothing(world, monkeypatch):
+def test_epochs_back_to_back_share_workers_that_run_ahead_and_change_nothing(world, tmp_path, monkeypatch):
+    """One set of workers serves every epoch (the same processes), a worker starts the next epoch
+    while the step still consumes this one's last batch, and the batches are exactly those of a
+    loader built for each epoch alone."""
+    import time
+
     from pipeline.train import epochs as E
     from pipeline.train import loader as L
 
+    log = tmp_path / "plans.log"
+    real_plan = L._PlanStream.plan
+
+    def plan(self, epoch):  # runs in the workers too (forked with the patch): pid and time of each plan
+        if L.get_worker_info() is not None:
+            with open(log, "a") as f:
+                f.write(f"{epoch} {os.getpid()} {time.monotonic()}\n")
+        return real_plan(self, epoch)
+
+    monkeypatch.setattr(L._PlanStream, "plan", plan)
     cfg = cfg_for(world["uneven"], world["kept"], num_workers=2)
-    per_epoch = steps_per_epoch(cfg, 1)
-    calls, consumed = [], []
-    real = L.build_loader
-    monkeypatch.setattr(L, "build_loader",
-                        lambda c, epoch, *a, **k: calls.append((epoch, len(consumed))) or real(c, epoch, *a, **k))
-    got = {}
+    got, last_consumed = {}, {}
     for epoch, it in E.epoch_iterators(cfg, 1, 4, skip_batches=1):
         got[epoch] = []
         for b in it:
-            consumed.append(epoch)
+            if len(got[epoch]) == len(L.build_loader(cfg, epoch, skip_batches=1 if epoch == 1 else 0)) - 1:
+                time.sleep(0.5)  # the step on the epoch's last batch: the workers go on meanwhile
+                last_consumed[epoch] = time.monotonic()
             got[epoch].append(b)
-    # Epoch 2's loader started while epoch 1 still had AHEAD batches to go, epoch 3's likewise.
-    first = per_epoch - 1  # epoch 1 resumed after one batch
-    assert calls == [(1, 0), (2, first - E.AHEAD), (3, first + per_epoch - E.AHEAD)]
-    # ... and the batches are exactly those of a loader built at the boundary.
+    rows = [line.split() for line in log.read_text().splitlines()]
+    pids = {e: {int(p) for ee, p, _ in rows if int(ee) == e} for e in (1, 2, 3)}
+    assert len(pids[1]) == 2 and pids[1] == pids[2] == pids[3]  # the same two workers for every epoch
+    started = {e: min(float(t) for ee, _, t in rows if int(ee) == e) for e in (2, 3)}
+    assert started[2] < last_consumed[1] and started[3] < last_consumed[2]
     for epoch, batches in got.items():
-        want = list(real(cfg, epoch, skip_batches=1 if epoch == 1 else 0))
+        want = list(L.build_loader(cfg, epoch, skip_batches=1 if epoch == 1 else 0))
         assert len(batches) == len(want)
         for a, b in zip(batches, want):
             assert all(torch.equal(a[k], b[k]) for k in b)

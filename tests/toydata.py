@@ -73,12 +73,24 @@ def feed_one_process_both_ranks(monkeypatch, rank_batch: int = 4, ranks: int = 2
 
     import pipeline.train.loader as loader_mod
 
-    real_build, real_steps = loader_mod.build_loader, loader_mod.steps_per_epoch
+    real_build, real_steps, real_run = loader_mod.build_loader, loader_mod.steps_per_epoch, loader_mod.RunLoader
+
+    def joined(batches_of_ranks):
+        for batches in zip(*batches_of_ranks):
+            yield {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
     def all_ranks(cfg, epoch, rank=0, world_size=1, skip_batches=0):
         part = replace(cfg, batch_size=cfg.batch_size // ranks)
-        for batches in zip(*[real_build(part, epoch, r, ranks, skip_batches) for r in range(ranks)]):
-            yield {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        yield from joined([real_build(part, epoch, r, ranks, skip_batches) for r in range(ranks)])
+
+    class AllRanks:  # what distill's epochs read (`pipeline.train.epochs` builds a RunLoader)
+        def __init__(self, cfg, first_epoch, end_epoch, rank=0, world_size=1, skip_batches=0):
+            part = replace(cfg, batch_size=cfg.batch_size // ranks)
+            self.runs = [real_run(part, first_epoch, end_epoch, r, ranks, skip_batches) for r in range(ranks)]
+
+        def epochs(self):
+            for per_rank in zip(*[run.epochs() for run in self.runs]):
+                yield per_rank[0][0], joined([batches for _, batches in per_rank])
 
     def steps(cfg, world_size):  # the loader calls it too, for the per-rank configs
         if cfg.batch_size == ranks * rank_batch:
@@ -86,4 +98,5 @@ def feed_one_process_both_ranks(monkeypatch, rank_batch: int = 4, ranks: int = 2
         return real_steps(cfg, world_size)
 
     monkeypatch.setattr(loader_mod, "build_loader", all_ranks)
+    monkeypatch.setattr(loader_mod, "RunLoader", AllRanks)
     monkeypatch.setattr(loader_mod, "steps_per_epoch", steps)

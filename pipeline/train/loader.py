@@ -43,7 +43,6 @@ Gathered `attention` rows are renormalized over the kept tokens (softmax restric
 """
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -57,12 +56,12 @@ from pipeline.targets.layout import MIM_TARGETS, MimTarget
 from pipeline.targets.masking import MASKINGS, Masking
 from pipeline.targets.specs import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, sources_of, steps_per_epoch
-from pipeline.train.shard_rows import ShardRows, encoded_arrays, stored_pixels
-from pipeline.train.sources import Sources
+from pipeline.train.row_sources import FreshViews, OnlineViews, RowSource, StoredRows
+from pipeline.train.shard_rows import encoded_arrays, stored_pixels
 from pipeline.train.target_rows import TARGETS, TOKENS, EncodedArray, finish_targets, pack
 
 # The loader's public face: the plan's step count and view choice are part of its contract.
-__all__ = ["LoaderConfig", "EpochLoader", "build_loader", "steps_per_epoch", "choose_view", "plan_epoch"]
+__all__ = ["LoaderConfig", "RunLoader", "EpochLoader", "build_loader", "steps_per_epoch", "choose_view", "plan_epoch"]
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,7 @@ class LoaderConfig:
     drop_last: bool = True  # every rank gets equal whole batches; False (world size 1 only) adds the last partial one
     view_schedule: Literal["random", "cycle"] = "random"  # random over views_used, or epoch mod views_used
     views_used: int = 0  # use only the first N stored views (0 = all)
-    online_plan: tuple | None = None  # online: (seed, scale, ratio, hflip) of fresh views; None = stored
-    teacher_inputs: tuple[tuple[int, str], ...] = ()  # online: (size, interpolation) of each teacher's render
+    online: OnlineViews | None = None  # online runs: the fresh views and teacher renders; None = stored views
     image_transport: Literal["float", "uint8"] = "float"  # float: normalized here; uint8: normalized on the device
     token_resample: float = 1.0  # fraction of stored patch tokens shown per epoch ([CLS] always; 1 = all)
     # decoded: workers decode targets to float32; encoded: batches carry the stored codes and
@@ -112,7 +110,7 @@ class LoaderConfig:
             raise ConfigError(f"loader masking must be one of {list(MASKINGS)}, got {self.masking!r}")
         if self.mim_target not in MIM_TARGETS:
             raise ConfigError(f"loader mim_target must be one of {list(MIM_TARGETS)}, got {self.mim_target!r}")
-        if self.mim_store is None and self.disc_store is None and self.online_plan is None:
+        if self.mim_store is None and self.disc_store is None and self.online is None:
             raise ConfigError("loader needs at least one target store: set mim_store and/or disc_store")
         if self.image_transport not in ("float", "uint8"):
             raise ConfigError(f"loader image_transport must be 'float' or 'uint8', got {self.image_transport!r}")
@@ -169,37 +167,38 @@ def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...]) -> d
     return out
 
 
-class _PlanDataset(IterableDataset):
-    """Each DataLoader worker streams its own shards and emits the plan's pieces in order."""
+class _PlanStream(IterableDataset):
+    """Each DataLoader worker streams its own shards and emits the plan's pieces in order, epoch
+    after epoch: one set of workers serves the whole run (`RunLoader`)."""
 
-    def __init__(self, cfg: LoaderConfig, src: Sources | None, plan: EpochPlan, arrays: tuple[EncodedArray, ...],
-                 pixels: bool):
+    def __init__(self, cfg: LoaderConfig, rows: RowSource, epochs: range, rank: int, world_size: int,
+                 skip_batches: int):
         super().__init__()
-        self.cfg, self.src, self.plan, self.arrays, self.pixels = cfg, src, plan, arrays, pixels
+        self.cfg, self.rows, self.epochs = cfg, rows, epochs
+        self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
+
+    def plan(self, epoch: int) -> EpochPlan:
+        skip = self.skip_batches if epoch == self.epochs.start else 0
+        return plan_epoch(self.cfg, epoch, self.rank, self.world_size, skip)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()  # None in the main process (num_workers 0): stream 0
-        yield from self._pieces(0 if info is None else info.id)
+        w = 0 if info is None else info.id
+        for epoch in self.epochs:  # a pure function of the epoch: every worker computes the same plan
+            yield from self._pieces(w, self.plan(epoch))
 
-    def _pieces(self, w: int) -> Iterator[dict[str, Any]]:
-        from pipeline.data.reading import read_shard_records, verified_stamps
+    def _pieces(self, w: int, plan: EpochPlan) -> Iterator[dict[str, Any]]:
         from pipeline.data.manifest import read_manifest
-        from pipeline.data.views import ViewPlan, render, render_uint8
+        from pipeline.data.reading import read_shard_records
 
-        cfg, src = self.cfg, self.src
-        stream = self.plan.workers[w]
-        wanted = sorted((s, e) for ww, s, e in (p for b in self.plan.batches for p in b) if ww == w)
+        cfg, rows_of = self.cfg, self.rows
+        stream = plan.workers[w]
+        wanted = sorted((s, e) for ww, s, e in (p for b in plan.batches for p in b) if ww == w)
         if not wanted:
             return
         manifest = read_manifest(cfg.manifest)
-        online = None
-        if cfg.online_plan is not None:  # view ids up to this epoch exist in the plan
-            seed, scale, ratio, hflip = cfg.online_plan
-            online = ViewPlan(seed=seed, views=self.plan.epoch + 1, size=cfg.img_size, scale=scale, ratio=ratio,
-                              hflip=hflip, interpolation=cfg.interpolation)
         piece = 0
         samples: list[dict[str, Any]] = []
-        reported: set = set()
         for wi, window in enumerate(stream.windows):
             lo, hi = stream.offsets[wi], stream.offsets[wi + 1]
             # Positions of this window's stream range that some piece needs.
@@ -208,22 +207,20 @@ class _PlanDataset(IterableDataset):
                 continue
             rows = stream.rows[lo:hi]
             needed_idx = set(int(i) for a, b in need for i in stream.rows[a:b])
-            # Every shard of the window is read whole (its tar's sha256 checked) before any of its
-            # rows is used; images are decoded only for the rows a piece needs (rows extraction
-            # marked invalid may not decode at all).
+            # Every shard of the window is read whole (a tar's sha256 checked) before any of its rows
+            # is used; images are decoded only for the rows a piece needs (rows extraction marked
+            # invalid may not decode at all).
             images: dict[int, bytes] = {}
-            targets: dict[int, ShardRows] = {}
+            shards: dict[int, Any] = {}
             for k in window:
                 info = manifest.shards[k]
                 if not any(info.first_index <= i < info.first_index + info.count for i in needed_idx):
                     continue
-                if not self.pixels:  # stored pixels need no tar: the stores were extracted from verified ones
+                if rows_of.reads_tars:
                     for rec in read_shard_records(manifest, k):
                         if rec["index"] in needed_idx:
                             images[rec["index"]] = rec["image"]
-                if cfg.online_plan is None:
-                    targets[k] = ShardRows(cfg, src, self.arrays, k, info.first_index, info.count,
-                                           self.plan.epoch, self.pixels)
+                shards[k] = rows_of.open_shard(k, info.first_index, info.count, plan.epoch)
             for pos in range(lo, hi):
                 while piece < len(wanted) and wanted[piece][1] <= pos:
                     piece += 1
@@ -234,96 +231,87 @@ class _PlanDataset(IterableDataset):
                     continue
                 index = int(rows[pos - lo])
                 k = manifest.shard_of(index)
-                image = None if self.pixels else _decode_image(images.pop(index), index, manifest.shard_url(k),
-                                                               manifest.max_image_pixels)
-                if online is not None:  # a fresh view of the plan: its targets come from the teachers
-                    view = self.plan.epoch
-                    box = online.view(index, view, *image.size)
-                    rec = {f"x01_{size}_{interp}": render(image, box, size, interp)
-                           for size, interp in cfg.teacher_inputs}
-                else:
-                    shard = targets[k]
-                    local = index - shard.first
-                    view = int(shard.view_of_row[local])
-                    rec = shard.sample(local, view=view, index=index)
-                    if self.pixels:
-                        rec["image"] = shard.pixels(local, index, view)
-                    else:
-                        box = shard.view_box(local)
-                if image is not None:
-                    rec["image"] = render_uint8(image, box, cfg.img_size, cfg.interpolation)
+                image = (_decode_image(images.pop(index), index, manifest.shard_url(k), manifest.max_image_pixels)
+                         if rows_of.reads_tars else None)
+                rec = rows_of.row(shards[k], index, image, plan.epoch)
                 rec["index"] = np.int64(index)
-                rec["view"] = np.int64(view)
                 samples.append(rec)
                 if pos + 1 == e:
-                    out = _stack(samples, self.arrays)
-                    if cfg.target_transport == "decoded":  # the whole piece at once, in this worker
-                        out = finish_targets(out, self.arrays)
+                    out = _stack(samples, getattr(rows_of, "arrays", ()))
+                    if cfg.target_transport == "decoded" and isinstance(rows_of, StoredRows):
+                        out = finish_targets(out, rows_of.arrays)  # the whole piece at once, in this worker
                     if cfg.image_transport == "float":  # the whole piece at once
                         out["image"] = normalize_image(out["image"], cfg.mean, cfg.std)
-                    out["_piece"] = torch.tensor([w, s, e], dtype=torch.int64)
-                    # Tell the main process which tars this worker verified: the next epoch's
-                    # workers (forked from it) then trust them while their stamps are unchanged.
-                    fresh = {key: stamp for key, stamp in verified_stamps().items() if key not in reported}
-                    reported |= set(fresh)
-                    out["_verified"] = json.dumps([[u, h, list(st)] for (u, h), st in fresh.items()])
+                    out["_piece"] = torch.tensor([plan.epoch, w, s, e], dtype=torch.int64)
                     yield out
                     samples = []
-            del images, targets
+            del images, shards
 
 
 # ---------------------------------------------------------------------------------------------
-# Main-process side: the DataLoader and the reassembly of batches in plan order.
+# Main-process side: one DataLoader for the run, and the reassembly of batches in plan order.
 
 
-class EpochLoader:
-    """Iterable over one rank's batches of one epoch; `len()` is the number it will yield."""
+class RunLoader:
+    """One rank's batches of epochs `first_epoch` .. `end_epoch - 1` from one set of DataLoader
+    workers that lives for all of them: a worker that finishes its pieces of epoch e goes on with
+    its first window of e + 1 (at most `prefetch_factor` pieces ahead), so the next epoch's first
+    batches are ready at the boundary, and nothing is forked, opened or verified twice (a worker
+    remembers the tars it verified)."""
 
-    def __init__(self, cfg: LoaderConfig, plan: EpochPlan, src: Sources | None):
-        self.cfg, self.plan, self.src = cfg, plan, src
-        arrays = () if src is None else encoded_arrays(cfg.mim_store, cfg.disc_store, src)
-        pixels = src is not None and stored_pixels(cfg, src)
+    def __init__(self, cfg: LoaderConfig, first_epoch: int, end_epoch: int, rank: int = 0, world_size: int = 1,
+                 skip_batches: int = 0):
+        cfg.validate()
+        self.cfg = cfg
+        self.src = None if cfg.online is not None else sources_of(cfg)
+        if self.src is not None and cfg.views_used > self.src.num_views:
+            raise ConfigError(f"views_used {cfg.views_used} exceeds the {self.src.num_views} views stored in "
+                              f"{self.src.view_store}")
+        if cfg.online is not None:
+            self.rows: RowSource = FreshViews(cfg, cfg.online)
+        else:
+            self.rows = StoredRows(cfg, self.src, encoded_arrays(cfg.mim_store, cfg.disc_store, self.src),
+                                   stored_pixels(cfg, self.src))
         # What the consumer must still do to the batches: decode targets on its device (`finish_targets`)
-        self.target_arrays = arrays if cfg.target_transport == "encoded" else ()
-        cuda = torch.cuda.is_available()
-        self.pin = cfg.pin_memory and cuda
-        kwargs: dict[str, Any] = {}
-        if cfg.num_workers > 0:
-            kwargs["prefetch_factor"] = cfg.prefetch_factor
-        self._loader = DataLoader(
-            _PlanDataset(cfg, src, plan, arrays, pixels),
-            batch_size=None,  # workers emit whole pieces; batching happens in the plan
-            num_workers=cfg.num_workers,
-            pin_memory=self.pin,
-            persistent_workers=False,  # every epoch has a new plan
-            **kwargs,
-        )
+        self.target_arrays = (self.rows.arrays if isinstance(self.rows, StoredRows)
+                              and cfg.target_transport == "encoded" else ())
+        self.stream = _PlanStream(cfg, self.rows, range(first_epoch, end_epoch), rank, world_size, skip_batches)
+        self.plans = {first_epoch: self.stream.plan(first_epoch)}  # the first is checked now (skip_batches)
+        self.pin = cfg.pin_memory and torch.cuda.is_available()
+        kwargs: dict[str, Any] = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
+        self._loader = DataLoader(self.stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=self.pin,
+                                  **kwargs)  # batch_size None: workers emit whole pieces, batched by the plan
 
-    def __len__(self) -> int:
-        return len(self.plan.batches)
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self.plans:
+            self.plans = {epoch: self.stream.plan(epoch)}  # one at a time: a plan holds every row index
+        return self.plans[epoch]
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Starts the workers now (not at the first `next`), so an epoch can be started ahead of
-        time (`pipeline.train.epochs`): its workers read their first windows while the step runs."""
-        if not self.plan.batches:
-            return iter(())
-        return self._batches(iter(self._loader))
+    def epochs(self) -> Iterator[tuple[int, Iterator[dict[str, torch.Tensor]]]]:
+        """(epoch, its batches) in order. Batches of an epoch the caller did not take are read and
+        dropped before the next epoch's (workers stream the epochs in order). Starts the workers at
+        the first `next`, so their first windows are read while the caller sets up."""
+        first = self.stream.epochs.start
+        any_batches = len(self.stream.epochs) > 1 or bool(self.plans.get(first, self.plan(first)).batches)
+        it = iter(self._loader) if any_batches else iter(())
+        queues: dict[int, deque] = {w: deque() for w in range(max(1, self.cfg.num_workers))}
+        for epoch in self.stream.epochs:
+            batches = self._batches(it, self.plan(epoch), queues)
+            yield epoch, batches
+            for _ in batches:  # batches the caller left (e.g. a partial accumulation): their pieces come first
+                pass
 
-    def _batches(self, it) -> Iterator[dict[str, torch.Tensor]]:
-        from pipeline.data.reading import remember_verified
-
-        queues: dict[int, deque] = {w: deque() for w in range(len(self.plan.workers))}
-        for segments in self.plan.batches:
+    def _batches(self, it, plan: EpochPlan, queues: dict[int, deque]) -> Iterator[dict[str, torch.Tensor]]:
+        for segments in plan.batches:
             parts = []
             for w, s, e in segments:
                 while not queues[w]:
                     item = next(it)
-                    queues[int(item["_piece"][0])].append(item)
+                    queues[int(item["_piece"][1])].append(item)
                 item = queues[w].popleft()
-                remember_verified({(u, h): tuple(st) for u, h, st in json.loads(item.pop("_verified"))})
                 got = tuple(int(x) for x in item.pop("_piece"))
-                if got != (w, s, e):
-                    raise AssertionError(f"loader piece {got} arrived where {(w, s, e)} was planned")
+                if got != (plan.epoch, w, s, e):
+                    raise AssertionError(f"loader piece {got} arrived where {(plan.epoch, w, s, e)} was planned")
                 parts.append(item)
             if len(parts) == 1:
                 batch = parts[0]
@@ -336,20 +324,30 @@ class EpochLoader:
             yield batch
 
 
+class EpochLoader:
+    """Iterable over one rank's batches of one epoch; `len()` is the number it will yield."""
+
+    def __init__(self, run: RunLoader, epoch: int):
+        self.run, self.epoch = run, epoch
+        self.cfg, self.plan, self.src = run.cfg, run.plan(epoch), run.src
+
+    def __len__(self) -> int:
+        return len(self.plan.batches)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Starts the workers now (not at the first `next`)."""
+        return next(self.run.epochs())[1]
+
+
 def build_loader(
     cfg: LoaderConfig, epoch: int, rank: int = 0, world_size: int = 1, skip_batches: int = 0
 ) -> EpochLoader:
-    """One rank's batches of `epoch`: exactly steps_per_epoch(cfg, world_size) - skip_batches of them.
+    """One rank's batches of `epoch`: exactly steps_per_epoch(cfg, world_size) - skip_batches of them
+    (a run of several epochs uses one `RunLoader`, whose workers serve them all).
 
     Checks the stores first (complete, same manifest, view plan and token set, relation layers and
     MIM target stored, masking servable) and raises StoreError naming the field and the extract
     command that fixes it. Batch j is a pure function of (cfg, epoch, rank, world_size): see the
     module docstring for the plan and the resume guarantee.
     """
-    cfg.validate()
-    src = None if cfg.online_plan is not None else sources_of(cfg)
-    if src is not None and cfg.views_used > src.num_views:
-        raise ConfigError(f"views_used {cfg.views_used} exceeds the {src.num_views} views stored in {src.view_store}")
-    plan = plan_epoch(cfg, epoch, rank, world_size, skip_batches)
-    return EpochLoader(cfg, plan, src)
-
+    return EpochLoader(RunLoader(cfg, epoch, epoch + 1, rank, world_size, skip_batches), epoch)

@@ -1,10 +1,11 @@
 """Online distillation: both teachers run inside the training step (the baseline hdpipe replaces).
 
 `OnlineTargets` turns a batch of fresh views (`image` for the student, `x01_<size>_<interp>` for
-each teacher, from a loader with `online_plan`) into the batch the cached path reads from its
-stores: `keep_index`, the MIM target over [CLS] + kept tokens, `features` over the same tokens. It
-is the same code extraction runs (`pipeline.targets.compute`): the same teacher loading, masks and
-target math; only where the targets come from differs. Teachers are frozen, in eval mode, under
+each teacher, from a loader with `online` views: `pipeline.train.row_sources.FreshViews`) into the
+batch the cached path reads from its stores: `keep_index`, the MIM target over [CLS] + kept
+tokens, `features` over the same tokens. It is the same code extraction runs
+(`pipeline.targets.compute`): the same teacher loading, masks and target math; only where the
+targets come from differs. Teachers are frozen, in eval mode, under
 inference mode, in bf16 autocast on CUDA (`Teacher.forward_targets`).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from pipeline.targets.compute import disc_batch, mim_batch
 from pipeline.targets.masking import kept_count, random_keep
 from pipeline.train.resample import resample_batch
+from pipeline.train.row_sources import OnlineViews
 
 if TYPE_CHECKING:
     from pipeline.targets.teachers import Teacher
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 def input_key(teacher: "Teacher") -> str:
     """The batch key of a teacher's own render of the view (its input size and resize filter)."""
-    return f"x01_{teacher.img_size}_{teacher.interpolation}"
+    return OnlineViews.key(teacher.img_size, teacher.interpolation)
 
 
 @dataclass
@@ -115,6 +117,7 @@ def build_online(mim_ref: str, disc_ref: str | None, *, teachers: str, relation_
                            token_resample)
     view = {k: VIEW_DEFAULTS[k] if getattr(mim_recipe, k) is None else getattr(mim_recipe, k)
             for k in ("seed", "scale", "ratio", "hflip")}
-    loader = {"online_plan": (view["seed"], tuple(view["scale"]), tuple(view["ratio"]), view["hflip"]),
-              "teacher_inputs": tuple(sorted({(t.img_size, t.interpolation) for t in (mim, disc) if t is not None}))}
+    inputs = tuple(sorted({(t.img_size, t.interpolation) for t in (mim, disc) if t is not None}))
+    loader = {"online": OnlineViews(seed=view["seed"], scale=tuple(view["scale"]), ratio=tuple(view["ratio"]),
+                                    hflip=view["hflip"], teacher_inputs=inputs)}
     return src, online, loader

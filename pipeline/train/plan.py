@@ -70,7 +70,7 @@ def _valid_rows(manifest_path: str, store_urls: tuple[str, ...]) -> tuple[np.nda
 
 
 def _valid(cfg: LoaderConfig) -> tuple[np.ndarray, ...]:
-    if cfg.online_plan is not None:  # online: no store, every row (an unreadable image is an error)
+    if cfg.online is not None:  # online: no store, every row (an unreadable image is an error)
         return _valid_rows(cfg.manifest, ())
     return _valid_rows(cfg.manifest, sources_of(cfg).valid_stores)
 

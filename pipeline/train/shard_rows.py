@@ -41,7 +41,7 @@ def stored_pixels(cfg, src: Sources) -> bool:
     """Whether the run's student input comes from the store's pixels (`LoaderConfig.student_pixels`):
     "auto" uses them when the store has them for this student geometry and masking, "render" never,
     "store" always (a ConfigError naming what differs when it cannot)."""
-    if cfg.student_pixels == "render" or cfg.online_plan is not None:
+    if cfg.student_pixels == "render" or cfg.online is not None:
         return False
     got = open_store(src.view_store).attrs.get(PIXELS) or None
     patch = cfg.img_size // src.grid[0] if cfg.img_size % src.grid[0] == 0 else None
