@@ -5,7 +5,8 @@ A real tiny timm teacher extracts a MIM store (relations, attention, block featu
 layouts) and a discriminative store (features in the channel basis: shard 0 fits it from float32
 values on the host, later shards encode on the device) with an unreadable image skipped (rows no
 batch fills). The same extraction with the torch encoder switched off (numpy at write time) must
-give the very same file bytes for every stored part and basis.
+give the very same file bytes for every stored part and basis; so must a CPU teacher's, which
+encodes with numpy batch by batch (`device_encode.TORCH_ON_CPU` off).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import StoreError
-from pipeline.targets import compact, compact_torch, quant
+from pipeline.targets import compact, compact_torch, device_encode, quant
 from pipeline.targets.store import TargetStore
 from stages.extract import extract
 from test_extract import disc_cfg, make_dataset, mim_cfg
@@ -37,6 +38,7 @@ def _data_files(store: Path) -> dict[str, bytes]:
 
 def test_device_encoded_store_has_the_numpy_encoders_bytes(tmp_path, monkeypatch):
     manifest = make_dataset(tmp_path / "data", n=16, corrupt=(3,))
+    monkeypatch.setattr(device_encode, "TORCH_ON_CPU", True)  # the GPU path, on this CPU
     calls = []
     encode = compact_torch.encode
     monkeypatch.setattr(compact_torch, "encode", lambda *a, **kw: calls.append(a[0].shape) or encode(*a, **kw))
@@ -59,6 +61,18 @@ def test_device_encoded_store_has_the_numpy_encoders_bytes(tmp_path, monkeypatch
     assert [s["index"] for s in store.done_marker(0)["skipped"]] == [3]
     host_marker = TargetStore.open(str(tmp_path / "host" / "disc.zarr")).done_marker(1)
     assert np.isclose(marker["error"]["features"]["relative"], host_marker["error"]["features"]["relative"], rtol=1e-6)
+
+
+def test_a_cpu_teacher_encodes_with_numpy_batch_by_batch(tmp_path, monkeypatch):
+    manifest = make_dataset(tmp_path / "data", n=16, corrupt=(3,))
+    calls = []
+    monkeypatch.setattr(compact_torch, "encode", lambda *a, **kw: calls.append(1))
+    _extract_both(manifest, tmp_path / "cpu")
+    assert calls == []
+    monkeypatch.setattr(quant.CODECS["q1pct"], "encode_torch", None)  # everything at write time
+    _extract_both(manifest, tmp_path / "host")
+    for name in ("mim.zarr", "disc.zarr"):
+        assert _data_files(tmp_path / "cpu" / name) == _data_files(tmp_path / "host" / name)
 
 
 def test_parts_of_another_shape_are_refused(tmp_path):

@@ -52,7 +52,11 @@ def tree_sum(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def _absmax(a: torch.Tensor) -> float:
-    return float(a.abs().max()) if a.numel() else 0.0
+    """max |a| as a Python number (one pass, no copy of |a|)."""
+    if not a.numel():
+        return 0.0
+    low, high = torch.aminmax(a)
+    return max(-float(low), float(high))
 
 
 def imatmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -157,7 +161,7 @@ def _floor(x: torch.Tensor, view_axes: int) -> torch.Tensor:
 
 def _codes(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     q = torch.round(x.double() / _per_view(step.double(), x.ndim))
-    if q.numel() and float(q.abs().max()) >= _MAX_CODE:
+    if _absmax(q) >= _MAX_CODE:
         raise StoreError("q1pct codes exceed 2**24 steps (a view with extreme outliers); use precision fp16")
     return q.long()
 
@@ -175,7 +179,7 @@ def _bounded_step(x: torch.Tensor, view_axes: int, step: torch.Tensor) -> torch.
 
 
 def _residual(e: torch.Tensor) -> torch.Tensor:
-    if e.numel() and int(e.abs().max()) > 32767:
+    if _absmax(e) > 32767:
         raise StoreError("q1pct residual codes overflow uint16 at the step its 1% bound needs; use precision fp16")
     return zigzag(e)
 
