@@ -46,11 +46,11 @@ def _blosc(level: int, shuffle: str) -> BloscCodec:
 
 
 CODECS = {
-    "blosc zstd3 noshuffle (other arrays)": {"compressors": [_blosc(3, "noshuffle"), Crc32cCodec()]},
+    "blosc zstd3 noshuffle (PIXEL_CODEC)": schema.array_codecs(schema.ArraySpec((1,), "uint8", pixels=True),
+                                                               np.dtype(np.uint8)),
     "blosc zstd3 bitshuffle": {"compressors": [_blosc(3, "bitshuffle"), Crc32cCodec()]},
     "zstd9": {"compressors": [ZstdCodec(level=9), Crc32cCodec()]},
-    "delta + blosc zstd3 (PIXEL_CODEC)": schema.array_codecs(schema.ArraySpec((1,), "uint8", pixels=True),
-                                                             np.dtype(np.uint8)),
+    "delta + blosc zstd3": {"filters": [Delta(dtype="uint8")], "compressors": [_blosc(3, "noshuffle"), Crc32cCodec()]},
     "delta + blosc zstd9": {"filters": [Delta(dtype="uint8")], "compressors": [_blosc(9, "noshuffle"), Crc32cCodec()]},
 }
 

@@ -3,7 +3,9 @@
 #   1. extraction (bf16 autocast, selected automatically on CUDA) against the bare teacher forward
 #      (benchmarks/bench_extract.py, ViT-B/16 MIM teacher, 128 and 256 images);
 #   2. stage two (bf16 autocast, pinned host batches copied one step ahead, distill's default loader
-#      workers) against its ceiling and online distillation (benchmarks/bench_distill.py --geometry base).
+#      workers) against its ceiling and online distillation (benchmarks/bench_distill.py --geometry base);
+#   3. the host CPU per image of stage two and per view of extraction at the ViT-B defaults, targets
+#      encoded and decoded on the GPU (benchmarks/bench_host.py --device cuda, one round).
 # Prints images/s for the teacher forward, extraction, the stage-two ceiling and cached stage two,
 # and peak GPU memory; the JSON results go to $GPU_CHECK_OUT (default benchmarks/results/gpu).
 # Without a CUDA GPU it fails at once, loudly: its numbers would mean nothing on a CPU.
@@ -30,6 +32,8 @@ timeout "$(left)" "$PY" benchmarks/bench_extract.py --model vit_base_patch16_224
 timeout "$(left)" "$PY" benchmarks/bench_distill.py --geometry base --device cuda --images 256 --batch 64 \
     --steps 16 --rounds 2 --threads 4 --out "$OUT/distill.json"
 
+timeout "$(left)" "$PY" benchmarks/bench_host.py --device cuda --images 128 --rounds 1 --out "$OUT/host.json"
+
 "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -48,6 +52,12 @@ rows = [
 print(f"\n{'gpu_check':36s}{'images/s':>12s}{'peak GPU MiB':>14s}")
 for name, speed, mem in rows:
     print(f"{name:36s}{speed:12.1f}{(mem or 0):14.0f}")
+host = json.loads((out / "host.json").read_text())
+for precision, res in host["precisions"].items():
+    ext = res["extraction"]
+    print(f"host CPU ms, {precision}: stage two {res['pixels/encoded']['host_ms']['median']:.3f} per image "
+          f"(+ GPU decode {res['pixels/encoded']['device_decode_ms']['median']:.3f}); extraction store work "
+          + ", ".join(f"{role} {ext[role]['store work']['median']:.3f}" for role in ("mim", "disc")) + " per view")
 r = dis["ratios_wall"]["cached_over_ceiling"]
 print(f"cached / ceiling: {r['min']:.2f} (min over rounds); extraction / forward: "
       + ", ".join(f"{k} {v['median']:.3f}" for k, v in ext["overhead_ratio"].items()))

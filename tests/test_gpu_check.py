@@ -37,7 +37,8 @@ def _invocations(text: str) -> list[tuple[str, set[str]]]:
 
 def test_gpu_check_uses_only_options_the_benchmarks_have():
     calls = _invocations(SCRIPT.read_text())
-    assert {c for c, _ in calls} == {"benchmarks/bench_extract.py", "benchmarks/bench_distill.py"}
+    assert {c for c, _ in calls} == {"benchmarks/bench_extract.py", "benchmarks/bench_distill.py",
+                                     "benchmarks/bench_host.py"}
     for script, options in calls:
         help_text = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                                    cwd=ROOT, timeout=120, check=True).stdout

@@ -510,6 +510,7 @@ def test_uint8_image_transport_normalized_on_the_device_equals_the_float_path(wo
 
 @pytest.mark.parametrize("store,kw", [
     ("kept", {}),  # fp16, kept tokens
+    ("kept", {"student_pixels": "store", "interpolation": "bicubic"}),  # stored patches placed on the device
     ("all", {"mim_target": "attention", "masking": "direct", "token_resample": 0.6}),  # gathered, renormalized, cut
     ("all", {"mim_target": "block_features", "relation_layers": (2,)}),  # one layer of several
     ("even_stores", {}),  # q1pct: token-subspace relations, channel-basis features
@@ -521,12 +522,16 @@ def test_encoded_targets_decoded_on_the_device_equal_the_worker_decoded_ones(wor
     from pipeline.train.device_copy import ahead_on_device
 
     manifest = world["even"] if store == "even_stores" else world["uneven"]
-    cfg = cfg_for(manifest, world[store], num_workers=2, **kw)
+    cfg = cfg_for(manifest, world[store], num_workers=2, image_transport="uint8", **kw)
     decoded = run_epoch(cfg, epoch=1)
     raw = list(build_loader(replace(cfg, target_transport="encoded"), 1))
     target = kw.get("mim_target", "relations")
     assert target not in raw[0] and "features" not in raw[0] and "_targets" in raw[0]
     assert any(k.startswith(f"_enc.{target}.") for k in raw[0]) and ("_tok" in raw[0]) == (store == "all")
+    pixels = "student_pixels" in kw
+    assert ("_patches" in raw[0]) == pixels and ("image" in raw[0]) != pixels
+    if pixels:  # a third of the image's bytes travel
+        assert raw[0]["_patches"].dtype == torch.uint8 and raw[0]["_patches"].nbytes < decoded[0]["image"].nbytes / 2
     got = list(ahead_on_device(iter(raw), torch.device("cpu")))
     assert len(got) == len(decoded)
     for a, b in zip(got, decoded, strict=True):

@@ -184,7 +184,8 @@ def test_inspect_reports_the_pixels_bytes_per_view(world):
     assert got == info["arrays"]["student_pixels"]["bytes_per_view"]
     raw = 22 * 3 * 4 * 4
     assert 0 < got < raw + 64, got  # lossless, never much above raw (chunk and index overhead only)
-    assert f"student pixels {got:.0f} B per view of it: 32 px views, 4 px patches, bicubic" in format_info(info)
+    shown = f"{got:.0f} B" if got < 1000 else f"{got / 1000:.1f} KB"
+    assert f"student pixels {shown} per view of it: 32 px views, 4 px patches, bicubic" in format_info(info)
 
 
 def test_hint_reproduces_the_pixel_options(world, tmp_path):

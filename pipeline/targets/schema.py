@@ -14,13 +14,14 @@ Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
 - store-level parts, kept once: `<name>_channel_basis` int16 [D, k] for a q1pct array with
   `channel_basis` (fitted on shard 0 by its writer, before any other shard may be written; its
   Zarr attribute `hdpipe.fitted` turns true, with the sha256 `digest` of its bytes, after the data).
-Codecs: Blosc byte shuffle (element size = itemsize) then zstd, level 3 (level 7 and 64 KiB
-blocks for q1pct's integer codes), then a crc32c of the compressed bytes, per chunk (Zarr v3 core
-codecs). With the shard index's own crc32c (Zarr's default) every byte of a shard file is
-checksummed, and Zarr checks it on every read; the done marker adds each file's length, which
-catches a missing or truncated file (Zarr would read a missing one as fill values). Arrays of image
-patches (`pixels`: the student's uint8 views) put numcodecs' delta filter before zstd instead
-(`PIXEL_CODEC`, the one codec outside the Zarr v3 core spec).
+Codecs: Blosc byte shuffle (element size = itemsize) then lz4 for fp16/int8 targets (decode speed
+first), zstd level 7 with 64 KiB blocks for q1pct's integer codes (bytes first), zstd level 3 for
+exact arrays, then a crc32c of the compressed bytes, per chunk (Zarr v3 core codecs; `codecs`).
+With the shard index's own crc32c (Zarr's default) every byte of a shard file is checksummed, and
+Zarr (or stage two's `shard_reader`) checks it on every read; the done marker adds each file's
+length, which catches a missing or truncated file (Zarr would read a missing one as fill values).
+Arrays of image patches (`pixels`: the student's uint8 views) are zstd level 3 without shuffle
+(`PIXEL_CODEC`).
 
 The `hdpipe` group attribute holds the caller's settings (`REQUIRED_ATTRS` must be present) plus
 what the store adds itself (`STORE_ATTRS`): schema version, manifest digest, counts, each array's
@@ -32,14 +33,11 @@ import dataclasses
 import datetime as _dt
 import json
 import re
-import warnings
 from typing import Any, Mapping
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.codecs.numcodecs import Delta
-from zarr.errors import ZarrUserWarning
 
 from pipeline import __version__
 from pipeline.errors import StoreError, require_finite
@@ -48,22 +46,21 @@ from pipeline.targets import quant
 # Bump when the layout or attribute meaning changes; open() refuses others. 2: crc32c per chunk and
 # file lengths in done markers (version 1 stores cannot be checked, so they are rebuilt).
 SCHEMA_VERSION = 2
-# zstd level of fp16/int8/exact chunks (its default): int8 codes are as small as at 5, fp16 5% bigger,
-# writes 2-3x faster
+# zstd level of exact chunks and pixels (its default): as small as at 5 within a few %, writes 2-3x faster
 ZSTD_LEVEL = 3
 # q1pct residual codes at level 7: 6% smaller than at 3 (measured on ViT-B relations), decoded as
 # fast, encoded ~3x slower (still below the codec's own time); levels 9+ gain <0.5% more. Blosc
 # blocks of 64 KiB (vs its default for the chunk) save another 2-3% on relations.
 COMPACT_ZSTD_LEVEL = 7
 COMPACT_BLOCK_BYTES = 65536
-# The student's pixels (uint8 patches of rendered views, lossless): numcodecs' delta filter (each byte
-# minus the one before it, mod 256, along pixel rows) then Blosc zstd level 3, no shuffle. Measured on
-# rendered views (benchmarks/bench_pixels.py, results/pixels.json): 16-24% smaller than the other
-# arrays' codec (zstd 3, no shuffle) and 10-19% smaller than Blosc bitshuffle, the best choice in
-# the Zarr v3 core spec; writes within ~1.3x of them (~1 ms per 224 px view of 67 patches), reads
-# ~0.3-0.4 ms; zstd 9 after the delta gains 2-7% more for 4-25x the write time. Lossless WebP of
-# whole views is ~35% smaller again, but no Zarr codec.
-PIXEL_CODEC = "numcodecs delta (uint8) + blosc zstd level 3, no shuffle, crc32c per chunk"
+# The student's pixels (uint8 patches of rendered views, lossless): Blosc zstd level 3, no shuffle.
+# Measured on rendered 224 px views of photos (67 patches, 2 views per row): numcodecs' delta filter
+# before zstd made them 18% smaller (54 vs 66 KB per row) but its decode (a cumulative sum) took
+# 0.32 ms per row against 0.08: stage two reads every row every epoch, so the plain codec; lz4 reads in
+# 0.01 ms but is 17% bigger again (77 KB).
+PIXEL_CODEC = "blosc zstd level 3, no shuffle, crc32c per chunk"
+# lz4 level of fp16 / int8 parts (`codecs`, "fast")
+LZ4_LEVEL = 5
 # Version of the q1pct encoder, and so of its parts: 2 added the token subspace and channel basis
 # predictors; 3 sums in one fixed order (`exact.tree_sum`), so numpy and torch on any device store the
 # same bytes. 3's parts are 2's, decoded the same way: stores of either are read; only 3 is written.
@@ -156,39 +153,42 @@ def shard_table(manifest: Any) -> tuple[int, int, list[int], str]:
     return total, size, counts, str(digest)
 
 
-def codecs(dtype: np.dtype, compact: bool = False) -> list:
-    """Blosc: byte shuffle (multi-byte types) then zstd, then crc32c, all in the Zarr v3 core spec.
+def codecs(dtype: np.dtype, compression: str = "zstd") -> list:
+    """Blosc, byte shuffle for multi-byte types, then crc32c, all in the Zarr v3 core spec.
 
-    Shuffling puts the mostly-zero high bytes of small codes together; zstd's entropy stage then
-    codes the low bytes near their entropy. Same size as numcodecs Shuffle + plain zstd (measured).
-    `compact` (q1pct codes): zstd level 7 and 64 KiB Blosc blocks, each its own zstd frame, so its
-    Huffman tables follow the code statistics of a few heads or channels at a time. The crc32c
-    (4 bytes per chunk, ~9 GB/s) makes a flipped byte an error on read instead of a wrong target;
-    it runs first when decoding, so damaged bytes never reach Blosc.
+    `compression` (`Codec.compression` of the array's precision; "zstd" for exact arrays):
+    - "fast" (fp16, int8 targets): lz4. Stage two decompresses every row it reads, every epoch, on
+      the host; measured on trained teachers' fp16 relations and features (Fashion-MNIST study) zstd
+      3 made them only 7-9% smaller (1.07-1.09x) at 6-10x lz4's decode time (ViT-B relations: ~0.4 vs
+      ~0.05 ms per row of 2 views), and lz4 encodes 6x faster at extraction.
+    - "compact" (q1pct codes): zstd level 7 and 64 KiB Blosc blocks, each its own zstd frame, so its
+      Huffman tables follow the code statistics of a few heads or channels at a time (2x smaller
+      than lz4 on these codes).
+    - "zstd": zstd level 3 (small exact arrays: views, masks, valid; student pixels, no shuffle).
+    Shuffling puts the mostly-zero high bytes of small codes together. The crc32c (4 bytes per
+    chunk, ~9 GB/s) makes a flipped byte an error on read instead of a wrong target; it runs first
+    when decoding, so damaged bytes never reach Blosc.
     """
     shuffle = "shuffle" if dtype.itemsize > 1 else "noshuffle"
-    if compact:
+    if compression == "compact":
         blosc = BloscCodec(cname="zstd", clevel=COMPACT_ZSTD_LEVEL, shuffle=shuffle, typesize=dtype.itemsize,
                            blocksize=COMPACT_BLOCK_BYTES)
+    elif compression == "fast":
+        blosc = BloscCodec(cname="lz4", clevel=LZ4_LEVEL, shuffle=shuffle, typesize=dtype.itemsize)
     else:
         blosc = BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle, typesize=dtype.itemsize)
     return [blosc, Crc32cCodec()]
 
 
-# Zarr warns, at every open of an array using it, that a numcodecs codec may not be read by other Zarr
-# implementations; hdpipe's stores are read by hdpipe (and zarr-python), so only that warning is silenced.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=ZarrUserWarning)
-
-
 def array_codecs(spec: ArraySpec, dtype: np.dtype) -> dict:
-    """filters and compressors of one stored part (`create_array` keywords): `codecs`, or PIXEL_CODEC."""
+    """compressors of one stored part (`create_array` keywords)."""
     if spec.pixels:
         if dtype != np.uint8:
             raise StoreError(f"pixel arrays are uint8, got {dtype}")
-        return {"filters": [Delta(dtype="uint8")],
-                "compressors": [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="noshuffle", typesize=1),
-                                Crc32cCodec()]}
-    return {"compressors": codecs(dtype, compact=spec.precision == "q1pct")}
+        return {"compressors": codecs(dtype)}  # PIXEL_CODEC
+    if spec.precision == quant.LOSSLESS:
+        return {"compressors": codecs(dtype)}
+    return {"compressors": codecs(dtype, quant.codec(spec.precision).compression)}
 
 
 def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manifest: Any, views: int) -> dict:
@@ -229,8 +229,9 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
         "views": int(views),
         "arrays": {n: s.to_json() for n, s in arrays.items()},
         "codec": (f"per-view arrays: chunks (1, V, ...), shards (S, V, ...); per-sample arrays: chunk = shard "
-                  f"(S, ...); blosc byte shuffle + zstd level {ZSTD_LEVEL} ({COMPACT_ZSTD_LEVEL}, "
-                  f"{COMPACT_BLOCK_BYTES // 1024} KiB blocks for q1pct codes), crc32c per chunk"
+                  f"(S, ...); blosc byte shuffle + lz4 level {LZ4_LEVEL} for fp16/int8 targets, zstd level "
+                  f"{COMPACT_ZSTD_LEVEL} with {COMPACT_BLOCK_BYTES // 1024} KiB blocks for q1pct codes, zstd level "
+                  f"{ZSTD_LEVEL} for exact arrays; crc32c per chunk"
                   # named only where used: stores without pixel arrays keep their attribute as it was
                   + ("; pixel arrays: " + PIXEL_CODEC if any(s.pixels for s in arrays.values()) else "")),
         "package_version": __version__,

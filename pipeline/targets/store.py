@@ -37,7 +37,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.errors import StoreError
-from pipeline.targets import integrity, quant
+from pipeline.targets import integrity, quant, shard_reader
 from pipeline.targets.bases import ChannelBases, digest
 from pipeline.targets.schema import (SCHEMA_VERSION, ArraySpec, check_input, check_q1pct_codec, create_arrays,
                                      diff, full_attrs, jsonable, part_name, store_parts, stored_parts)
@@ -355,6 +355,10 @@ class TargetStore:
             out[name] = {}
             for p in stored_parts(self.arrays[name]):
                 arr = self._array(part_name(name, p))
+                fast = shard_reader.plan(arr)
+                if fast is not None:  # the whole shard object in one read, no per-chunk Zarr calls
+                    out[name][p] = shard_reader.read_views(self, name, part_name(name, p), fast, k, count, views)
+                    continue
                 pieces = []
                 step = block or max(64, BLOCK_BYTES // (arr.dtype.itemsize * int(np.prod(arr.shape[1:])) or 1))
                 for a in range(0, count, step):

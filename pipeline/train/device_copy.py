@@ -32,15 +32,15 @@ def ahead_on_device(batches: Iterator[dict], device: torch.device, normalize: tu
 
     `normalize` (mean, std): a uint8 `image` (the loader's image_transport "uint8") becomes the
     student's float input on the device (`pipeline.train.loader.normalize_image`), after a copy of a
-    quarter of the bytes. Targets the loader left encoded (`target_rows.TARGETS` in the batch) are
-    decoded here, on the device, after the copy of their stored bytes.
+    quarter of the bytes. Targets the loader left encoded and student patches it left unplaced
+    (`target_rows.TARGETS` in the batch) are finished here, on the device, after the copy.
     """
     from pipeline.train.loader import normalize_image
-    from pipeline.train.target_rows import TARGETS, finish_targets
+    from pipeline.train.target_rows import TARGETS, finish_batch
 
     def finish(batch: dict) -> dict:
-        if TARGETS in batch:  # targets still encoded (loader target_transport "encoded"): decode them here
-            batch = finish_targets(batch, batch[TARGETS])
+        if TARGETS in batch:  # loader target_transport "encoded": decode targets, place stored patches here
+            batch = finish_batch(batch, batch[TARGETS])
         if normalize is not None and batch.get("image") is not None and batch["image"].dtype == torch.uint8:
             batch = {**batch, "image": normalize_image(batch["image"], *normalize)}
         return batch

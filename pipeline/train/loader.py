@@ -58,7 +58,8 @@ from pipeline.targets.specs import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, sources_of, steps_per_epoch
 from pipeline.train.row_sources import FreshViews, OnlineViews, RowSource, StoredRows
 from pipeline.train.shard_rows import encoded_arrays, stored_pixels
-from pipeline.train.target_rows import TARGETS, TOKENS, EncodedArray, finish_targets, pack
+from pipeline.train.target_rows import (TARGETS, TOKENS, DeviceWork, EncodedArray, finish_targets, pack,
+                                         place_stored_patches)
 
 # The loader's public face: the plan's step count and view choice are part of its contract.
 __all__ = ["LoaderConfig", "RunLoader", "EpochLoader", "build_loader", "steps_per_epoch", "choose_view", "plan_epoch"]
@@ -238,8 +239,13 @@ class _PlanStream(IterableDataset):
                 samples.append(rec)
                 if pos + 1 == e:
                     out = _stack(samples, getattr(rows_of, "arrays", ()))
-                    if cfg.target_transport == "decoded" and isinstance(rows_of, StoredRows):
-                        out = finish_targets(out, rows_of.arrays)  # the whole piece at once, in this worker
+                    # The whole piece at once, here or on the training device (`finish_batch`): uint8
+                    # patches travel when the device also normalizes, encoded targets when it decodes.
+                    if isinstance(rows_of, StoredRows):
+                        if not (cfg.target_transport == "encoded" and cfg.image_transport == "uint8"):
+                            out = place_stored_patches(out, rows_of.src.grid)
+                        if cfg.target_transport == "decoded":
+                            out = finish_targets(out, rows_of.arrays)
                     if cfg.image_transport == "float":  # the whole piece at once
                         out["image"] = normalize_image(out["image"], cfg.mean, cfg.std)
                     out["_piece"] = torch.tensor([plan.epoch, w, s, e], dtype=torch.int64)
@@ -272,9 +278,10 @@ class RunLoader:
         else:
             self.rows = StoredRows(cfg, self.src, encoded_arrays(cfg.mim_store, cfg.disc_store, self.src),
                                    stored_pixels(cfg, self.src))
-        # What the consumer must still do to the batches: decode targets on its device (`finish_targets`)
-        self.target_arrays = (self.rows.arrays if isinstance(self.rows, StoredRows)
-                              and cfg.target_transport == "encoded" else ())
+        # What the consumer must still do to the batches on its device (`finish_batch`): decode
+        # targets, place stored patches
+        self.device_work = (DeviceWork(self.rows.arrays, self.src.grid) if isinstance(self.rows, StoredRows)
+                            and cfg.target_transport == "encoded" else None)
         self.stream = _PlanStream(cfg, self.rows, range(first_epoch, end_epoch), rank, world_size, skip_batches)
         self.plans = {first_epoch: self.stream.plan(first_epoch)}  # the first is checked now (skip_batches)
         self.pin = cfg.pin_memory and torch.cuda.is_available()
@@ -319,8 +326,8 @@ class RunLoader:
                 batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
                 if self.pin:
                     batch = {key: v.pin_memory() for key, v in batch.items()}
-            if self.target_arrays:  # encoded targets say how to decode them (`device_copy` does, on the device)
-                batch[TARGETS] = self.target_arrays
+            if self.device_work is not None:  # say what is left to do (`device_copy` does it, on the device)
+                batch[TARGETS] = self.device_work
             yield batch
 
 

@@ -8,10 +8,11 @@ Decoding is `pipeline.train.target_rows`' (batched, in the worker or on the trai
 
 Student pixels (`student_pixels` in a MIM store, written by extraction): the uint8 patches of the
 stored token set, rendered as `pipeline.data.views.render_uint8` renders the view. When the run's
-student input matches what the store recorded (size, patch size, interpolation), the loader places
-them into a zero image instead of decoding the tar's JPEG, cropping and resizing: the student embeds
-every patch and then keeps only the kept ones (`pipeline.train.student`), so patches it drops never
-reach a token, and the input it sees is bit for bit the rendered one.
+student input matches what the store recorded (size, patch size, interpolation), the patches are
+placed into a zero image (`pipeline.data.patches.place_patches`, in the worker or on the training
+device) instead of decoding the tar's JPEG, cropping and resizing: the student embeds every patch
+and then keeps only the kept ones (`pipeline.train.student`), so patches it drops never reach a
+token, and the input it sees is bit for bit the rendered one.
 """
 from __future__ import annotations
 
@@ -123,13 +124,11 @@ class ShardRows:
 
         return View.from_row(self._row("views", local))
 
-    def pixels(self, local: int, index: int, view: int) -> torch.Tensor:
-        """uint8 [3, S, S]: the stored patches of the view in place, zeros where no token is stored."""
-        from pipeline.data.patches import place_patches
-
-        patches = torch.from_numpy(np.ascontiguousarray(self._row(PIXELS, local)))  # [K, 3, p, p]
+    def patches(self, local: int, index: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 [K, 3, p, p] stored patches of the view, int64 [K] their patch ids)."""
+        patches = torch.from_numpy(np.ascontiguousarray(self._row(PIXELS, local)))
         # A kept-token store serves masking progressive only (`resolve_sources`): its patches are
         # those of keep_progressive; a store of every token holds all P in raster order.
         where = (self.stored_keep(local, index, view) if self.src.tokens == "kept"
                  else np.arange(self.src.num_patches, dtype=np.int64))
-        return place_patches(patches[None], torch.from_numpy(where)[None], self.src.grid)[0]
+        return patches, torch.from_numpy(where)

@@ -27,7 +27,8 @@ import torch
 
 ENCODED = "_enc."  # batch key prefix of encoded parts: _enc.<key>.<part>
 TOKENS = "_tok"  # batch key of the token positions shown, [B, T'] on the stored token axis
-TARGETS = "_targets"  # batch key (main process only) of the EncodedArray tuple a consumer decodes with
+TARGETS = "_targets"  # batch key (main process only) of the `DeviceWork` a consumer finishes the batch with
+PATCHES, PATCH_IDS = "_patches", "_patch_ids"  # stored student patches [B, K, 3, p, p] and their patch ids [B, K]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,31 @@ class EncodedArray:
     store: str  # URL of the store it is read from (its precision and channel basis)
     name: str  # array name in that store
     layer_pos: tuple[int, ...] | None = None  # positions kept on the layer axis (MIM arrays); None: no layer axis
+
+
+@dataclass(frozen=True)
+class DeviceWork:
+    """What the training device still does to a batch the loader left encoded (`finish_batch`)."""
+
+    arrays: tuple[EncodedArray, ...]  # targets to decode
+    grid: tuple[int, int] | None = None  # patch grid of shipped student patches (None: the batch has its image)
+
+
+def place_stored_patches(batch: dict, grid: tuple[int, int]) -> dict:
+    """The batch with its `image` placed from the stored patches it carries (unchanged without them)."""
+    from pipeline.data.patches import place_patches
+
+    if PATCHES not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k not in (PATCHES, PATCH_IDS)}
+    out["image"] = place_patches(batch[PATCHES], batch[PATCH_IDS], grid)
+    return out
+
+
+def finish_batch(batch: dict, work: DeviceWork) -> dict:
+    """The batch on its device with the student's image placed from its stored patches (a third of
+    the image's bytes travelled) and its targets decoded (`finish_targets`)."""
+    return finish_targets(place_stored_patches(batch, work.grid), work.arrays)
 
 
 def pack(key: str, rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,125 @@
+"""Stage two's whole-shard reader (`pipeline.targets.shard_reader`) against Zarr's own reads.
+
+Real stores from real extractions (tiny random-init ViTs, webdataset tars): every stored part of
+every array a loader reads, in fp16, int8 and q1pct, with student pixels, read through the shard
+reader and through Zarr, must be the same values; damaged bytes anywhere in a shard file (a chunk,
+the shard index) are the same ShardDamagedError a Zarr read raises; codec chains it does not know
+are left to Zarr.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from numcodecs import Delta
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from pipeline.errors import ShardDamagedError
+from pipeline.targets import shard_reader
+from pipeline.targets.store import TargetStore
+from stages.extract import ExtractConfig, extract
+from toydata import structured_jpeg, write_dataset
+
+MIM = "timm:vit_tiny_patch16_224"
+KW = {"img_size": 32, "patch_size": 8, "depth": 3}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shard-reader")
+    rng = np.random.default_rng(0)
+    manifest = write_dataset(root / "data", [structured_jpeg(rng, (40, 52)) for _ in range(10)], 4)
+    out = {}
+    for precision in ("fp16", "int8", "q1pct"):
+        common = dict(manifest=manifest, random_init=True, model_kwargs=KW, batch_size=8, device="cpu",
+                      progress=False, precision=precision)
+        mim = extract(ExtractConfig(teacher=MIM, role="mim", out=str(root / f"mim-{precision}.zarr"), views=3,
+                                    relation_layers=(2, 3), extra_targets=("attention",), **common))
+        disc = extract(ExtractConfig(teacher=MIM, role="disc", out=str(root / f"disc-{precision}.zarr"),
+                                     mim_store=mim, **common))
+        out[precision] = (mim, disc)
+    return out
+
+
+def _both(store: TargetStore, k: int, names: list[str], views: np.ndarray, monkeypatch):
+    fast = store.read_shard_views(k, names, views)
+    with monkeypatch.context() as m:
+        m.setattr(shard_reader, "plan", lambda arr: None)  # Zarr's own read path
+        slow = store.read_shard_views(k, names, views)
+    return fast, slow
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "q1pct"])
+def test_every_part_reads_as_zarr_reads_it(stores, precision, monkeypatch):
+    for url in stores[precision]:
+        store = TargetStore.open(url)
+        names = [n for n, s in store.arrays.items() if s.per_view]
+        for k in range(store.num_shards):
+            count = store.shard_rows(k)[1]
+            views = np.random.default_rng(k).integers(0, store.views, count)
+            fast, slow = _both(store, k, names, views, monkeypatch)
+            assert fast.keys() == slow.keys() == set(names)
+            for name in names:
+                assert fast[name].keys() == slow[name].keys()
+                for part in fast[name]:
+                    assert fast[name][part].dtype == slow[name][part].dtype
+                    np.testing.assert_array_equal(fast[name][part], slow[name][part], err_msg=f"{name}/{part}")
+    mim = TargetStore.open(stores[precision][0])
+    assert "student_pixels" in mim.arrays and "relations" in mim.arrays
+    # every part of the stores hdpipe writes takes the fast path
+    for name, spec in mim.arrays.items():
+        if spec.per_view:
+            assert shard_reader.plan(mim._array(name)) is not None, name
+
+
+def _shard_file(url: str, part: str, k: int, ndim: int):
+    import pathlib
+
+    return pathlib.Path(url) / part / "c" / "/".join([str(k)] + ["0"] * (ndim - 1))
+
+
+@pytest.mark.parametrize("where", ["chunk", "index"])
+def test_a_flipped_byte_is_the_error_zarr_gives(stores, tmp_path, where, monkeypatch):
+    import shutil
+
+    url = str(tmp_path / "mim.zarr")
+    shutil.copytree(stores["fp16"][0], url)
+    store = TargetStore.open(url)
+    path = _shard_file(url, "relations", 1, store._array("relations").ndim)
+    data = bytearray(path.read_bytes())
+    data[10 if where == "chunk" else len(data) - 10] ^= 0x40
+    path.write_bytes(bytes(data))
+    views = np.zeros(store.shard_rows(1)[1], dtype=np.int64)
+    with pytest.raises(ShardDamagedError) as fast:
+        TargetStore.open(url).read_shard_views(1, ["relations"], views)
+    assert fast.value.shard == 1 and fast.value.array == "relations" and "crc32c" in fast.value.why
+    with monkeypatch.context() as m:
+        m.setattr(shard_reader, "plan", lambda arr: None)
+        with pytest.raises(ShardDamagedError) as slow:
+            TargetStore.open(url).read_shard_views(1, ["relations"], views)
+    assert str(fast.value) == str(slow.value)
+    # the other shards still read
+    TargetStore.open(url).read_shard_views(0, ["relations"], np.zeros(store.shard_rows(0)[1], dtype=np.int64))
+
+
+def test_a_delta_filter_chain_decodes_and_other_chains_are_left_to_zarr(tmp_path):
+    """Stores written with a delta filter before Blosc (student pixels of early stores) decode here;
+    a chain this reader does not know (no crc32c) gets no plan, so Zarr reads it."""
+    data = np.random.default_rng(1).integers(0, 255, (6, 2, 5, 7), dtype=np.uint8)
+    known = zarr.create_array(str(tmp_path / "g.zarr"), name="d", shape=data.shape, chunks=(1, 2, 5, 7),
+                              shards=(3, 2, 5, 7), dtype="uint8", filters=[zarr.codecs.numcodecs.Delta(dtype="uint8")],
+                              compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1),
+                                           Crc32cCodec()])
+    known[:] = data
+    plan = shard_reader.plan(known)
+    assert plan is not None and isinstance(plan.delta, Delta)
+
+    class _Store:  # what read_views uses of a TargetStore
+        url = str(tmp_path / "g.zarr")
+
+    views = np.array([1, 0, 1])
+    got = shard_reader.read_views(_Store(), "d", "d", plan, 1, 3, views)
+    np.testing.assert_array_equal(got, data[3:6][np.arange(3), views])
+    other = zarr.create_array(str(tmp_path / "o.zarr"), shape=data.shape, chunks=(1, 2, 5, 7), shards=(3, 2, 5, 7),
+                              dtype="uint8", compressors=[BloscCodec(cname="zstd", clevel=3, typesize=1)])
+    assert shard_reader.plan(other) is None
