@@ -24,7 +24,7 @@ store (relations of blocks 11 and 12 over [CLS] + 67 kept tokens, student pixels
 disc store (features [68, 768]), random init, 2 views per image, in fp16 and in q1pct.
 
 Whole loader: a `RunLoader` (2 workers and mix_shards 4 as distill, batch 64), in a fresh
-process per setting: CPU of the process and its reaped workers for epochs 1-3 minus epoch 1 alone
+process per setting: CPU of the process and its reaped workers for epochs 1-8 minus epoch 1 alone
 (start-up cancels; epoch 0 warms the page cache and verifies the tars), per image; `--rounds`
 processes each, min / median / max.
 Phases: the loader's functions called one after another in one process (torch threads 1).
@@ -58,6 +58,7 @@ CORES_PER_GPU = (14, 4)  # an 8-GPU node with ~112 cores; a 1-GPU box with 4 spa
 TEACHERS = {"base": ("timm:vit_base_patch16_224", "timm:deit_base_patch16_224"),  # the issue's ViT-B defaults
             "small": ("timm:vit_small_patch16_224", "timm:deit_small_patch16_224")}  # a quicker check of the code
 PRECISIONS = ("fp16", "q1pct")
+EPOCHS = 8  # epochs of the longer whole-loader run (start-up cancels against a run of one)
 SETTINGS = [(path, transport) for path in ("tars", "pixels") for transport in ("decoded", "encoded")]
 PHASES = ("targets read", "rows", "pixels", "collate", "device decode")  # device: place patches, decode targets
 
@@ -151,9 +152,9 @@ def _cpu_seconds() -> float:
 
 
 def whole_loader(data: dict, precision: str, path: str, transport: str, device: str = "cpu") -> dict:
-    """Host CPU ms per image of the loader in steady state: one run of epochs 1-3 minus one run of
-    epoch 1 (each a `RunLoader`, its workers reaped at the end: both pay one start-up, which
-    cancels), over the images of two epochs. With transport `encoded`, the device decode of the
+    """Host CPU ms per image of the loader in steady state: one run of EPOCHS epochs minus one run
+    of one epoch (each a `RunLoader`, its workers reaped at the end: both pay one start-up, which
+    cancels), over the images of EPOCHS - 1 epochs. With transport `encoded`, the device decode of the
     same batches is timed apart."""
     from pipeline.train.loader import RunLoader
     from pipeline.train.target_rows import TARGETS, finish_batch
@@ -175,7 +176,7 @@ def whole_loader(data: dict, precision: str, path: str, transport: str, device: 
     consume(0, 1)  # warm-up: page cache, tar verification, imports
     one, n1 = consume(1, 2)
     kept: list = []
-    three, n3 = consume(1, 4, kept)
+    three, n3 = consume(1, 1 + EPOCHS, kept)
     import torch
 
     decode_s = 0.0

@@ -16,6 +16,8 @@ a mismatch is the same `ShardDamagedError` a Zarr read gives.
 """
 from __future__ import annotations
 
+import mmap
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,8 +77,13 @@ def plan(arr) -> ShardPlan | None:
                      index_at_end=sharding.index_location == ShardingCodecIndexLocation.end)
 
 
-def _crc_ok(data: memoryview) -> bool:
-    return google_crc32c.value(bytes(data[:-4])) == int.from_bytes(data[-4:], "little")
+def _checked(data: bytes, off: int, nbytes: int) -> bytes | None:
+    """The bytes before the trailing crc32c of data[off:off + nbytes], or None when they do not match
+    it (one copy: google_crc32c takes bytes only, and the same copy goes to Blosc)."""
+    if nbytes < 4 or off + nbytes > len(data):
+        return None
+    body = data[off:off + nbytes - 4]
+    return body if google_crc32c.value(body) == int.from_bytes(data[off + nbytes - 4:off + nbytes], "little") else None
 
 
 def read_views(store: "TargetStore", name: str, part_key: str, shard_plan: ShardPlan, k: int, count: int,
@@ -88,18 +95,40 @@ def read_views(store: "TargetStore", name: str, part_key: str, shard_plan: Shard
     fs, root = urls.fs_and_path(store.url)
     path = root.rstrip("/") + "/" + part_key + "/c/" + "/".join([str(k)] + ["0"] * (len(shard_plan.shard) - 1))
     try:
-        data = memoryview(fs.cat_file(path))
+        data = _shard_bytes(fs, path)
     except FileNotFoundError:
         raise integrity.damaged(store, k, name, f"its file {part_key} is missing") from None
+    try:
+        return _decode_views(store, name, part_key, shard_plan, k, count, views, data)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+def _shard_bytes(fs, path: str):
+    """The shard object's bytes: a local file mapped (its chunks are copied out one at a time, never
+    the whole file), anything else fetched in one request."""
+    from pipeline import urls
+
+    if not urls.is_local_fs(fs):
+        return fs.cat_file(path)
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _decode_views(store, name: str, part_key: str, shard_plan: ShardPlan, k: int, count: int, views: np.ndarray,
+                  data) -> np.ndarray:
     rows_per_chunk = shard_plan.chunk[0]
     n_chunks = -(-shard_plan.shard[0] // rows_per_chunk)
     index_bytes = n_chunks * 16 + 4
     if len(data) < index_bytes:
         raise integrity.damaged(store, k, name, f"its file {part_key} is shorter than its shard index")
-    index = data[-index_bytes:] if shard_plan.index_at_end else data[:index_bytes]
-    if not _crc_ok(index):
+    index = _checked(data, len(data) - index_bytes if shard_plan.index_at_end else 0, index_bytes)
+    if index is None:
         raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
-    offsets = np.frombuffer(index[:-4], dtype="<u8").reshape(n_chunks, 2)
+    offsets = np.frombuffer(index, dtype="<u8").reshape(n_chunks, 2)
     tail = shard_plan.chunk[2:]
     per_view = int(np.prod(tail, dtype=np.int64))
     out = np.empty((count,) + tail, dtype=shard_plan.dtype)
@@ -109,10 +138,10 @@ def read_views(store: "TargetStore", name: str, part_key: str, shard_plan: Shard
         if off == _EMPTY:
             out[rows.start:rows.stop] = shard_plan.fill
             continue
-        chunk = data[off:off + nbytes]
-        if nbytes < 4 or off + nbytes > len(data) or not _crc_ok(chunk):
+        body = _checked(data, off, nbytes)
+        if body is None:
             raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
-        raw = blosc.decompress(bytes(chunk[:-4]))
+        raw = blosc.decompress(body)
         if shard_plan.delta is not None:
             raw = shard_plan.delta.decode(raw)
         values = np.frombuffer(raw, dtype=shard_plan.dtype).reshape(rows_per_chunk, -1, per_view)
