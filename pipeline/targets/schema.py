@@ -15,7 +15,7 @@ Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
   `channel_basis` (fitted on shard 0 by its writer, before any other shard may be written; its
   Zarr attribute `hdpipe.fitted` turns true, with the sha256 `digest` of its bytes, after the data).
 Codecs: Blosc byte shuffle (element size = itemsize) then lz4 for fp16/int8 targets (decode speed
-first), zstd level 7 with 64 KiB blocks for q1pct's integer codes (bytes first), zstd level 3 for
+first), zstd level 1 with 64 KiB blocks for q1pct's integer codes (bytes first), zstd level 3 for
 exact arrays, then a crc32c of the compressed bytes, per chunk (Zarr v3 core codecs; `codecs`).
 With the shard index's own crc32c (Zarr's default) every byte of a shard file is checksummed, and
 Zarr (or stage two's `shard_reader`) checks it on every read; the done marker adds each file's
@@ -48,10 +48,13 @@ from pipeline.targets import quant
 SCHEMA_VERSION = 2
 # zstd level of exact chunks and pixels (its default): as small as at 5 within a few %, writes 2-3x faster
 ZSTD_LEVEL = 3
-# q1pct residual codes at level 7: 6% smaller than at 3 (measured on ViT-B relations), decoded as
-# fast, encoded ~3x slower (still below the codec's own time); levels 9+ gain <0.5% more. Blosc
-# blocks of 64 KiB (vs its default for the chunk) save another 2-3% on relations.
-COMPACT_ZSTD_LEVEL = 7
+# q1pct codes at zstd level 1 in Blosc blocks of 64 KiB. Measured on ViT-B stores (random-init
+# teachers, 2 views per row; benchmarks/bench_host.py's stores): relations 97.3 KB per row at level 1,
+# 104.0 at 3, 93.1 at 7, but level 7 encoded in 13.9 ms per row against 0.83 (level 1) and decoded
+# slower (0.41 vs 0.30 ms); features 58.6 KB at level 1, 58.7 at 7, encoded in 0.21 vs 2.90 ms. Level 7
+# had been chosen for 6% fewer bytes than 3; level 1 is within 4.5% of it for 1/17 of the host time
+# extraction spends per view. Blocks of 64 KiB (vs Blosc's default for the chunk) save 2-3%.
+COMPACT_ZSTD_LEVEL = 1
 COMPACT_BLOCK_BYTES = 65536
 # The student's pixels (uint8 patches of rendered views, lossless): Blosc zstd level 3, no shuffle.
 # Measured on rendered 224 px views of photos (67 patches, 2 views per row): numcodecs' delta filter
@@ -159,9 +162,9 @@ def codecs(dtype: np.dtype, compression: str = "zstd") -> list:
     `compression` (`Codec.compression` of the array's precision; "zstd" for exact arrays):
     - "fast" (fp16, int8 targets): lz4. Stage two decompresses every row it reads, every epoch, on
       the host; measured on trained teachers' fp16 relations and features (Fashion-MNIST study) zstd
-      3 made them only 7-9% smaller (1.07-1.09x) at 6-10x lz4's decode time (ViT-B relations: ~0.4 vs
-      ~0.05 ms per row of 2 views), and lz4 encodes 6x faster at extraction.
-    - "compact" (q1pct codes): zstd level 7 and 64 KiB Blosc blocks, each its own zstd frame, so its
+      3 made them only 7-9% smaller (1.07-1.09x) at 6-10x lz4's decode time (ViT-S relations of 2 views:
+      0.22 vs 0.02 ms per row), and lz4 encodes 6x faster at extraction.
+    - "compact" (q1pct codes): zstd level 1 and 64 KiB Blosc blocks, each its own zstd frame, so its
       Huffman tables follow the code statistics of a few heads or channels at a time (2x smaller
       than lz4 on these codes).
     - "zstd": zstd level 3 (small exact arrays: views, masks, valid; student pixels, no shuffle).

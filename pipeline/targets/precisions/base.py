@@ -36,7 +36,7 @@ class Codec(ABC):
     verify_tolerance: ClassVar[float]
     encode_block: ClassVar[int] = 64  # rows of axis 0 encoded at once: bounds temporaries on big shards
     # How the store compresses its parts (`schema.codecs`): "fast" (Blosc lz4: every stage-two epoch
-    # decompresses every row on the host, so decode speed comes first) or "compact" (zstd 7: bytes first)
+    # decompresses every row on the host, so decode speed comes first) or "compact" (zstd: bytes first)
     compression: ClassVar[str] = "fast"
     view_bound: ClassVar[float | None] = None  # hard bound on every view's relative L2 error; None: data-dependent
 
