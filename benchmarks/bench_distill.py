@@ -43,7 +43,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +56,7 @@ GEOMETRIES = {
 }
 TARGETS = {"cached_over_ceiling": 0.90, "cached_over_online": 2.3}
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loader import work_folder, write_report  # noqa: E402
 from integrity import integrity_cost  # noqa: E402
 
 
@@ -270,11 +270,7 @@ def main() -> None:
     if args.phase:
         run_phase(args)
         return
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-distill-")
-        args.work = Path(tmp.name)
-    args.work.mkdir(parents=True, exist_ok=True)
+    tmp = work_folder(args, "bench-distill-")
     data = prepare(args.work, args.images, args.device, args.geometry)
     (args.work / "data.json").write_text(json.dumps(data))
     rounds: dict[str, list[dict]] = {k: [] for k in ("ceiling", "cached", "online", "loader")}
@@ -367,9 +363,7 @@ def main() -> None:
           "of stage two's (target <= 3%, first epoch only)")
     if torch.cuda.is_available():
         print("peak CUDA memory MB: " + ", ".join(f"{k} {v:.0f}" for k, v in peak_cuda.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     if tmp is not None:
         tmp.cleanup()
 

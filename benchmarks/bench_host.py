@@ -43,13 +43,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_loader import make_photos  # noqa: E402
+from bench_loader import PhaseClock, make_photos, work_folder, write_report  # noqa: E402
 
 GOAL_MS = 0.5  # stage two, host CPU ms per image
 EXTRACT_GOAL_MS = 1.0  # extraction: encoding, compression and the store write, host CPU ms per view
@@ -209,36 +208,31 @@ def phase_costs(data: dict, precision: str) -> dict:
     src = sources_of(cfg)
     arrays = encoded_arrays(cfg.mim_store, cfg.disc_store, src)
     manifest = read_manifest(cfg.manifest)
-    spent = dict.fromkeys(PHASES, 0.0)
-    n = 0
-
-    def clock(phase: str, t0: float) -> float:
-        t = time.process_time()
-        spent[phase] += t - t0
-        return t
+    clock = PhaseClock(PHASES)
+    spent, n = clock.spent, 0
 
     for k in range(manifest.num_shards):
         info = manifest.shards[k]
         t = time.process_time()
         rows = ShardRows(cfg, src, arrays, k, info.first_index, info.count, epoch=1, pixels=True)
-        t = clock("targets read", t)
+        t = clock.lap("targets read", t)
         samples = []
         for local in range(info.count):
             index, view = info.first_index + local, int(rows.view_of_row[local])
             t = time.process_time()
             rec = rows.sample(local, index=index, view=view)
             rec["index"], rec["view"] = np.int64(index), np.int64(view)
-            t = clock("rows", t)
+            t = clock.lap("rows", t)
             rec["_patches"], rec["_patch_ids"] = rows.patches(local, index, view)
-            clock("pixels", t)
+            clock.lap("pixels", t)
             samples.append(rec)
             n += 1
         t = time.process_time()
         batch = L._stack(samples, arrays)
-        t = clock("collate", t)
+        t = clock.lap("collate", t)
         with torch.no_grad():
             finish_batch(batch, DeviceWork(arrays, src.grid))
-        clock("device decode", t)
+        clock.lap("device decode", t)
     return {"images": n, "ms_per_image": {p: 1e3 * s / n for p, s in spent.items()}}
 
 
@@ -292,11 +286,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-host-")
-        args.work = Path(tmp.name)
-    args.work.mkdir(parents=True, exist_ok=True)
+    tmp = work_folder(args, "bench-host-")
     t0 = time.perf_counter()
     data: dict = {"manifest": make_data(args.work, args.images)}
     extraction = {pr: [] for pr in PRECISIONS}
@@ -375,9 +365,7 @@ def main() -> None:
     report["extraction_runs"] = extraction
     report["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                          "load_average_1min": os.getloadavg()[0]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     if tmp is not None:
         tmp.cleanup()
 

@@ -49,6 +49,35 @@ MIM, DISC = "timm:vit_small_patch16_224", "timm:deit_small_patch16_224"
 PHASES = ("read", "sha256", "decode", "crop/resize", "to tensor", "targets", "collate")
 
 
+class PhaseClock:
+    """CPU seconds per phase of work done in turn: `t = clock.lap(phase, t)` closes a phase."""
+
+    def __init__(self, phases: tuple[str, ...]):
+        self.spent = dict.fromkeys(phases, 0.0)
+
+    def lap(self, phase: str, t0: float) -> float:
+        t = time.process_time()
+        self.spent[phase] += t - t0
+        return t
+
+
+def write_report(out: Path, report: dict) -> None:
+    """The benchmark's JSON results at `out` (folders made), and a line saying where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def work_folder(args, prefix: str):
+    """`args.work` made (a temporary folder when unset); the TemporaryDirectory to clean up, or None."""
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        args.work = Path(tmp.name)
+    args.work.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
 def make_photos(folder: Path, n: int, seed: int = 0) -> None:
     """n ImageNet-sized JPEGs (500x375 or 375x500, quality 90) from the bundled sample's photos."""
     import numpy as np
@@ -113,47 +142,42 @@ def phase_costs(data: dict, batch: int) -> dict:
     manifest = read_manifest(cfg.manifest)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
-    spent = dict.fromkeys(PHASES, 0.0)
-    n = 0
-
-    def clock(phase: str, t0: float) -> float:
-        t = time.process_time()
-        spent[phase] += t - t0
-        return t
+    clock = PhaseClock(PHASES)
+    spent, n = clock.spent, 0
 
     for k in range(manifest.num_shards):
         info = manifest.shards[k]
         url = manifest.shard_url(k)
         t = time.process_time()
         records = list(_indexed_samples(url, info.first_index, info.count, decode=False))
-        t = clock("read", t)
+        t = clock.lap("read", t)
         fs, path = fs_and_path(url)
         with fs.open(path, "rb") as f:
             hashlib.sha256(f.read()).hexdigest()
-        t = clock("sha256", t)
+        t = clock.lap("sha256", t)
         targets = ShardRows(cfg, src, arrays, k, info.first_index, info.count, epoch=0, pixels=False)
-        t = clock("targets", t)
+        t = clock.lap("targets", t)
         samples, images = [], []
         for rec in records:
             t = time.process_time()
             image = decode_image(rec["image"], max_pixels=manifest.max_image_pixels)
-            t = clock("decode", t)
+            t = clock.lap("decode", t)
             local = rec["index"] - info.first_index
             view = targets.view_box(local)
-            t = clock("targets", t)
+            t = clock.lap("targets", t)
             pil = render_pil(image, view, cfg.img_size, cfg.interpolation)
-            t = clock("crop/resize", t)
+            t = clock.lap("crop/resize", t)
             images.append(torch.from_numpy(np.asarray(pil).transpose(2, 0, 1).copy()))
-            t = clock("to tensor", t)
+            t = clock.lap("to tensor", t)
             samples.append(targets.sample(local, index=rec["index"], view=int(targets.view_of_row[local])))
-            t = clock("targets", t)
+            t = clock.lap("targets", t)
             n += 1
             if len(samples) == batch:
                 t = time.process_time()
                 out = finish_targets(L._stack(samples, arrays), arrays)
-                t = clock("collate", t)
+                t = clock.lap("collate", t)
                 out["image"] = (torch.stack(images).float().div_(255) - mean) / std
-                clock("to tensor", t)
+                clock.lap("to tensor", t)
                 samples, images = [], []
     return {"images": n, "ms_per_image": {p: 1e3 * s / n for p, s in spent.items()}}
 
@@ -206,11 +230,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-loader-")
-        args.work = Path(tmp.name)
-    args.work.mkdir(parents=True, exist_ok=True)
+    tmp = work_folder(args, "bench-loader-")
     data = prepare(args.work, args.images, args.shard_size, args.views)
     (args.work / "data.json").write_text(json.dumps(data))
     runs: dict[str, list[dict]] = {"phases": [], "loader": []}
@@ -265,9 +285,7 @@ def main() -> None:
           "(tar sha256 included)")
     print(f"store checks (file lengths + crc32c of {args.views} stored view(s) per image, inside 'targets'): "
           f"{checks_ms:.4f} ms per image = {100 * checks_ms / warm['median']:.2f}% of the warm loader (target <= 3%)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     if tmp is not None:
         tmp.cleanup()
 

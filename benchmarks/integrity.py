@@ -4,8 +4,8 @@
 stage-two loader do) `repeats` times with the check (the process forgets what it verified) and
 without it (every tar already verified: the (size, mtime, inode) stamp is trusted), alternating,
 and returns the minimum seconds per image of each. The difference is the hashing cost, paid the
-first time a process reads a tar (extraction: once; stage two: in the first epoch, since workers
-report what they verified to the main process and later epochs' workers inherit it).
+first time a process reads a tar (extraction: once; stage two: once per loader worker, which lives
+for the whole run).
 """
 from __future__ import annotations
 

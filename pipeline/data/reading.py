@@ -136,8 +136,8 @@ def _open(url: str):
 # its end, so records are trustworthy once the iterator is exhausted: every hdpipe consumer reads a
 # whole shard before it uses any record of it (`read_shard_records`). Later reads in the same
 # process trust the tar while its stamp (size, mtime, inode / the object store's ETag) is the one
-# recorded at the check. DataLoader workers report the tars they verified back to the main process
-# (`verified_stamps` / `remember_verified`), so the next epoch's workers inherit the record.
+# recorded at the check. Stage two's loader workers live for the whole run (`RunLoader`), so each
+# checks a tar once, the first time it reads it.
 
 _VERIFIED: dict[tuple[str, str], tuple] = {}  # (url, sha256) -> stamp at the successful check
 
@@ -154,16 +154,6 @@ def _stamp(url: str) -> tuple | None:
         raise ManifestError(f"shard tar {url} is missing; re-run `hdpipe shard` or fix the manifest's URLs") from None
     mark = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified") if info.get(k)), None)
     return None if mark is None else (info.get("size"), str(mark))
-
-
-def verified_stamps() -> dict[tuple[str, str], tuple]:
-    """The tars this process verified: {(url, sha256): stamp} (sent from loader workers to the main process)."""
-    return dict(_VERIFIED)
-
-
-def remember_verified(stamps: dict[tuple[str, str], tuple]) -> None:
-    """Record tars another process of this run verified (they are re-checked if their stamp changes)."""
-    _VERIFIED.update(stamps)
 
 
 class _HashingReader:

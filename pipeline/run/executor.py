@@ -1,7 +1,8 @@
 """Where extraction tasks run: in this process, or one task per shard on dask.distributed.
 
 What runs is `pipeline.targets.task.extract_shard(task, k)`; this module only decides where:
-- in process (no cluster, nothing to pay on one machine): shards one after the other;
+- in process (no cluster, nothing to pay on one machine): shards one after the other, each shard's
+  store write overlapping the next shard's forward;
 - `LocalCluster(n_workers=N, threads_per_worker=1, processes=True)`: one teacher per worker process
   (on a multi-GPU host worker i takes GPU i % count, `pipeline.run.worker.task_device`);
 - an existing cluster (`scheduler` address): start one worker per GPU with its own
@@ -15,13 +16,31 @@ import os
 import time
 from typing import Callable
 
-from pipeline.targets.task import ShardTask, extract_shard
+from pipeline.targets.task import ShardTask, compute_shard, extract_shard
 
 
 def run_in_process(task: ShardTask, shards: list[int], on_done: Callable[[dict], None],
                    progress: Callable[[int], None] | None = None) -> None:
-    for k in shards:
-        on_done(extract_shard(task, k, progress=progress))
+    """Shards one after the other; shard k's compression and store write (one writer thread) overlap
+    the next shard's decode and teacher forward. `on_done(summary)` follows each finished write, in
+    shard order; a failed write raises here once the shard after it is computed, and an error while
+    computing waits for the write in flight (its done marker, written last, is all or nothing)."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdpipe-store-write") as writer:
+        pending = None
+        try:
+            for k in shards:
+                write = compute_shard(task, k, progress=progress)
+                if pending is not None:
+                    on_done(pending.result())
+                pending = writer.submit(write)
+            if pending is not None:
+                done, pending = pending, None
+                on_done(done.result())
+        finally:
+            if pending is not None:
+                wait([pending])
 
 
 def run_dask(task: ShardTask, shards: list[int], on_done: Callable[[dict], None], *, workers: int = 0,

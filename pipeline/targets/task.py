@@ -83,6 +83,13 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
 
     `progress(n)` is called after each batch of n views.
     """
+    return compute_shard(task, k, progress)()
+
+
+def compute_shard(task: ShardTask, k: int, progress: Callable[[int], None] | None = None) -> Callable[[], dict]:
+    """Every target of tar shard k, computed; returns the write of Zarr shard k (compression, the
+    store write, the done marker last), which returns the marker's summary. A caller may run the
+    write on another thread while it computes the next shard (`pipeline.run.executor`)."""
     import torch
 
     from pipeline.data.images import decode_image
@@ -204,5 +211,12 @@ def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | Non
                "worker": worker_rank(), "dask_worker": worker_identity(),
                "autocast": "bf16" if device.type == "cuda" else "none",
                "code_version": code_version()}
-    store.write_shard(k, {**out, **encoder.encoded()}, summary)  # checks finiteness before anything is written
-    return summary
+    arrays = {**out, **encoder.encoded()}
+
+    def write() -> dict:
+        # Opened again: the write may run after an earlier shard's (on the writer thread) has fitted
+        # the store's channel basis, which this shard's handle read as not yet fitted.
+        TargetStore.open(task.store, mode="r+").write_shard(k, arrays, summary)  # finiteness checked first
+        return summary
+
+    return write
