@@ -52,7 +52,7 @@ def test_knn_votes_match_bruteforce():
     xtr, xte = torch.randn(50, 8, generator=g), torch.randn(7, 8, generator=g)
     ytr = torch.randint(0, 5, (50,), generator=g)
     k, t = 6, 0.07
-    got = probe.knn_scores(xtr, ytr, xte, num_classes=5, k=k, temperature=t, chunk=3).numpy()
+    got = probe.knn_scores(xtr, ytr, xte, num_classes=5, k=k, temperature=t, chunk=3, train_chunk=7).numpy()
     a, b = xtr.double().numpy(), xte.double().numpy()
     a /= np.linalg.norm(a, axis=1, keepdims=True)
     b /= np.linalg.norm(b, axis=1, keepdims=True)
@@ -62,6 +62,23 @@ def test_knn_votes_match_bruteforce():
         for j in np.argsort(-sims)[:k]:
             want[i, ytr[j]] += math.exp(sims[j] / t)
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_knn_tiles_bound_memory_and_give_the_same_votes(monkeypatch):
+    """Similarities are tiles of test rows x KNN_BLOCK_BYTES of train rows with a running top k:
+    bounded memory at any N_train, the same votes as one tile of everything (and as brute force,
+    `test_knn_votes_match_bruteforce`, whose 3-row tiles merge too)."""
+    g = torch.Generator().manual_seed(6)
+    xtr, xte = torch.randn(300, 8, generator=g), torch.randn(40, 8, generator=g)
+    ytr = torch.randint(0, 5, (300,), generator=g)
+    tiles = []
+    real = torch.Tensor.topk
+    monkeypatch.setattr(probe, "KNN_BLOCK_BYTES", 4 * 16 * 70)  # 70 train rows per tile of 16 test rows
+    monkeypatch.setattr(torch.Tensor, "topk", lambda self, *a, **k: tiles.append(self.shape) or real(self, *a, **k))
+    got = probe.knn_scores(xtr, ytr, xte, num_classes=5, k=6, chunk=16)
+    assert (16, 70) in tiles and max(a * b for a, b in tiles) <= 16 * 70
+    monkeypatch.setattr(torch.Tensor, "topk", real)
+    torch.testing.assert_close(got, probe.knn_scores(xtr, ytr, xte, num_classes=5, k=6, chunk=40, train_chunk=300))
 
 
 def test_linear_probe_matches_sklearn():
