@@ -29,7 +29,8 @@ reassembles worker pieces by plan position, so batch j never depends on worker t
 
 Targets travel encoded until `pipeline.train.target_rows.finish_targets` decodes a whole piece:
 in the worker (`target_transport` "decoded") or on the training device ("encoded", the CUDA
-default: batches then carry `_enc.*` codes and `_targets`, and `device_copy` decodes them).
+default: batches then carry `_enc.*` codes, stored student patches and `_targets`, a `DeviceWork`
+with which `device_copy` places the patches and decodes the targets on the device).
 
 Memory: a worker holds one window at a time: `mix_shards` shards' encoded images (none with stored
 pixels) and, per row, the chosen view's targets still encoded (S x one view's stored bytes per
