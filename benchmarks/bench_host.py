@@ -59,7 +59,7 @@ TEACHERS = {"base": ("timm:vit_base_patch16_224", "timm:deit_base_patch16_224"),
 PRECISIONS = ("fp16", "q1pct")
 EPOCHS = 8  # epochs of the longer whole-loader run (start-up cancels against a run of one)
 SETTINGS = [(path, transport) for path in ("tars", "pixels") for transport in ("decoded", "encoded")]
-PHASES = ("targets read", "rows", "pixels", "collate", "device decode")  # device: place patches, decode targets
+PHASES = ("targets read", "rows", "collate", "device decode")  # device: place patches, decode targets
 
 
 EXTRACT_PHASES = ("decode", "render", "pixels", "encode", "compress+write")
@@ -220,11 +220,9 @@ def phase_costs(data: dict, precision: str) -> dict:
         for local in range(info.count):
             index, view = info.first_index + local, int(rows.view_of_row[local])
             t = time.process_time()
-            rec = rows.sample(local, index=index, view=view)
+            rec = rows.sample(local, index=index, view=view)  # its stored patches included
             rec["index"], rec["view"] = np.int64(index), np.int64(view)
-            t = clock.lap("rows", t)
-            rec["_patches"], rec["_patch_ids"] = rows.patches(local, index, view)
-            clock.lap("pixels", t)
+            clock.lap("rows", t)
             samples.append(rec)
             n += 1
         t = time.process_time()

@@ -239,7 +239,7 @@ class _PlanStream(IterableDataset):
                 rec["index"] = np.int64(index)
                 samples.append(rec)
                 if pos + 1 == e:
-                    out = _stack(samples, getattr(rows_of, "arrays", ()))
+                    out = _stack(samples, rows_of.arrays if isinstance(rows_of, StoredRows) else ())
                     # The whole piece at once, here or on the training device (`finish_batch`): uint8
                     # patches travel when the device also normalizes, encoded targets when it decodes.
                     if isinstance(rows_of, StoredRows):

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.train.shard_rows import ShardRows
 from pipeline.train.sources import Sources
-from pipeline.train.target_rows import PATCH_IDS, PATCHES, EncodedArray
+from pipeline.train.target_rows import EncodedArray
 
 
 @runtime_checkable
@@ -76,10 +76,8 @@ class StoredRows:
 
         local = index - shard.first
         view = int(shard.view_of_row[local])
-        rec = shard.sample(local, view=view, index=index)
-        if self.pixels:  # placed into the image by the worker or on the device (`loader`)
-            rec[PATCHES], rec[PATCH_IDS] = shard.patches(local, index, view)
-        else:
+        rec = shard.sample(local, view=view, index=index)  # with stored pixels: patches, placed by `loader`
+        if not self.pixels:
             rec["image"] = render_uint8(image, shard.view_box(local), self.cfg.img_size, self.cfg.interpolation)
         rec["view"] = np.int64(view)
         return rec

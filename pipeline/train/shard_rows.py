@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, StoreError
 from pipeline.train.plan import scheduled_view
 from pipeline.train.resample import token_positions, token_subset
 from pipeline.train.sources import Sources, open_store
-from pipeline.train.target_rows import EncodedArray
+from pipeline.train.target_rows import PATCH_IDS, PATCHES, EncodedArray
 
 PIXELS = "student_pixels"  # the MIM store array of the student's uint8 patches [N, V, K, 3, p, p]
 
@@ -67,6 +67,7 @@ class ShardRows:
     def __init__(self, cfg, src: Sources, arrays: tuple[EncodedArray, ...], k: int, first: int, count: int,
                  epoch: int, pixels: bool):
         self.cfg, self.src, self.first, self.epoch, self.arrays = cfg, src, first, epoch, arrays
+        self.pixels = pixels
         used = cfg.views_used or src.num_views
         self.view_of_row = np.array([scheduled_view(cfg.view_schedule, cfg.seed, epoch, first + r, used)
                                      for r in range(count)], dtype=np.int64)
@@ -106,15 +107,23 @@ class ShardRows:
         return np.arange(self.src.num_patches, dtype=np.int64)
 
     def sample(self, local: int, index: int, view: int) -> dict:
-        """{"keep_index": int64 [n], "_tok": positions on the stored token axis or None, and each
-        target's encoded row under its key}."""
+        """{"keep_index": int64 [n], "_tok": positions on the stored token axis or None, each
+        target's encoded row under its key, and with stored pixels `_patches` uint8 [K, 3, p, p]
+        with their patch ids `_patch_ids` [K]}."""
         keep = self.stored_keep(local, index, view)
+        out = {}
+        if self.pixels:
+            # A kept-token store serves masking progressive only (`resolve_sources`): its patches are
+            # those of keep_progressive; a store of every token holds all P in raster order.
+            where = keep if self.src.tokens == "kept" else np.arange(self.src.num_patches, dtype=np.int64)
+            out[PATCHES] = torch.from_numpy(np.ascontiguousarray(self._row(PIXELS, local)))
+            out[PATCH_IDS] = torch.from_numpy(where)
         # Token positions inside the stored token axis: a kept-token store is [CLS]+kept already.
         tok = None if self.src.tokens == "kept" else token_positions(keep)
         if self.cfg.token_resample < 1:  # this epoch's subset of the kept tokens (pipeline.train.resample)
             sub = token_subset(self.cfg.seed, self.epoch, index, len(keep), self.cfg.token_resample)
             keep, tok = keep[sub], token_positions(sub) if tok is None else tok[token_positions(sub)]
-        out = {"keep_index": keep, "_tok": tok}
+        out.update({"keep_index": keep, "_tok": tok})
         for array in self.arrays:
             out[array.key] = self.encoded(array.key, local)
         return out
@@ -123,12 +132,3 @@ class ShardRows:
         from pipeline.data.views import View
 
         return View.from_row(self._row("views", local))
-
-    def patches(self, local: int, index: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 [K, 3, p, p] stored patches of the view, int64 [K] their patch ids)."""
-        patches = torch.from_numpy(np.ascontiguousarray(self._row(PIXELS, local)))
-        # A kept-token store serves masking progressive only (`resolve_sources`): its patches are
-        # those of keep_progressive; a store of every token holds all P in raster order.
-        where = (self.stored_keep(local, index, view) if self.src.tokens == "kept"
-                 else np.arange(self.src.num_patches, dtype=np.int64))
-        return patches, torch.from_numpy(where)
