@@ -83,8 +83,9 @@ def sibling(url: str, suffix: str) -> str:
     return posixpath.join(head, name) if head else name
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write `data` so that readers see either nothing or the whole file.
+def atomic_write_bytes(url: str, data: bytes | list[bytes]) -> None:
+    """Write `data` (bytes, or a list of pieces written one after another: no joined copy) so that
+    readers see either nothing or the whole file.
 
     Local and POSIX-like filesystems: write a temporary sibling and rename. Object stores have no
     rename but their single-object PUT is already atomic, so they are written directly. A failed
@@ -100,7 +101,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
             _replace_locally(path, data)
         else:
             with fs.open(path, "wb") as f:
-                f.write(data)
+                f.write(data if isinstance(data, bytes) else b"".join(data))  # one PUT of the whole object
     except OSError as e:
         refused = storage_error(e, url, kept=f"{os.path.basename(path)} there is unchanged")
         if refused is None:
@@ -108,13 +109,14 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         raise refused from None
 
 
-def _replace_locally(path: str, data: bytes) -> None:
+def _replace_locally(path: str, data: bytes | list[bytes]) -> None:
     """Temporary sibling, fsync, rename; the temporary file is removed on any failure (a full disk
     would otherwise keep a partial copy as large as what fitted)."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

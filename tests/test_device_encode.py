@@ -1,5 +1,5 @@
-"""Extraction encodes q1pct on the teacher's device (pipeline.targets.device_encode) into the same
-bytes as the numpy encoder at write time.
+"""Extraction encodes q1pct and fp16 on the teacher's device (pipeline.targets.device_encode) into
+the same bytes as the numpy encoder at write time.
 
 A real tiny timm teacher extracts a MIM store (relations, attention, block features: tokens and rows
 layouts) and a discriminative store (features in the channel basis: shard 0 fits it from float32
@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import StoreError
+from pipeline.errors import NonFiniteError, StoreError
 from pipeline.targets import compact, compact_torch, device_encode, quant
 from pipeline.targets.store import TargetStore
 from stages.extract import extract
 from test_extract import disc_cfg, make_dataset, mim_cfg
 
 
-def _extract_both(manifest: str, root: Path) -> None:
-    common = dict(precision="q1pct", views=2, on_error="skip", batch_size=6)
+def _extract_both(manifest: str, root: Path, precision: str = "q1pct") -> None:
+    common = dict(precision=precision, views=2, on_error="skip", batch_size=6)
     extract(mim_cfg(manifest, root, tokens="kept", extra_targets=("attention", "block_features"), **common))
     extract(disc_cfg(manifest, root, mim_store=str(root / "mim.zarr"),
                      **{k: v for k, v in common.items() if k != "views"}))
@@ -36,18 +36,20 @@ def _data_files(store: Path) -> dict[str, bytes]:
             and p.name != "extract-config.json"}
 
 
-def test_device_encoded_store_has_the_numpy_encoders_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["q1pct", "fp16"])
+def test_device_encoded_store_has_the_numpy_encoders_bytes(tmp_path, monkeypatch, precision):
     manifest = make_dataset(tmp_path / "data", n=16, corrupt=(3,))
     monkeypatch.setattr(device_encode, "TORCH_ON_CPU", True)  # the GPU path, on this CPU
     calls = []
-    encode = compact_torch.encode
-    monkeypatch.setattr(compact_torch, "encode", lambda *a, **kw: calls.append(a[0].shape) or encode(*a, **kw))
-    _extract_both(manifest, tmp_path / "device")
-    # relations, attention, block features: every batch of both shards; features: shard 1's batches only
+    codec = quant.CODECS[precision]
+    encode = codec.encode_torch
+    monkeypatch.setattr(codec, "encode_torch", lambda *a, **kw: calls.append(a[0].shape) or encode(*a, **kw))
+    _extract_both(manifest, tmp_path / "device", precision)
+    # relations, attention, block features: every batch of both shards; features: (q1pct) shard 1's batches only
     assert len(calls) > 6
-    monkeypatch.setattr(quant.CODECS["q1pct"], "encode_torch", None)  # the host path: numpy at write time
+    monkeypatch.setattr(codec, "encode_torch", None)  # the host path: numpy at write time
     calls.clear()
-    _extract_both(manifest, tmp_path / "host")
+    _extract_both(manifest, tmp_path / "host", precision)
     assert calls == []
     for name in ("mim.zarr", "disc.zarr"):
         device, host = _data_files(tmp_path / "device" / name), _data_files(tmp_path / "host" / name)
@@ -57,7 +59,7 @@ def test_device_encoded_store_has_the_numpy_encoders_bytes(tmp_path, monkeypatch
             assert device[key] == host[key], f"{name}/{key} differs"
     store = TargetStore.open(str(tmp_path / "device" / "disc.zarr"))
     marker = store.done_marker(1)
-    assert marker["error"]["features"]["max_view"] <= 0.01 and marker["skipped"] == []
+    assert 0 < marker["error"]["features"]["max_view"] <= 0.01 and marker["skipped"] == []
     assert [s["index"] for s in store.done_marker(0)["skipped"]] == [3]
     host_marker = TargetStore.open(str(tmp_path / "host" / "disc.zarr")).done_marker(1)
     assert np.isclose(marker["error"]["features"]["relative"], host_marker["error"]["features"]["relative"], rtol=1e-6)
@@ -73,6 +75,23 @@ def test_a_cpu_teacher_encodes_with_numpy_batch_by_batch(tmp_path, monkeypatch):
     _extract_both(manifest, tmp_path / "host")
     for name in ("mim.zarr", "disc.zarr"):
         assert _data_files(tmp_path / "cpu" / name) == _data_files(tmp_path / "host" / name)
+
+
+def test_fp16_torch_encoder_rounds_as_numpy_and_refuses_what_numpy_refuses():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.clip(rng.standard_normal(4096), -5, 5) * 10.0 ** rng.uniform(-9, 4, 4096),  # 1e-9..5e4
+                        (np.arange(-2048, 2048) + 0.5) * 2.0 ** -10,  # exact ties between fp16 neighbours
+                        [0.0, -0.0, 65504.0, -65504.0, 2.0 ** -24, 2.0 ** -25]]).astype(np.float32).reshape(2, -1)
+    codec = quant.CODECS["fp16"]
+    on_torch = codec.encode_torch(torch.from_numpy(x), 1)["q"].numpy()
+    assert on_torch.tobytes() == quant.encode(x, "fp16", 1)["q"].tobytes()
+    for bad, error in ((np.float32([[1.0, 7e4]]), StoreError), (np.float32([[1.0, np.nan]]), NonFiniteError)):
+        with pytest.raises(error):
+            quant.encode(bad, "fp16", 1)
+        with pytest.raises(error):
+            codec.encode_torch(torch.from_numpy(bad), 1)
 
 
 def test_parts_of_another_shape_are_refused(tmp_path):

@@ -159,21 +159,30 @@ def test_q1pct_store_is_checked_too(world, tmp_path):
 
 def test_a_full_disk_during_extraction_is_one_line_and_trusts_nothing_half_written(world, tmp_path, capsys,
                                                                                   monkeypatch):
-    """ENOSPC while Zarr writes shard 1: one line, exit 2, no done marker for that shard (shard 0 stays
-    done), and a rerun with space again finishes the store to the same bytes as the clean one."""
+    """ENOSPC while shard 1 is written (by the whole-shard writer or by Zarr): one line, exit 2, no done
+    marker for that shard (shard 0 stays done), and a rerun with space again finishes the store to the
+    same bytes as the clean one."""
     import errno
 
     import zarr
 
+    from pipeline import urls
+
     out = tmp_path / "mim.zarr"
-    real_set = zarr.storage.LocalStore.set
+    real_set, real_replace = zarr.storage.LocalStore.set, urls._replace_locally
 
     async def full_disk(self, key, value):
         if "/c/1/" in key:
             raise OSError(errno.ENOSPC, "No space left on device")
         return await real_set(self, key, value)
 
+    def full_disk_file(path, data):
+        if "/c/1/" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(path, data)
+
     monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+    monkeypatch.setattr(urls, "_replace_locally", full_disk_file)
     capsys.readouterr()
     assert _hdpipe(_extract_args(world["manifest"], out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -181,6 +190,7 @@ def test_a_full_disk_during_extraction_is_one_line_and_trusts_nothing_half_writt
             and "Traceback" not in "\n".join(err))
     assert sorted(p.name for p in (out / "done").iterdir()) == ["000000.json"]
     monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
+    monkeypatch.setattr(urls, "_replace_locally", real_replace)
     assert _hdpipe(_extract_args(world["manifest"], out)) == 0
     got, want = _files(out), _files(world["clean"])
     assert got.pop("zarr.json") != b"" and want.pop("zarr.json") != b""  # differ only by their `created` time

@@ -45,6 +45,7 @@ class ShardPlan:
     delta: Delta | None  # numcodecs delta filter before the bytes codec (student pixels), or None
     fill: object  # fill value of chunks the shard does not hold
     index_at_end: bool
+    blosc: tuple[bytes, int, int, int, int]  # (cname, clevel, shuffle, blocksize, typesize): the writer's settings
 
 
 def plan(arr) -> ShardPlan | None:
@@ -72,9 +73,17 @@ def plan(arr) -> ShardPlan | None:
     dtype = np.dtype(arr.dtype)
     if dtype.itemsize > 1 and endian is not None and endian.value != "little":
         return None
+    b = inner[1]
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[b.shuffle.value]
     return ShardPlan(dtype=dtype.newbyteorder("<"), chunk=tuple(sharding.chunk_shape), shard=tuple(arr.shards),
                      delta=delta, fill=arr.metadata.fill_value,
-                     index_at_end=sharding.index_location == ShardingCodecIndexLocation.end)
+                     index_at_end=sharding.index_location == ShardingCodecIndexLocation.end,
+                     blosc=(b.cname.value.encode(), int(b.clevel), shuffle, int(b.blocksize), int(b.typesize)))
+
+
+def object_path(root: str, part_key: str, shard_plan: ShardPlan, k: int) -> str:
+    """Where shard k of a stored part lives under the store's root (`<part>/c/<k>/0/...`)."""
+    return root.rstrip("/") + "/" + part_key + "/c/" + "/".join([str(k)] + ["0"] * (len(shard_plan.shard) - 1))
 
 
 def _checked(data: bytes, off: int, nbytes: int) -> bytes | None:
@@ -93,9 +102,8 @@ def read_views(store: "TargetStore", name: str, part_key: str, shard_plan: Shard
     from pipeline import urls
 
     fs, root = urls.fs_and_path(store.url)
-    path = root.rstrip("/") + "/" + part_key + "/c/" + "/".join([str(k)] + ["0"] * (len(shard_plan.shard) - 1))
     try:
-        data = _shard_bytes(fs, path)
+        data = _shard_bytes(fs, object_path(root, part_key, shard_plan, k))
     except FileNotFoundError:
         raise integrity.damaged(store, k, name, f"its file {part_key} is missing") from None
     try:

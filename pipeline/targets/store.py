@@ -37,7 +37,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.errors import StoreError
-from pipeline.targets import integrity, quant, shard_reader
+from pipeline.targets import integrity, quant, shard_reader, shard_writer
 from pipeline.targets.bases import ChannelBases, digest
 from pipeline.targets.schema import (SCHEMA_VERSION, ArraySpec, check_input, check_q1pct_codec, create_arrays,
                                      diff, full_attrs, jsonable, part_name, store_parts, stored_parts)
@@ -269,8 +269,8 @@ class TargetStore:
         files = integrity.shard_files(self, k, encoded)
         integrity.remove_files(self, files)  # a whole-shard write still reads an old file's index (maybe damaged)
         for name, parts in encoded.items():
-            for part, value in parts.items():
-                self._array(part_name(name, part))[first : first + count] = value
+            for part, value in parts.items():  # whole shard objects, encoded and written without Zarr's per-chunk work
+                shard_writer.write(self, part_name(name, part), k, value)
         lengths = integrity.file_lengths(self, files)
         stored_bytes = {name: sum(int(b or 0) for key, b in lengths.items() if files[key] == name) for name in encoded}
         marker = {

@@ -31,3 +31,14 @@ class Fp16(Codec):
 
     def decode_torch(self, parts: dict, channel_basis=None):
         return parts["q"].float()
+
+    def encode_torch(self, x, view_axes: int, channel_basis=None) -> dict:
+        """`encode` on the teacher's device: torch and numpy both round to nearest even (subnormals
+        included), so the bytes are numpy's (tests/test_device_encode.py). On a GPU host the host then
+        receives half the bytes and converts nothing (numpy's conversion alone cost 0.28 ms per
+        ViT-B relations view)."""
+        from pipeline.errors import require_finite
+
+        require_finite(x, "the array to quantize", "a NaN must never be stored as a number")
+        check_fp16_range(x, "array")
+        return {"q": x.half()}
