@@ -337,3 +337,25 @@ def test_finetune_learns_a_separable_set(split, tmp_path):
     assert got["train_loss"] < frozen["train_loss"] - 0.5
     again = evaluate(cfg)["finetune"]
     assert again["top1"] == got["top1"] and again["train_loss"] == got["train_loss"]
+
+
+def test_embedding_keeps_no_batch_of_tokens_alive(split, monkeypatch):
+    """embed_manifest keeps one [D] row per image, not a view into its batch's [B, N, D] tokens (which
+    had made evaluate's memory grow ~N times faster than its embeddings with the labeled split)."""
+    from pipeline.eval.subjects import embed_manifest
+    from pipeline.targets.teachers import load_teacher
+
+    teacher = load_teacher(TIMM, random_init=True, model_kwargs=TINY, device="cpu")
+    cat, held = torch.cat, []
+
+    def watched_cat(tensors, *a, **kw):  # the per-batch embeddings [b, D] just before they are joined
+        held.extend((t.untyped_storage().nbytes(), t.numel() * t.element_size()) for t in tensors if t.dim() == 2)
+        return cat(tensors, *a, **kw)
+
+    monkeypatch.setattr(torch, "cat", watched_cat)
+    for pooling in ("cls", "mean"):
+        held.clear()
+        x, _ = embed_manifest(teacher, split["train"], torch.device("cpu"), pooling=pooling, batch_size=8,
+                              progress=False)
+        assert x.shape == (36, teacher.model.embed_dim) and len(held) == 5, pooling
+        assert all(storage == own for storage, own in held), (pooling, held)

@@ -107,3 +107,26 @@ def test_pool_tokens():
     torch.testing.assert_close(probe.pool_tokens(t, "mean", num_prefix=0), t.mean(1))
     with pytest.raises(ValueError):
         probe.pool_tokens(t, "cls", num_prefix=0)
+
+
+def test_accuracies_come_from_blocks_of_test_rows_and_equal_whole_score_matrices(monkeypatch):
+    """evaluate's accuracies never hold [N_test, C] scores (4 KB a test image at 1000 classes): k-NN
+    votes and probe logits are scored a block of test rows at a time, with the same hits as the
+    whole matrices give."""
+    g = torch.Generator().manual_seed(0)
+    C, D = 50, 8
+    centers = torch.randn(C, D, generator=g) * 2
+    ytr, yte = torch.randint(0, C, (600,), generator=g), torch.randint(0, C, (2500,), generator=g)
+    xtr = centers[ytr] + torch.randn(600, D, generator=g)
+    xte = centers[yte] + torch.randn(2500, D, generator=g)
+    widths = []
+    hits = probe.topk_hits
+    monkeypatch.setattr(probe, "topk_hits", lambda s, y, ks=(1, 5): widths.append(s.shape[0]) or hits(s, y, ks))
+    knn = probe.knn_accuracy(xtr, ytr, xte, yte, k=10, num_classes=C)
+    assert widths == [1024, 1024, 452]
+    assert knn == probe.topk_accuracy(probe.knn_scores(xtr, ytr, xte, C, k=10), yte)
+    widths.clear()
+    lin = probe.linear_probe(xtr, ytr, xte, yte, max_iter=20, num_classes=C)
+    assert widths == [probe.PROBE_ROWS, 2500 - probe.PROBE_ROWS]
+    assert lin == probe.topk_accuracy(probe.linear_probe_scores(xtr, ytr, xte, max_iter=20, num_classes=C), yte)
+    assert 0.2 < knn[1] < 1 and 0.2 < lin[1] < 1

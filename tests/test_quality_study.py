@@ -55,8 +55,19 @@ def test_quick_study_runs_end_to_end(tmp_path, capsys):
         from views_study import main as views_main
     finally:
         sys.path.remove(str(QUALITY))
+    # one long run in a second work folder (a second process's share), merged into the first's
+    import shutil
+
+    shutil.copytree(tmp_path / "work", tmp_path / "share")
+    share = views_main(["--quick", "--idx-dir", str(idx), "--work", str(tmp_path / "share"), "--device", "cpu",
+                        "--only", "long-views2-seed1"])
+    assert set(share) == {"long-views2-seed1"}
     views = views_main(["--quick", "--idx-dir", str(idx), "--work", str(tmp_path / "work"), "--out",
-                        str(tmp_path / "views"), "--device", "cpu"])
+                        str(tmp_path / "views"), "--device", "cpu", "--merge", str(tmp_path / "share")])
+    merged = views["runs"]["long-views2-seed1"]
+    assert merged["merged_from"] == str(tmp_path / "share") and merged["knn_top1"] == share["long-views2-seed1"][
+        "knn_top1"]
+    assert "merged_from" not in views["runs"]["long-views1-seed1"]
     assert views["lr_sweep"]["0.002"]["knn_top1"] == report["students"]["hybrid-lr0.002"]["knn_top1"]
     curve = views["curve"]
     assert set(curve) == {"long-views1", "long-views2", "long-views2-resample0.75", "long-online"}

@@ -13,6 +13,10 @@ same --work folder), then:
    bytes on a second axis; the rule (the smallest V, with or without resampling, whose seed-mean
    k-NN and 5-epoch fine-tune reach >= 99% of online's); the cost of the cached and online paths.
 Writes `<out>/views.json`, `<out>/views-epochs.png` and prints the table.
+
+Two processes on two cores: the second runs a share of the long runs in its own work folder (a copy
+of the first's, so the cached steps are shared) with `--only LABEL,...` and no summary; the first
+then takes its results with `--merge FOLDER` (each merged step records `merged_from`).
 """
 from __future__ import annotations
 
@@ -44,16 +48,35 @@ def settings(args) -> dict[str, dict]:
     return out
 
 
+def merge(study: Study, other: Path) -> None:
+    """Take the finished steps of another process's work folder (`--only`) into this one's results."""
+    theirs = json.loads((other / "results.json").read_text())
+    new = {k: v for k, v in theirs.items() if k not in study.results}
+    for key, value in new.items():
+        value["merged_from"] = str(other)  # which process ran it (they shared the machine)
+        study.results[key] = value
+    study.cache.write_text(json.dumps(study.results, indent=1))
+    print(f"study: merged {len(new)} steps from {other}: {sorted(new)}", file=sys.stderr, flush=True)
+
+
 def run(args) -> dict:
     study = Study(args)
+    for other in args.merge or ():
+        merge(study, Path(other))
     data, _, params, stores = study.prepare()
     sweep = {lr: study.distill(f"hybrid-lr{lr:g}", data, stores, params, base_lr=lr) for lr in args.lrs}
     lr = max(args.lrs, key=lambda x: score(sweep[x]))
     runs = {}
-    for label, kw in settings(args).items():
+    todo = settings(args)
+    if args.only:
+        # a share of the long runs for a second process (its own --work, whose results.json is merged afterwards)
+        todo = {label: todo[label] for label in args.only.split(",")}
+    for label, kw in todo.items():
         runs[label] = study.distill(label, data, stores, params, base_lr=lr, epochs=args.long_epochs, **kw)
         spec = {"model": f"student:{study.work / 'runs' / label / 'student'}"}
         runs[label] = {**runs[label], "finetune_long_top1": study.long_finetune(label, spec)["finetune_top1"]}
+    if args.only:
+        return runs
     report = summarize(args, study, stores, sweep, lr, runs)
     write_outputs(report, Path(args.out))
     return report
@@ -166,6 +189,10 @@ def table(report: dict) -> str:
 def main(argv=None) -> dict:
     p = arg_parser(__doc__)
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; 0,1,2 where time allows)")
+    p.add_argument("--merge", action="append", default=None, help="another process's --work folder whose "
+                   "finished steps join this one's results (repeatable)")
+    p.add_argument("--only", default=None, help="comma-separated long-run labels to run (and no summary): "
+                   "shares the study between processes, each with its own --work")
     args = p.parse_args(argv)
     # The study's sizes (study.py) with 4x its 8 epochs for the long runs.
     full = dict(pretrain_images=20000, mae_epochs=12, sup_epochs=4, distill_images=2000, probe_images=2000,

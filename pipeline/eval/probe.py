@@ -12,11 +12,14 @@ labels [N]; both run on the features' device (GPU when the caller put them there
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-KNN_BLOCK_BYTES = 64 * 2**20  # k-NN: float32 similarities of one tile of test rows x train rows
+# k-NN: float32 similarities of one tile of test rows x train rows. 16 MB (1024 x 4096): a 64 MB tile
+# and its top-k temporaries had added ~150 MB to evaluate's peak once the train split passed 16k rows.
+KNN_BLOCK_BYTES = 16 * 2**20
 # linear probe: train rows per block of the loss. A block's logits, softmax and gradients are its
 # memory (~16 KB a row at 1000 classes, ~55 KB of peak RSS measured): 8192 rows had raised evaluate's
 # peak RSS by ~450 MB once a labeled set reached them (the scale run's 1.5x at 10x the labeled images)
@@ -34,20 +37,36 @@ def pool_tokens(tokens: torch.Tensor, pooling: Literal["cls", "mean"], num_prefi
     raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
-    """Fraction of rows whose label is among the k highest scores, for each k ≤ number of classes.
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """Rows whose label is among the k highest scores, for each k ≤ number of classes.
 
     scores: [N, C], labels: [N]. Ties are broken by torch.topk's order (lowest class index first).
     """
-    out: dict[int, float] = {}
     c = scores.shape[1]
     top = scores.topk(min(max(ks), c), dim=1).indices  # [N, kmax]
     hit = top == labels.view(-1, 1)
-    for k in ks:
-        if k <= c:
-            # count / n in Python floats: 0.38, not float32's 0.37999999
-            out[k] = int(hit[:, :k].any(dim=1).sum().item()) / max(hit.shape[0], 1)
-    return out
+    return {k: int(hit[:, :k].any(dim=1).sum().item()) for k in ks if k <= c}
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """Fraction of rows whose label is among the k highest scores, for each k ≤ number of classes."""
+    return _fractions(topk_hits(scores, labels, ks), scores.shape[0])
+
+
+def _fractions(hits: dict[int, int], n: int) -> dict[int, float]:
+    return {k: h / max(n, 1) for k, h in hits.items()}  # count / n in Python floats: 0.38, not float32's 0.37999999
+
+
+def _blockwise_accuracy(score_blocks, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """topk_accuracy over (start, scores [b, C]) blocks of the test rows, without their [N_test, C]
+    scores at once (4 KB a test image at 1000 classes: evaluate's peak RSS grew with the labeled split)."""
+    hits: dict[int, int] = {}
+    n = 0
+    for start, scores in score_blocks:
+        for k, h in topk_hits(scores, labels[start : start + scores.shape[0]].to(scores.device), ks).items():
+            hits[k] = hits.get(k, 0) + h
+        n += scores.shape[0]
+    return _fractions(hits, n)
 
 
 @torch.no_grad()
@@ -69,6 +88,15 @@ def knn_scores(
     images and would hold 5.2 GB at ImageNet's 1.28 M; narrowing the block instead would re-read the
     whole train matrix for every few test rows.)
     """
+    out = [votes for _, votes in _knn_vote_blocks(train_feats, train_labels, test_feats, num_classes, k, temperature,
+                                                  chunk, train_chunk)]
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=train_feats.device)
+
+
+@torch.no_grad()
+def _knn_vote_blocks(train_feats, train_labels, test_feats, num_classes: int, k: int, temperature: float,
+                     chunk: int = 1024, train_chunk: int | None = None):
+    """(start, votes [b, C]) of each block of `chunk` test rows (knn_scores' tiles)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     train = torch.nn.functional.normalize(train_feats.float(), dim=1)
@@ -76,7 +104,6 @@ def knn_scores(
     kk = min(k, train.shape[0])
     labels = train_labels.long().to(train.device)
     tile = train_chunk or max(kk, KNN_BLOCK_BYTES // (4 * chunk))
-    out = []
     for start in range(0, test.shape[0], chunk):
         q = test[start : start + chunk]
         top_sim = q.new_empty((q.shape[0], 0))
@@ -89,8 +116,7 @@ def knn_scores(
         weights = (top_sim / temperature).exp()  # [b, k]
         # each neighbour's weight added to its label's vote (no [N_train, C] one-hot: 4 KB a train image at C = 1000)
         votes = torch.zeros(weights.shape[0], num_classes, device=weights.device)
-        out.append(votes.scatter_add_(1, labels[top_idx], weights))  # [b, C]
-    return torch.cat(out) if out else torch.zeros(0, num_classes, device=train.device)
+        yield start, votes.scatter_add_(1, labels[top_idx], weights)  # [b, C]
 
 
 def knn_accuracy(
@@ -104,8 +130,7 @@ def knn_accuracy(
 ) -> dict[int, float]:
     """Top-1 (and top-5 when ≥ 5 classes) accuracy of the weighted k-NN: {1: acc, 5: acc}."""
     c = num_classes or int(max(train_labels.max(), test_labels.max()).item()) + 1
-    scores = knn_scores(train_feats, train_labels, test_feats, c, k=k, temperature=temperature)
-    return topk_accuracy(scores, test_labels.to(scores.device))
+    return _blockwise_accuracy(_knn_vote_blocks(train_feats, train_labels, test_feats, c, k, temperature), test_labels)
 
 
 def linear_probe(
@@ -122,8 +147,8 @@ def linear_probe(
     weight_decay: L2 strength λ on the weights (loss = mean CE + λ/2·‖W‖²).
     max_iter: L-BFGS iterations (strong-Wolfe line search), full batch.
     """
-    scores = linear_probe_scores(train_feats, train_labels, test_feats, weight_decay, max_iter, num_classes)
-    return topk_accuracy(scores, test_labels.to(scores.device))
+    fit = _fit_linear_probe(train_feats, train_labels, weight_decay, max_iter, num_classes)
+    return _blockwise_accuracy(fit.blocks(test_feats), test_labels)
 
 
 def linear_probe_scores(
@@ -135,6 +160,30 @@ def linear_probe_scores(
     num_classes: int | None = None,
 ) -> torch.Tensor:
     """Logits [N_test, C] of the fitted linear probe (see module docstring for the objective)."""
+    fit = _fit_linear_probe(train_feats, train_labels, weight_decay, max_iter, num_classes)
+    out = [scores for _, scores in fit.blocks(test_feats)]
+    return torch.cat(out) if out else torch.zeros(0, fit.w.shape[1], device=fit.w.device)
+
+
+@dataclass
+class _LinearProbe:
+    """A fitted probe: logits = ((x - mean) / std) @ w + b."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+
+    @torch.no_grad()
+    def blocks(self, test_feats: torch.Tensor, rows: int = PROBE_ROWS):
+        """(start, logits [b, C]) of each block of `rows` test rows."""
+        for s in range(0, test_feats.shape[0], rows):
+            x = test_feats[s : s + rows].float().to(self.w.device)
+            yield s, ((x - self.mean) / self.std) @ self.w + self.b
+
+
+def _fit_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, weight_decay: float, max_iter: int,
+                      num_classes: int | None) -> _LinearProbe:
     x = train_feats.float()
     y = train_labels.long().to(x.device)
     c = num_classes or int(y.max().item()) + 1
@@ -166,5 +215,4 @@ def linear_probe_scores(
 
     with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        return ((test_feats.float().to(x.device) - mean) / std) @ w + b
+    return _LinearProbe(mean, std, w.detach(), b.detach())
