@@ -15,7 +15,7 @@ from numcodecs import Delta
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import ShardDamagedError
-from pipeline.targets import shard_reader
+from pipeline.targets import schema, shard_reader
 from pipeline.targets.store import TargetStore
 from stages.extract import ExtractConfig, extract
 from toydata import structured_jpeg, write_dataset
@@ -26,6 +26,14 @@ KW = {"img_size": 32, "patch_size": 8, "depth": 3}
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
+    # a chunk per view for parts of >= 256 bytes per view (relations, pixels, q1pct codes) as for ViT-B
+    # rows at the default, a row per chunk for the small ones: both layouts are read
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(schema, "VIEW_CHUNK_BYTES", 256)
+        return _stores(tmp_path_factory)
+
+
+def _stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard-reader")
     rng = np.random.default_rng(0)
     manifest = write_dataset(root / "data", [structured_jpeg(rng, (40, 52)) for _ in range(10)], 4)
@@ -66,10 +74,13 @@ def test_every_part_reads_as_zarr_reads_it(stores, precision, monkeypatch):
                     np.testing.assert_array_equal(fast[name][part], slow[name][part], err_msg=f"{name}/{part}")
     mim = TargetStore.open(stores[precision][0])
     assert "student_pixels" in mim.arrays and "relations" in mim.arrays
-    # every part of the stores hdpipe writes takes the fast path
+    # every part of the stores hdpipe writes takes the fast path, in both layouts
+    layouts = set()
     for name, spec in mim.arrays.items():
         if spec.per_view:
             assert shard_reader.plan(mim._array(name)) is not None, name
+            layouts.add(shard_reader.plan(mim._array(name)).chunk[1])
+    assert layouts == {1, mim.views}
 
 
 def _shard_file(url: str, part: str, k: int, ndim: int):

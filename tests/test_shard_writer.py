@@ -14,7 +14,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.targets import shard_reader, shard_writer
+from pipeline.targets import schema, shard_reader, shard_writer
 from pipeline.targets.store import TargetStore
 from stages.extract import ExtractConfig, extract
 from toydata import structured_jpeg, write_dataset
@@ -33,6 +33,9 @@ def _files(url: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "q1pct"])
 def test_extraction_writes_the_files_zarr_writes(tmp_path, precision, monkeypatch):
+    # these tiny rows are small: parts of >= 256 bytes per view (relations, pixels) take a chunk per
+    # view, as ViT-B's do at the default, the rest (views, masks) a row per chunk
+    monkeypatch.setattr(schema, "VIEW_CHUNK_BYTES", 256)
     rng = np.random.default_rng(0)
     images = [structured_jpeg(rng, (40, 52)) for _ in range(10)]
     images[5] = b"not a jpeg"  # a row of zeros (valid=false): chunks Zarr does not store
@@ -57,29 +60,40 @@ def test_extraction_writes_the_files_zarr_writes(tmp_path, precision, monkeypatc
     store = TargetStore.open(mim)
     assert "student_pixels" in store.arrays and not store.read_shard(1, ["valid"])["valid"][1]
     # the writer wrote them: every per-view part has a plan, and the invalid row's chunk is not stored
+    chunk_views = {}
     for name, spec in store.arrays.items():
         if spec.per_view:
             assert shard_reader.plan(store._array(name)) is not None, name
+            chunk_views[name] = shard_reader.plan(store._array(name)).chunk[1]
+    assert chunk_views["relations"] == chunk_views["student_pixels"] == 1 and chunk_views["views"] == 3
     rel = store.read_shard(1, ["relations"])["relations"]
     assert not rel[1].any() and rel[0].any()
 
 
-@pytest.mark.parametrize("index_location", ["end", "start"])
-def test_encode_matches_zarr_for_delta_filters_index_first_and_empty_shards(tmp_path, index_location):
+@pytest.mark.parametrize("index_location,chunk_views", [("end", 2), ("start", 2), ("end", 1)])
+def test_encode_matches_zarr_for_delta_filters_index_first_and_empty_shards(tmp_path, index_location, chunk_views):
     data = np.random.default_rng(1).integers(0, 255, (7, 2, 5, 3), dtype=np.uint8)
     data[1] = 0  # a chunk of fill values: not stored
     data[4:6] = 0  # shard 1 (rows 3..5) keeps only row 3
-    arr = zarr.create_array(str(tmp_path / "g.zarr"), name="d", shape=data.shape, chunks=(1, 2, 5, 3),
+    data[0, 1] = 0  # with a chunk per view: view 1 of row 0 is not stored
+    arr = zarr.create_array(str(tmp_path / "g.zarr"), name="d", shape=data.shape, chunks=(1, chunk_views, 5, 3),
                             shards={"shape": (3, 2, 5, 3), "index_location": index_location}, dtype="uint8",
                             filters=[zarr.codecs.numcodecs.Delta(dtype="uint8")], fill_value=0,
                             compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1),
                                          Crc32cCodec()])
     arr[:] = data
     plan = shard_reader.plan(arr)
-    assert plan is not None and plan.index_at_end == (index_location == "end")
+    assert plan is not None and plan.index_at_end == (index_location == "end") and plan.chunk[1] == chunk_views
     root = tmp_path / "g.zarr" / "d" / "c"
+
+    class _Store:  # what read_views uses of a TargetStore
+        url = str(tmp_path / "g.zarr")
+
     for k, rows in enumerate((data[0:3], data[3:6], data[6:7])):
         assert b"".join(shard_writer.encode(plan, rows)) == (root / str(k) / "0" / "0" / "0").read_bytes(), k
+        views = np.arange(len(rows)) % 2
+        got = shard_reader.read_views(_Store(), "d", "d", plan, k, len(rows), views)
+        np.testing.assert_array_equal(got, rows[np.arange(len(rows)), views])
     assert shard_writer.encode(plan, np.zeros((3, 2, 5, 3), np.uint8)) is None
     with pytest.raises(ValueError, match="do not fit"):
         shard_writer.encode(plan, np.zeros((4, 2, 5, 3), np.uint8))

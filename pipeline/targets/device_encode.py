@@ -4,7 +4,8 @@ A codec with `encode_torch` (q1pct, fp16) encodes each batch on the teacher's GP
 the stored parts (uint16 codes or float16, half the bytes of float32 targets), spends no CPU on the
 codec or its error statistics, and never holds a whole shard of float32 targets;
 `TargetStore.write_shard` stores the parts as they are (`quant.Encoded`). The parts are the numpy
-encoder's, byte for byte (`pipeline.targets.compact_torch`; fp16: both round to nearest even), so a store holds the same bytes whichever path wrote it. A teacher on the CPU gets numpy's encoder,
+encoder's, byte for byte (`pipeline.targets.compact_torch`; fp16: both round to nearest even), so a
+store holds the same bytes whichever path wrote it. A teacher on the CPU gets numpy's encoder,
 batch by batch: the same bytes at half the time for q1pct (`TORCH_ON_CPU`). Arrays whose codec has no torch
 encoder, and a channel-basis array before shard 0's writer has fitted its basis (from float32
 values), stay float32 on the host and are encoded at write time as before.

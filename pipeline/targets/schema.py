@@ -1,9 +1,10 @@
 """The schema of a target store: its logical arrays, stored parts, codecs and `hdpipe` attributes.
 
 Logical arrays (`ArraySpec`) are indexed [sample, view, *shape_tail] ([sample, *shape_tail] when
-`per_view=False`, e.g. `valid` [N]). Every per-view Zarr array is chunked one sample per chunk
-(1, V, *tail) and sharded (S, V, *tail) (per-sample arrays: chunk = shard = (S, *tail)), so Zarr
-shard k holds rows [k*S, k*S + count_k) exactly like tar shard k.
+`per_view=False`, e.g. `valid` [N]). Every per-view Zarr array is sharded (S, V, *tail) and chunked
+one view per chunk (1, 1, *tail) when a view holds >= VIEW_CHUNK_BYTES, one sample per chunk
+(1, V, *tail) otherwise (per-sample arrays: chunk = shard = (S, *tail)), so Zarr shard k holds rows
+[k*S, k*S + count_k) exactly like tar shard k.
 
 Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
 - `exact`: stored as its dtype (ints, bools, float32 crop boxes);
@@ -56,6 +57,12 @@ ZSTD_LEVEL = 3
 # extraction spends per view. Blocks of 64 KiB (vs Blosc's default for the chunk) save 2-3%.
 COMPACT_ZSTD_LEVEL = 1
 COMPACT_BLOCK_BYTES = 65536
+# A per-view part whose one view holds at least this many bytes is chunked per view, smaller ones a
+# row (all views) per chunk. Stage two shows one view of a row per epoch: with a row per chunk it
+# decompressed all V views of every target to keep one. The small parts (views, masks) stay a row
+# per chunk: Zarr reads them whole (the discriminative extraction's views and masks), at a cost
+# per chunk.
+VIEW_CHUNK_BYTES = 4096
 # The student's pixels (uint8 patches of rendered views, lossless): Blosc zstd level 3, no shuffle.
 # Measured on rendered 224 px views of photos (67 patches, 2 views per row): numcodecs' delta filter
 # before zstd made them 18% smaller (54 vs 66 KB per row) but its decode (a cumulative sum) took
@@ -231,7 +238,8 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
         "num_shards": len(counts),
         "views": int(views),
         "arrays": {n: s.to_json() for n, s in arrays.items()},
-        "codec": (f"per-view arrays: chunks (1, V, ...), shards (S, V, ...); per-sample arrays: chunk = shard "
+        "codec": (f"per-view arrays: shards (S, V, ...), chunks (1, 1, ...) for parts of >= {VIEW_CHUNK_BYTES} "
+                  f"bytes per view, else (1, V, ...); per-sample arrays: chunk = shard "
                   f"(S, ...); blosc byte shuffle + lz4 level {LZ4_LEVEL} for fp16/int8 targets, zstd level "
                   f"{COMPACT_ZSTD_LEVEL} with {COMPACT_BLOCK_BYTES // 1024} KiB blocks for q1pct codes, zstd level "
                   f"{ZSTD_LEVEL} for exact arrays; crc32c per chunk"
@@ -270,10 +278,12 @@ def create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> 
     lead = (total, views) if spec.per_view else (total,)
     # Per-sample arrays (`valid`) are a few bytes per sample: one chunk per shard, or a reader of
     # all N flags would decode N one-byte chunks.
-    chunk_lead = (1, views) if spec.per_view else (size,)
     shard_lead = (size, views) if spec.per_view else (size,)
     for part, (tail, dtype) in stored_parts(spec).items():
         dt = np.dtype(dtype)
+        chunk_lead = (size,)
+        if spec.per_view:
+            chunk_lead = (1, 1) if dt.itemsize * int(np.prod(tail, dtype=np.int64)) >= VIEW_CHUNK_BYTES else (1, views)
         arr = group.create_array(
             part_name(name, part), shape=lead + tuple(tail), chunks=chunk_lead + tuple(tail),
             shards=shard_lead + tuple(tail), dtype=dt, **array_codecs(spec, dt),

@@ -40,7 +40,7 @@ class ShardPlan:
     """How to decode one stored part's shard objects (from its Zarr metadata)."""
 
     dtype: np.dtype  # little-endian element type
-    chunk: tuple[int, ...]  # inner chunk shape: (1, V, *tail) per-view parts
+    chunk: tuple[int, ...]  # inner chunk shape: (1, V, *tail) or (1, 1, *tail) (chunks per view) per-view parts
     shard: tuple[int, ...]  # shard shape: (S, V, *tail)
     delta: Delta | None  # numcodecs delta filter before the bytes codec (student pixels), or None
     fill: object  # fill value of chunks the shard does not hold
@@ -64,8 +64,9 @@ def plan(arr) -> ShardPlan | None:
         return None
     if [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]:
         return None
-    if tuple(sharding.chunk_shape[1:]) != tuple(arr.shards[1:]) or len(arr.shards) < 2:
-        return None  # inner chunks split only the row axis: a chunk is one or more whole rows of all views
+    chunk, shard = tuple(sharding.chunk_shape), tuple(arr.shards)
+    if len(shard) < 2 or chunk[2:] != shard[2:] or chunk[1] not in (1, shard[1]) or shard[0] % chunk[0]:
+        return None  # inner chunks split only rows and views: a chunk is whole rows of all views, or of one
     encoding = arr.metadata.chunk_key_encoding
     if getattr(encoding, "name", "default") != "default" or getattr(encoding, "separator", "/") != "/":
         return None  # shard k is not at `<part>/c/<k>/0/...`
@@ -75,7 +76,7 @@ def plan(arr) -> ShardPlan | None:
         return None
     b = inner[1]
     shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[b.shuffle.value]
-    return ShardPlan(dtype=dtype.newbyteorder("<"), chunk=tuple(sharding.chunk_shape), shard=tuple(arr.shards),
+    return ShardPlan(dtype=dtype.newbyteorder("<"), chunk=chunk, shard=shard,
                      delta=delta, fill=arr.metadata.fill_value,
                      index_at_end=sharding.index_location == ShardingCodecIndexLocation.end,
                      blosc=(b.cname.value.encode(), int(b.clevel), shuffle, int(b.blocksize), int(b.typesize)))
@@ -126,10 +127,16 @@ def _shard_bytes(fs, path: str):
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def chunk_grid(shard_plan: ShardPlan) -> tuple[int, int]:
+    """(chunks along rows, chunks along views) of one shard; the index lists them in C order."""
+    return shard_plan.shard[0] // shard_plan.chunk[0], shard_plan.shard[1] // shard_plan.chunk[1]
+
+
 def _decode_views(store, name: str, part_key: str, shard_plan: ShardPlan, k: int, count: int, views: np.ndarray,
                   data) -> np.ndarray:
-    rows_per_chunk = shard_plan.chunk[0]
-    n_chunks = -(-shard_plan.shard[0] // rows_per_chunk)
+    rows_per_chunk, views_per_chunk = shard_plan.chunk[:2]
+    grid = chunk_grid(shard_plan)
+    n_chunks = grid[0] * grid[1]
     index_bytes = n_chunks * 16 + 4
     if len(data) < index_bytes:
         raise integrity.damaged(store, k, name, f"its file {part_key} is shorter than its shard index")
@@ -140,19 +147,30 @@ def _decode_views(store, name: str, part_key: str, shard_plan: ShardPlan, k: int
     tail = shard_plan.chunk[2:]
     per_view = int(np.prod(tail, dtype=np.int64))
     out = np.empty((count,) + tail, dtype=shard_plan.dtype)
-    for c in range(-(-count // rows_per_chunk)):
-        off, nbytes = (int(v) for v in offsets[c])
-        rows = range(c * rows_per_chunk, min(count, (c + 1) * rows_per_chunk))
-        if off == _EMPTY:
-            out[rows.start:rows.stop] = shard_plan.fill
-            continue
-        body = _checked(data, off, nbytes)
-        if body is None:
-            raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
-        raw = blosc.decompress(body)
-        if shard_plan.delta is not None:
-            raw = shard_plan.delta.decode(raw)
-        values = np.frombuffer(raw, dtype=shard_plan.dtype).reshape(rows_per_chunk, -1, per_view)
-        for i, r in enumerate(rows):
-            out[r] = values[i, views[r]].reshape(tail)
+    for block in range(-(-count // rows_per_chunk)):
+        rows = range(block * rows_per_chunk, min(count, (block + 1) * rows_per_chunk))
+        wanted = {int(views[r]) // views_per_chunk for r in rows}
+        decoded: dict[int, np.ndarray | None] = {}  # view chunk -> values [rows, views, per_view]; None: not stored
+        for j in range(grid[1]):
+            off, nbytes = (int(v) for v in offsets[block * grid[1] + j])
+            if off == _EMPTY:
+                decoded[j] = None
+                continue
+            # Every chunk's crc32c is checked, also of views this epoch does not show (~9 GB/s, against
+            # ~1 GB/s to decompress): a damaged byte anywhere stops the run as a Zarr read of the row would.
+            body = _checked(data, off, nbytes)
+            if body is None:
+                raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
+            if j in wanted:
+                raw = blosc.decompress(body)
+                if shard_plan.delta is not None:
+                    raw = shard_plan.delta.decode(raw)
+                decoded[j] = np.frombuffer(raw, dtype=shard_plan.dtype).reshape(rows_per_chunk, views_per_chunk,
+                                                                                 per_view)
+        for r in rows:
+            values = decoded[int(views[r]) // views_per_chunk]
+            if values is None:
+                out[r] = shard_plan.fill
+            else:
+                out[r] = values[r % rows_per_chunk, int(views[r]) % views_per_chunk].reshape(tail)
     return out

@@ -47,28 +47,32 @@ def write(store: "TargetStore", part_key: str, k: int, value: np.ndarray) -> Non
         urls.atomic_write_bytes(shard_reader.object_path(store.url, part_key, plan, k), data)
 
 
-def _chunk_order(n_chunks: int) -> range:
-    """Zarr's order of the chunks inside a shard (morton order over the chunk grid). hdpipe's
-    chunks split only the row axis (`shard_reader.plan`), a grid of n x 1 x ... whose morton order
-    is the row order."""
-    return range(n_chunks)
+def _chunk_order(grid: tuple[int, int], ndim: int) -> list[tuple[int, int]]:
+    """Zarr's order of the chunks inside a shard: morton order over the chunk grid (rows x views; the
+    other axes are whole, `shard_reader.plan`). Any order reads back (the index says where each chunk
+    is); this one makes the files Zarr's, byte for byte."""
+    try:
+        from zarr.core.indexing import morton_order_iter
+    except ImportError:  # a Zarr without it: C order, the same chunks and index, other offsets
+        return [(i, j) for i in range(grid[0]) for j in range(grid[1])]
+    return [(c[0], c[1]) for c in morton_order_iter(grid + (1,) * (ndim - 2))]
 
 
 def encode(plan: shard_reader.ShardPlan, value: np.ndarray) -> list[bytes] | None:
     """The shard object of rows `value` (fewer rows than the shard holds for the last shard) as its
     pieces in file order (written one after another, never joined), or None when every chunk equals
     the fill value."""
-    rows_per_chunk = plan.chunk[0]
-    n_chunks = -(-plan.shard[0] // rows_per_chunk)
+    rows_per_chunk, views_per_chunk = plan.chunk[:2]
+    grid = shard_reader.chunk_grid(plan)
     if value.shape[1:] != plan.shard[1:] or len(value) > plan.shard[0]:
         raise ValueError(f"rows of shape {value.shape} do not fit a shard of {plan.shard}")
     value = np.ascontiguousarray(value, dtype=plan.dtype)
     cname, clevel, shuffle, blocksize, typesize = plan.blosc
-    index = np.full((n_chunks, 2), _EMPTY, dtype="<u8")
+    index = np.full((grid[0] * grid[1], 2), _EMPTY, dtype="<u8")
     pieces: list[bytes] = []
     offset = 0
-    for c in _chunk_order(n_chunks):
-        rows = value[c * rows_per_chunk:(c + 1) * rows_per_chunk]
+    for i, j in _chunk_order(grid, len(plan.shard)):
+        rows = value[i * rows_per_chunk:(i + 1) * rows_per_chunk, j * views_per_chunk:(j + 1) * views_per_chunk]
         if len(rows) == 0 or _is_fill(rows, plan.fill):
             continue  # a partial last chunk is padded with the fill value, which Zarr does not store either
         if len(rows) < rows_per_chunk:
@@ -78,7 +82,7 @@ def encode(plan: shard_reader.ShardPlan, value: np.ndarray) -> list[bytes] | Non
         body = blosc.compress(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), cname, clevel, shuffle,
                               blocksize, typesize)
         piece = body + google_crc32c.value(body).to_bytes(4, "little")
-        index[c] = (offset, len(piece))
+        index[i * grid[1] + j] = (offset, len(piece))
         pieces.append(piece)
         offset += len(piece)
     if not pieces:

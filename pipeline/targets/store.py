@@ -337,7 +337,7 @@ class TargetStore:
         """One view per row of a finished shard, still encoded: {name: {part: [count_k, *tail]}}.
 
         `view_of_row` int [count_k] names the view each row keeps. Rows are read `block` at a time
-        (chunks hold every view of a sample), so memory holds one view per row plus one block of all
+        (through Zarr a chunk may hold every view of a sample), so memory holds one view per row plus one block of all
         views, never the whole shard's V views; decode rows with `decode_rows`. Per-view arrays only.
         block None: as many rows as hold BLOCK_BYTES of all their views, at least 64 (a shard of small
         rows is one read: Zarr's cost per call made blocks of 64 take 1.5-1.7x as long as one read of 1,024).
