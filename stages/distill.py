@@ -78,7 +78,7 @@ from pipeline.train.online import build_online
 from pipeline.train.optim import WarmupCosine, build_optimizer, scaled_lr
 from pipeline.train.plan import view_reuse
 from pipeline.train.runlog import RunLog, prepare_run_dir
-from pipeline.train.sources import resolve_sources
+from pipeline.train.sources import TeacherShapes, resolve_sources
 from pipeline.train.student import MaskedStudent
 from pipeline.urls import atomic_write_bytes
 
@@ -186,8 +186,8 @@ def target_sources(cfg: DistillConfig):
     return resolve_sources(cfg.manifest, cfg.mim_store, disc, cfg.masking, layers, cfg.mim_target)
 
 
-def build_student(cfg: DistillConfig, src) -> MaskedStudent:
-    """The student for these stores; a student that cannot serve them is a ConfigError."""
+def build_student(cfg: DistillConfig, src: TeacherShapes) -> MaskedStudent:
+    """The student for these teachers' shapes (stores or online); a student that cannot serve them is a ConfigError."""
     student = MaskedStudent(
         cfg.model,
         cfg.model_kwargs,
@@ -244,14 +244,15 @@ def build_run(cfg: DistillConfig, dist, device: torch.device) -> Run:
     online = online_loader = None
     if cfg.source == "online":
 
-        src, online, online_loader = build_online(
+        shapes, online, online_loader = build_online(
             cfg.online_mim, cfg.online_disc, teachers=cfg.teachers, relation_layers=tuple(cfg.relation_layers),
             mim_target=cfg.mim_target, masking=cfg.masking, seed=cfg.seed, device=device,
             token_resample=cfg.token_resample)
     else:
         src = target_sources(cfg)
+        shapes = src.shapes()
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, src).to(device)
+    student = build_student(cfg, shapes).to(device)
     lcfg = loader_config(cfg, student, device, online_loader)
     batches = loader.steps_per_epoch(lcfg, dist.world_size)
     steps_per = batches // cfg.accum_steps  # optimizer steps per epoch; trailing micro-batches are dropped

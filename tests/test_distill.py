@@ -122,7 +122,7 @@ def test_distill_outputs_and_export_loads_in_timm(world, tmp_path):
     for k, v in weights.items():
         torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=0)
 
-    student = build_student(cfg, target_sources(cfg))
+    student = build_student(cfg, target_sources(cfg).shapes())
     student.load_state_dict(load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"])
     student.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -143,7 +143,7 @@ def _initial_student(cfg):
     from stages.distill import build_student, target_sources
 
     torch.manual_seed(cfg.seed)
-    return build_student(cfg, target_sources(cfg))
+    return build_student(cfg, target_sources(cfg).shapes())
 
 
 def test_distill_never_builds_a_teacher(world, tmp_path, monkeypatch):
@@ -353,7 +353,7 @@ def test_cached_loss_equals_online_loss_on_the_same_views(world, tmp_path):
 
     cfg = _cfg(world, tmp_path)
     torch.manual_seed(0)
-    student = build_student(cfg, target_sources(cfg)).eval()
+    student = build_student(cfg, target_sources(cfg).shapes()).eval()
     batch = next(iter(build_loader(loader_config(cfg, student, torch.device("cpu")), 0)))
     with torch.no_grad():
         out = student(batch["image"], batch["keep_index"])
@@ -543,7 +543,7 @@ def test_token_resampling_in_the_loader_equals_cutting_the_full_batch(world, tmp
     from stages.distill import build_student, loader_config, target_sources
 
     cfg = _cfg(world, tmp_path, mim_target="attention")
-    student = build_student(cfg, target_sources(cfg))
+    student = build_student(cfg, target_sources(cfg).shapes())
     full_cfg = loader_config(cfg, student, torch.device("cpu"))
     cut_cfg = replace(full_cfg, token_resample=0.75)
     for epoch in (0, 1):

@@ -83,18 +83,18 @@ class OnlineTargets:
 
 def build_online(mim_ref: str, disc_ref: str | None, *, teachers: str, relation_layers: tuple[int, ...],
                  mim_target: str, masking: str, seed: int, device: torch.device, token_resample: float = 1.0):
-    """(Sources, OnlineTargets, loader settings) of an online run, from the teachers' recipes
+    """(TeacherShapes, OnlineTargets, loader settings) of an online run, from the teachers' recipes
     (`FILE:SECTION` params sections, as `hdpipe extract` reads them).
 
-    Sources describe what the teachers give (grid, heads, widths, layers) exactly as a store's
-    attributes would, so the student is built the same way as for a cached run.
+    The shapes are what the teachers give (grid, heads, widths, layers), as a cached run reads them
+    from its stores' attributes, so the student is built the same way.
     """
     from pipeline.data.views import VIEW_DEFAULTS
     from pipeline.errors import ConfigError
     from pipeline.run.worker import cached_teacher
     from pipeline.targets.layout import resolve_layers
     from pipeline.targets.recipe import recipe_from_section
-    from pipeline.train.sources import Sources
+    from pipeline.train.sources import TeacherShapes
 
     mim_recipe = recipe_from_section(mim_ref)
     if mim_recipe.resolved_role() != "mim":
@@ -107,12 +107,9 @@ def build_online(mim_ref: str, disc_ref: str | None, *, teachers: str, relation_
                           f"{disc.name} {disc.grid}")
     stored = resolve_layers(mim_recipe.relation_layers, mim.depth)
     layers = () if teachers == "disc_only" else (tuple(relation_layers) or stored)
-    n_keep = kept_count(mim.num_patches, mim_recipe.mask_ratio)
-    src = Sources(view_store="", mim_store=None, disc_store=None, tokens="kept", grid=tuple(mim.grid),
-                  num_patches=mim.num_patches, n_keep=n_keep, num_views=0, relation_layers=layers, layer_pos=(),
-                  mim_array=mim_target if layers else None, mim_depth=mim.depth, mim_heads=mim.num_heads,
-                  mim_dim=mim.embed_dim if mim_target == "block_features" else None,
-                  feature_dim=None if disc is None else disc.embed_dim, valid_stores=())
+    shapes = TeacherShapes(grid=tuple(mim.grid), relation_layers=layers, mim_depth=mim.depth, mim_heads=mim.num_heads,
+                           mim_dim=mim.embed_dim if mim_target == "block_features" else None,
+                           feature_dim=None if disc is None else disc.embed_dim)
     online = OnlineTargets(mim, disc, layers, mim_target, masking, mim_recipe.mask_ratio, seed, device,
                            token_resample)
     view = {k: VIEW_DEFAULTS[k] if getattr(mim_recipe, k) is None else getattr(mim_recipe, k)
@@ -120,4 +117,4 @@ def build_online(mim_ref: str, disc_ref: str | None, *, teachers: str, relation_
     inputs = tuple(sorted({(t.img_size, t.interpolation) for t in (mim, disc) if t is not None}))
     loader = {"online": OnlineViews(seed=view["seed"], scale=tuple(view["scale"]), ratio=tuple(view["ratio"]),
                                     hflip=view["hflip"], teacher_inputs=inputs)}
-    return src, online, loader
+    return shapes, online, loader

@@ -21,6 +21,19 @@ from pipeline.urls import sibling
 
 
 @dataclass(frozen=True)
+class TeacherShapes:
+    """What the teachers give, whoever serves it (the stores, or the teachers themselves online): the
+    shapes a student is built to match (`stages.distill.build_student`)."""
+
+    grid: tuple[int, int]  # teacher patch grid (rows, cols)
+    relation_layers: tuple[int, ...]  # MIM teacher blocks (1-based) served; () = none
+    mim_depth: int | None  # MIM teacher depth L_t and head count (the student's layer and head rules)
+    mim_heads: int | None
+    mim_dim: int | None  # MIM teacher width (block_features targets)
+    feature_dim: int | None  # discriminative teacher width (features targets); None: no feature term
+
+
+@dataclass(frozen=True)
 class Sources:
     """What the stores serve, checked once (`resolve_sources`): where views, masks and targets come
     from, the token geometry, and the teacher shapes a student must match. No teacher is built."""
@@ -41,6 +54,10 @@ class Sources:
     mim_dim: int | None  # MIM teacher width (block_features targets)
     feature_dim: int | None  # discriminative teacher width (features targets)
     valid_stores: tuple[str, ...]  # stores whose `valid` rows are ANDed
+
+    def shapes(self) -> TeacherShapes:
+        return TeacherShapes(grid=self.grid, relation_layers=self.relation_layers, mim_depth=self.mim_depth,
+                             mim_heads=self.mim_heads, mim_dim=self.mim_dim, feature_dim=self.feature_dim)
 
 
 def _open_store(url: str):
