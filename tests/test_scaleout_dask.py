@@ -1,5 +1,5 @@
 """Extraction on an external dask.distributed cluster, started here as real processes on loopback:
-`dask scheduler` and two `dask worker --nthreads 1` (no nanny, each in its own working folder, so
+`dask scheduler` and two `dask worker --nthreads 2` (no nanny, each in its own working folder, so
 nothing may rely on the driver's). The store equals an in-process extraction file for file, and
 SIGKILL of a worker in the middle of a task still finishes with the same store (the scheduler
 hands the lost task to the other worker); done markers name the worker that wrote each shard."""
@@ -43,7 +43,7 @@ def cluster(tmp_path):
 
     start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"])
     for name in ("w0", "w1"):
-        start(name, ["worker", address, "--nthreads", "1", "--no-nanny", "--name", name, "--no-dashboard",
+        start(name, ["worker", address, "--nthreads", "2", "--no-nanny", "--name", name, "--no-dashboard",
                      "--local-directory", str(tmp_path / name)])
     deadline = time.time() + 60
     client = None

@@ -70,3 +70,40 @@ def test_a_compute_error_waits_for_the_write_in_flight(monkeypatch):
         executor.run_in_process(None, [0, 1, 2, 3], lambda s: done.append(s["shard"]))
     # shard 1's write was in flight when shard 2's compute failed: it finished before the error left
     assert ("written", 1) in events and done == [0]
+
+
+def test_dask_workers_write_a_shard_while_they_compute_the_next(monkeypatch):
+    """On dask (a real scheduler; one worker of two threads, in this process so the fake reaches it),
+    shard k's write waits until shard k+1's compute has started on the same worker: only the
+    overlapping task layout (`executor.shard_task`) gets past it. Computes never run two at once."""
+    from distributed import LocalCluster
+
+    events = _fake(monkeypatch)
+    computing, most = [0], [0]
+    fake = executor.compute_shard
+    lock = threading.Lock()
+
+    def counted(task, k, progress=None):
+        with lock:
+            computing[0] += 1
+            most[0] = max(most[0], computing[0])
+        try:
+            return fake(task, k, progress)
+        finally:
+            with lock:
+                computing[0] -= 1
+
+    monkeypatch.setattr(executor, "compute_shard", counted)
+
+    class _Task:  # what run_dask uses of a ShardTask
+        def for_workers(self):
+            return self
+
+    done = []
+    with LocalCluster(n_workers=1, threads_per_worker=executor.TASK_THREADS, processes=False,
+                      dashboard_address=None) as cluster:
+        executor.run_dask(_Task(), [0, 1, 2, 3], lambda s: done.append(s["shard"]), scheduler=cluster.scheduler_address,
+                          retries=0)
+    assert sorted(done) == [0, 1, 2, 3] and most[0] == 1
+    for k in range(3):
+        assert events.index(("compute", k + 1)) < events.index(("written", k))

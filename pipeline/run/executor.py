@@ -1,12 +1,16 @@
 """Where extraction tasks run: in this process, or one task per shard on dask.distributed.
 
-What runs is `pipeline.targets.task.extract_shard(task, k)`; this module only decides where:
+What runs is `pipeline.targets.task.compute_shard(task, k)` and then the write it returns; this
+module only decides where:
 - in process (no cluster, nothing to pay on one machine): shards one after the other, each shard's
   store write overlapping the next shard's forward;
-- `LocalCluster(n_workers=N, threads_per_worker=1, processes=True)`: one teacher per worker process
-  (on a multi-GPU host worker i takes GPU i % count, `pipeline.run.worker.task_device`);
+- `LocalCluster(n_workers=N, threads_per_worker=2, processes=True)`: one teacher per worker process
+  (on a multi-GPU host worker i takes GPU i % count, `pipeline.run.worker.task_device`); of its two
+  task threads one computes at a time (`worker.COMPUTE_LOCK`), so a shard's compression and store
+  write overlap the next shard's forward, as in process, with dask's own scheduling;
 - an existing cluster (`scheduler` address): start one worker per GPU with its own
-  `CUDA_VISIBLE_DEVICES` (what dask-cuda's `LocalCUDACluster` does), so each sees one device.
+  `CUDA_VISIBLE_DEVICES` (what dask-cuda's `LocalCUDACluster` does), so each sees one device, and
+  `--nthreads 2` for that overlap (with 1 each shard is written after its own forward).
 A lost worker's task is retried (`retries`) on another; results are identical because every value
 is a pure function of the task and the shard.
 """
@@ -16,7 +20,20 @@ import os
 import time
 from typing import Callable
 
-from pipeline.targets.task import ShardTask, compute_shard, extract_shard
+from pipeline.targets.task import ShardTask, compute_shard
+
+TASK_THREADS = 2  # a LocalCluster worker's task threads: one computing, one writing the shard before
+
+
+def shard_task(task: ShardTask, k: int) -> dict:
+    """One dask task: compute shard k (one at a time in this process), then compress and write it
+    while the worker's other thread computes the next shard; returns the done marker's summary once
+    shard k is written."""
+    from pipeline.run.worker import COMPUTE_LOCK
+
+    with COMPUTE_LOCK:
+        write = compute_shard(task, k)
+    return write()
 
 
 def run_in_process(task: ShardTask, shards: list[int], on_done: Callable[[dict], None],
@@ -56,8 +73,10 @@ def run_dask(task: ShardTask, shards: list[int], on_done: Callable[[dict], None]
     if scheduler:
         client = Client(scheduler)
     else:
-        # One thread per worker: a worker is one teacher on one device; torch uses the cores itself.
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        # A worker is one teacher on one device (torch uses the cores itself); its second thread only
+        # writes the shard before while the first computes (`shard_task`).
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=TASK_THREADS, processes=True,
+                               dashboard_address=None)
         client = Client(cluster)
     futures = []
     remote = task.for_workers()
@@ -65,7 +84,7 @@ def run_dask(task: ShardTask, shards: list[int], on_done: Callable[[dict], None]
         keys = [f"{name}-{k:06d}-{os.getpid()}-{time.time_ns()}" for k in shards]
         waves = [slice(0, 1), slice(1, None)] if first_alone else [slice(None)]
         for wave in waves:
-            futures = client.map(extract_shard, [remote] * len(shards[wave]), shards[wave], retries=retries,
+            futures = client.map(shard_task, [remote] * len(shards[wave]), shards[wave], retries=retries,
                                  pure=False, key=keys[wave])
             for fut in as_completed(futures):
                 on_done(fut.result())

@@ -8,6 +8,7 @@ the weights digest anyway.
 """
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     from pipeline.targets.teachers import Teacher, TeacherSource
 
 _TEACHERS: dict[tuple[str, str], "Teacher"] = {}
+# One shard computes at a time in a process (one teacher, one device); its compression and store write
+# run outside the lock, so a worker with two task threads writes shard k while it computes the next.
+COMPUTE_LOCK = threading.Lock()
 
 
 def worker_rank() -> int | None:
