@@ -33,8 +33,8 @@ def _files(url: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "q1pct"])
 def test_extraction_writes_the_files_zarr_writes(tmp_path, precision, monkeypatch):
-    # these tiny rows are small: parts of >= 256 bytes per view (relations, pixels) take a chunk per
-    # view, as ViT-B's do at the default, the rest (views, masks) a row per chunk
+    # these tiny rows are small: parts of >= 256 bytes per view (relations but q1pct's, pixels) take a
+    # chunk per view, as ViT-B's do at the default, the rest (views, masks) a row per chunk
     monkeypatch.setattr(schema, "VIEW_CHUNK_BYTES", 256)
     rng = np.random.default_rng(0)
     images = [structured_jpeg(rng, (40, 52)) for _ in range(10)]
@@ -65,7 +65,9 @@ def test_extraction_writes_the_files_zarr_writes(tmp_path, precision, monkeypatc
         if spec.per_view:
             assert shard_reader.plan(store._array(name)) is not None, name
             chunk_views[name] = shard_reader.plan(store._array(name)).chunk[1]
-    assert chunk_views["relations"] == chunk_views["student_pixels"] == 1 and chunk_views["views"] == 3
+    # q1pct codes keep a row per chunk (bytes first, `schema.VIEW_CHUNK_BYTES`)
+    assert chunk_views["relations"] == (3 if precision == "q1pct" else 1)
+    assert chunk_views["student_pixels"] == 1 and chunk_views["views"] == 3
     rel = store.read_shard(1, ["relations"])["relations"]
     assert not rel[1].any() and rel[0].any()
 
