@@ -51,3 +51,19 @@ def test_view_reuse_line_warns_past_the_measured_range():
     assert line == "each stored view is shown ~4 times (8 epochs over 2 stored view(s))" and not warn
     line, warn = view_reuse(300, 2, 0.75)
     assert warn and "~150 times" in line and "0.75 of its tokens" in line and f"{SAFE_SHOWINGS_PER_VIEW:g}" in line
+
+
+def test_the_imagenet_recipe_stays_within_the_measured_range():
+    """params-imagenet.yaml stores enough views that its epochs show each at most the measured safe
+    number of times (the views x epochs study's rule), so its own distill start-up does not warn."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.train.plan import view_reuse
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "params-imagenet.yaml").read_text())
+    epochs, views = recipe["distill"]["epochs"], recipe["extract_mim"]["views"]
+    line, warn = view_reuse(epochs, recipe["distill"].get("views_used") or views)
+    assert not warn, line
+    assert view_reuse(epochs, views - 1)[1]  # and no more views than the rule needs

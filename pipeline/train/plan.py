@@ -147,11 +147,12 @@ def scheduled_view(schedule: str, seed: int, epoch: int, index: int, views_used:
     return choose_view(seed, epoch, index, views_used)
 
 
-# Showings per stored view (epochs / views used) measured as safe by the quality study: at 8 epochs,
-# 2 views (4 showings each) stayed within online's seed spread on k-NN and fine-tune, 1 view (8
-# showings) lost 3-5 k-NN points (benchmarks/quality, Fashion-MNIST at 28 px, 2000 images). The
-# views x epochs study (`views_study.py`) measures the range at 32 epochs.
-SAFE_SHOWINGS_PER_VIEW = 4.0
+# Showings per stored view (epochs / views used) measured as safe by the views x epochs study
+# (benchmarks/quality/views_study.py: Fashion-MNIST at 28 px, 2000 images, 32 epochs, 2 seeds): every
+# setting tried reached >= 99% of online's k-NN and 5-epoch fine-tune (seed means), down to one view
+# shown 32 times (0.993 and 0.992 of online). 32 is the most it tried, not a limit it found: past it
+# nothing was measured.
+SAFE_SHOWINGS_PER_VIEW = 32.0
 
 
 def view_reuse(epochs: int, views_used: int, token_resample: float = 1.0) -> tuple[str, bool]:
@@ -162,8 +163,8 @@ def view_reuse(epochs: int, views_used: int, token_resample: float = 1.0) -> tup
             f"view(s){resample})")
     if showings <= SAFE_SHOWINGS_PER_VIEW:
         return line, False
-    return (f"{line}: more than the {SAFE_SHOWINGS_PER_VIEW:g} measured as safe (cached within online's seed "
-            "spread); store more views (extract --views) or see the README's views rule"), True
+    return (f"{line}: more than the {SAFE_SHOWINGS_PER_VIEW:g} measured as safe (cached >= 99% of online); "
+            "store more views (extract --views) or see the README's views rule"), True
 
 
 def choose_view(seed: int, epoch: int, index: int, num_views: int) -> int:
