@@ -65,8 +65,8 @@ def test_extraction_writes_the_files_zarr_writes(tmp_path, precision, monkeypatc
         if spec.per_view:
             assert shard_reader.plan(store._array(name)) is not None, name
             chunk_views[name] = shard_reader.plan(store._array(name)).chunk[1]
-    # q1pct codes keep a row per chunk (bytes first, `schema.VIEW_CHUNK_BYTES`)
-    assert chunk_views["relations"] == (3 if precision == "q1pct" else 1)
+    # q1pct codes keep a row per chunk only in stores of <= 2 views (`schema.COMPACT_ROW_CHUNK_VIEWS`)
+    assert chunk_views["relations"] == 1
     assert chunk_views["student_pixels"] == 1 and chunk_views["views"] == 3
     rel = store.read_shard(1, ["relations"])["relations"]
     assert not rel[1].any() and rel[0].any()
@@ -99,3 +99,17 @@ def test_encode_matches_zarr_for_delta_filters_index_first_and_empty_shards(tmp_
     assert shard_writer.encode(plan, np.zeros((3, 2, 5, 3), np.uint8)) is None
     with pytest.raises(ValueError, match="do not fit"):
         shard_writer.encode(plan, np.zeros((4, 2, 5, 3), np.uint8))
+
+
+@pytest.mark.parametrize("precision,views,chunk_views", [("fp16", 2, 1), ("q1pct", 2, 2), ("q1pct", 3, 1)])
+def test_chunks_per_view_rule(tmp_path, precision, views, chunk_views):
+    """Parts of >= VIEW_CHUNK_BYTES per view are chunked per view; q1pct codes only past
+    COMPACT_ROW_CHUNK_VIEWS views (bytes first at few views); small parts keep a row per chunk."""
+    from pipeline.targets.schema import ArraySpec
+    from test_store import _attrs, _manifest
+
+    specs = {"relations": ArraySpec((2, 3, 40, 40), "float32", precision), "views": ArraySpec((5,), "float32"),
+             "valid": ArraySpec((), "bool", per_view=False)}
+    store = TargetStore.create(str(tmp_path / "s.zarr"), _attrs(precision), specs, _manifest(8, 4), views)
+    assert store._array("relations").chunks[:2] == (1, chunk_views)
+    assert store._array("views").chunks[:2] == (1, views)

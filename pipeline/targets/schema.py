@@ -2,9 +2,9 @@
 
 Logical arrays (`ArraySpec`) are indexed [sample, view, *shape_tail] ([sample, *shape_tail] when
 `per_view=False`, e.g. `valid` [N]). Every per-view Zarr array is sharded (S, V, *tail) and chunked
-one view per chunk (1, 1, *tail) when a view holds >= VIEW_CHUNK_BYTES (q1pct parts excepted), one
-sample per chunk (1, V, *tail) otherwise (per-sample arrays: chunk = shard = (S, *tail)), so Zarr shard k holds rows
-[k*S, k*S + count_k) exactly like tar shard k.
+one view per chunk (1, 1, *tail) when a view holds >= VIEW_CHUNK_BYTES (q1pct parts only past
+COMPACT_ROW_CHUNK_VIEWS views), one sample per chunk (1, V, *tail) otherwise (per-sample arrays:
+chunk = shard = (S, *tail)), so Zarr shard k holds rows [k*S, k*S + count_k) exactly like tar shard k.
 
 Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
 - `exact`: stored as its dtype (ints, bools, float32 crop boxes);
@@ -62,9 +62,12 @@ COMPACT_BLOCK_BYTES = 65536
 # decompressed all V views of every target to keep one (fp16 ViT-B row + pixels read in 0.18 vs
 # 0.20 ms, q1pct 0.36 vs 0.50). The small parts (views, masks) stay a row per chunk: Zarr reads them
 # whole (the discriminative extraction's views and masks), at a cost per chunk. q1pct's codes
-# ("compact": bytes first) stay a row per chunk too: chunks per view made them 0.3% larger
-# (bench_precision: 100.1 KB per view, over that precision's 100 KB goal).
+# ("compact": bytes first) stay a row per chunk in stores of up to COMPACT_ROW_CHUNK_VIEWS views:
+# chunks per view made them 0.3% larger (bench_precision, 2 views: 100.1 KB per view, over that
+# precision's 100 KB goal), while at 10 views a row per chunk decompressed all 10 to show one
+# (ViT-B relations: 1.97 against 0.59 ms per row, +0.6% bytes).
 VIEW_CHUNK_BYTES = 4096
+COMPACT_ROW_CHUNK_VIEWS = 2
 # The student's pixels (uint8 patches of rendered views, lossless): Blosc zstd level 3, no shuffle.
 # Measured on rendered 224 px views of photos (67 patches, 2 views per row): numcodecs' delta filter
 # before zstd made them 18% smaller (54 vs 66 KB per row) but its decode (a cumulative sum) took
@@ -241,7 +244,8 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
         "views": int(views),
         "arrays": {n: s.to_json() for n, s in arrays.items()},
         "codec": (f"per-view arrays: shards (S, V, ...), chunks (1, 1, ...) for parts of >= {VIEW_CHUNK_BYTES} "
-                  f"bytes per view but q1pct's, else (1, V, ...); per-sample arrays: chunk = shard "
+                  f"bytes per view (q1pct's only past {COMPACT_ROW_CHUNK_VIEWS} views), else (1, V, ...); "
+                  f"per-sample arrays: chunk = shard "
                   f"(S, ...); blosc byte shuffle + lz4 level {LZ4_LEVEL} for fp16/int8 targets, zstd level "
                   f"{COMPACT_ZSTD_LEVEL} with {COMPACT_BLOCK_BYTES // 1024} KiB blocks for q1pct codes, zstd level "
                   f"{ZSTD_LEVEL} for exact arrays; crc32c per chunk"
@@ -287,7 +291,7 @@ def create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> 
         if spec.per_view:
             compact = spec.precision != quant.LOSSLESS and quant.codec(spec.precision).compression == "compact"
             big = dt.itemsize * int(np.prod(tail, dtype=np.int64)) >= VIEW_CHUNK_BYTES
-            chunk_lead = (1, 1) if big and not compact else (1, views)
+            chunk_lead = (1, 1) if big and (not compact or views > COMPACT_ROW_CHUNK_VIEWS) else (1, views)
         arr = group.create_array(
             part_name(name, part), shape=lead + tuple(tail), chunks=chunk_lead + tuple(tail),
             shards=shard_lead + tuple(tail), dtype=dt, **array_codecs(spec, dt),
