@@ -14,7 +14,7 @@ stage-two loader costs the host for each way its data can travel:
   work on a GPU node, and is reported apart ("device decode", measured here on the CPU, where it is).
 
 Extraction: the same stores' extraction, each phase's host CPU per view counted around the
-functions `extract_shard` calls (the teacher forward excluded): JPEG decode, view render, the
+functions `compute_shard` and its write call (the teacher forward excluded): JPEG decode, view render, the
 student pixels' patches, encoding on the teacher's device (q1pct; fp16 is converted at write time)
 and the shard's compression and write. Goal: encoding, compression and write <= 1 ms per view.
 Rounds extract again into new stores (round 0's serve the loader).
@@ -67,7 +67,7 @@ SPENT: dict[str, float] = {}  # CPU seconds per extraction phase of the extracti
 
 
 def _instrument() -> None:
-    """Count each extraction phase's CPU seconds in SPENT: the functions `extract_shard` calls,
+    """Count each extraction phase's CPU seconds in SPENT: the functions `compute_shard` and its write call,
     wrapped. Per-thread CPU (decode and render run on the prefetch thread beside the forward); the
     torch work runs on one thread inside its wrapper, so its thread time is all of it; the shard's
     compression and write run on the writer thread while the next shard computes

@@ -1,6 +1,6 @@
 """One extraction task: tar shard k -> Zarr shard k of a target store (done marker written last).
 
-`extract_shard(task, k)` runs in the driver process or on a dask worker; everything it needs is
+`compute_shard(task, k)` and the write it returns run in the driver process or on a dask worker; everything it needs is
 rebuilt from the `ShardTask` (plain, picklable; the teacher comes from the process's cache). The
 whole tar is read first (its sha256 checked against the manifest), then images are decoded and
 rendered on a prefetch thread batch by batch while the teacher runs. An unreadable image stops the
@@ -45,7 +45,7 @@ class ShardTask:
 
 
 def _manifest(url: str):
-    """The manifest, parsed once per process while its file is unchanged. `extract_shard` runs once
+    """The manifest, parsed once per process while its file is unchanged. `compute_shard` runs once
     per shard: parsing a 1,252-shard manifest (250 KB) every time cost 12 ms a shard, a total that
     grows with the square of the shard count. An object store's manifest is read every time."""
     from pipeline.data.manifest import read_manifest
@@ -76,14 +76,6 @@ class Row:
     name: str  # original relative path (for messages)
     data: bytes  # the encoded image as stored in the tar
     error: str | None = None  # why the image could not be decoded (set when on_error=skip)
-
-
-def extract_shard(task: ShardTask, k: int, progress: Callable[[int], None] | None = None) -> dict:
-    """Compute every target of tar shard k and write Zarr shard k; returns the done marker's summary.
-
-    `progress(n)` is called after each batch of n views.
-    """
-    return compute_shard(task, k, progress)()
 
 
 def compute_shard(task: ShardTask, k: int, progress: Callable[[int], None] | None = None) -> Callable[[], dict]:
