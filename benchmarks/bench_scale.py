@@ -346,8 +346,9 @@ def _env(folder: Path, threads: int) -> dict:
     return env
 
 
-def run_count(folder: Path, n: int, labeled: int, args) -> dict:
-    """Every stage at `n` training images; returns this count's measurements."""
+def run_count(folder: Path, n: int, labeled: int, args, progress=lambda stages: None) -> dict:
+    """Every stage at `n` training images; returns this count's measurements. `progress(stages)` is
+    called after each stage, so a run cut short keeps what it measured."""
     t_start = time.perf_counter()
     data = prepare(folder, n, labeled, args)
     env = _env(folder, args.threads)
@@ -358,6 +359,7 @@ def run_count(folder: Path, n: int, labeled: int, args) -> dict:
     def go(name, argv, images=None, **kw) -> Measured:
         m = run_measured(name, argv, folder, env, **kw)
         stages[name] = m.summary(images)
+        progress(stages)
         print(f"  {name:<22} wall {m.wall_s:8.1f} s  cpu {m.cpu_s:8.1f} s  rss {m.maxrss_mb:7.0f} MiB"
               f"{'  (killed)' if m.killed else ''}", flush=True)
         return m
@@ -428,6 +430,13 @@ def run_count(folder: Path, n: int, labeled: int, args) -> dict:
     return out
 
 
+def _save_partial(result: dict, n: int, stages: dict, out: str) -> None:
+    """The measurements so far, next to `--out` (`<out>.partial`): hours of a run survive its end."""
+    partial = {**result, "runs": {**result["runs"], str(n): {"count": n, "stages": stages, "partial": True}}}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".partial").write_text(json.dumps(partial, indent=1) + "\n")
+
+
 def _combined(runs: list[Measured], images: int) -> dict:
     """A stage killed once and resumed: both processes' wall and CPU together, the larger RSS."""
     cpu = sum(m.cpu_s for m in runs)
@@ -442,8 +451,8 @@ def _combined(runs: list[Measured], images: int) -> dict:
 
 
 def _checkpoint_step(folder: Path, env: dict) -> int:
-    code = ("import torch, sys; c = torch.load(sys.argv[1], map_location='cpu', weights_only=False); "
-            "print(c['state']['step'])")
+    code = ("import sys; from pipeline.train.checkpoint import load_checkpoint; "
+            "print(load_checkpoint(sys.argv[1])['state']['step'])")
     out = subprocess.run([sys.executable, "-c", code, "runs/scale/checkpoints/last.pt"], cwd=folder, env=env,
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
@@ -648,7 +657,8 @@ def main(argv=None) -> dict:
     try:
         for n, labeled in counts:
             print(f"scale run: {n} images, {labeled} labeled -> {work / f'n{n}'}", flush=True)
-            result["runs"][str(n)] = run_count(work / f"n{n}", n, labeled, args)
+            result["runs"][str(n)] = run_count(work / f"n{n}", n, labeled, args,
+                                               progress=lambda stages, n=n: _save_partial(result, n, stages, args.out))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -659,6 +669,7 @@ def main(argv=None) -> dict:
     result["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out + ".partial").unlink(missing_ok=True)
     for goal in result["goals"]:
         print(f"{'met ' if goal['met'] else 'MISS'}  {goal['goal']}: {goal['measured']}")
     print(f"wall {result['wall_s']:.0f} s -> {args.out}")
