@@ -134,3 +134,78 @@ def test_a_delta_filter_chain_decodes_and_other_chains_are_left_to_zarr(tmp_path
     other = zarr.create_array(str(tmp_path / "o.zarr"), shape=data.shape, chunks=(1, 2, 5, 7), shards=(3, 2, 5, 7),
                               dtype="uint8", compressors=[BloscCodec(cname="zstd", clevel=3, typesize=1)])
     assert shard_reader.plan(other) is None
+
+
+@pytest.mark.parametrize("precision", ["fp16", "q1pct"])
+def test_open_views_keep_only_the_chosen_views_and_decode_into_place(stores, precision, monkeypatch):
+    """`open_shard_views` keeps each row's chosen view still compressed (fewer bytes than the shard
+    files hold at 3 views) and `decode_into` writes it into any row of a larger array, equal to
+    Zarr's read of that view; fill chunks of rows extraction skipped read as the fill value."""
+    import pathlib
+
+    store = TargetStore.open(stores[precision][0])
+    names = [n for n, s in store.arrays.items() if s.per_view]
+    k, count = 0, store.shard_rows(0)[1]
+    views = (np.arange(count) % store.views).astype(np.int64)
+    lazy = store.open_shard_views(k, names, views)
+    _, slow = _both(store, k, names, views, monkeypatch)
+    for name in names:
+        for part, rows in lazy[name].items():
+            assert isinstance(rows, shard_reader.ShardViews) and len(rows) == count
+            batch = np.full((count + 2,) + rows.row_shape, 7, dtype=rows.dtype)
+            for r in reversed(range(count)):  # any order, into rows 1.. of a bigger batch
+                rows.decode_into(r, batch[r + 1, ...])
+            np.testing.assert_array_equal(batch[1:count + 1], slow[name][part], err_msg=f"{name}/{part}")
+            assert (batch[0] == 7).all() and (batch[-1] == 7).all()
+            np.testing.assert_array_equal(rows[count - 1], slow[name][part][count - 1])
+    big = [(name, part) for name in names for part, rows in lazy[name].items() if rows.plan.chunk[1] == 1]
+    assert big  # parts chunked per view keep one view of 3 per row
+    for name, part in big:
+        key = schema.part_name(name, part)
+        on_disk = _shard_file(store.url, key, k, store._array(key).ndim)
+        assert lazy[name][part].data.nbytes < 0.5 * pathlib.Path(on_disk).stat().st_size, (name, part)
+
+
+def test_a_damaged_view_no_row_shows_still_stops_the_open(stores, tmp_path):
+    """Only the chosen views are kept, but every chunk's crc32c is checked when the shard opens."""
+    import shutil
+
+    url = str(tmp_path / "mim.zarr")
+    shutil.copytree(stores["fp16"][0], url)
+    store = TargetStore.open(url)
+    part = "relations"
+    arr = store._array(part)
+    plan = shard_reader.plan(arr)
+    assert plan.chunk[:2] == (1, 1)
+    path = _shard_file(url, part, 0, arr.ndim)
+    data = bytearray(path.read_bytes())
+    n = plan.shard[0] * plan.shard[1]
+    index = np.frombuffer(bytes(data[len(data) - n * 16 - 4:len(data) - 4]), "<u8").reshape(n, 2)
+    off = int(index[2 * 0 + 1][0])  # row 0's view 1 (chunks in C order over rows, views)
+    data[off + 8] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardDamagedError, match="crc32c"):
+        TargetStore.open(url).open_shard_views(0, [part], np.zeros(store.shard_rows(0)[1], dtype=np.int64))
+
+
+def test_batch_rows_are_decoded_into_shared_memory_in_a_worker(stores, monkeypatch):
+    """In a loader worker a piece's stacked rows live in shared memory (the DataLoader sends them to
+    the training process without a copy); in the main process plain memory; same values."""
+    import torch.utils.data
+
+    from pipeline.train.target_rows import StoredRow, stack_rows
+
+    store = TargetStore.open(stores["fp16"][0])
+    count = store.shard_rows(1)[1]
+    rows = store.open_shard_views(1, ["relations"], np.ones(count, np.int64))["relations"]["q"]
+    want = np.asarray(rows)[::-1]
+    picked = [StoredRow(rows, r) for r in reversed(range(count))]
+    main = stack_rows(picked)
+    assert not main.is_shared()
+    np.testing.assert_array_equal(main.numpy(), want)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    shared = stack_rows(picked)
+    assert shared.is_shared() and shared.dtype == main.dtype
+    np.testing.assert_array_equal(shared.numpy(), want)
+    scalars = stack_rows([np.int64(5), np.int64(6)])  # 0-d rows (indices, views) too
+    assert scalars.is_shared() and scalars.tolist() == [5, 6]

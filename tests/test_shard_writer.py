@@ -65,7 +65,7 @@ def test_extraction_writes_the_files_zarr_writes(tmp_path, precision, monkeypatc
         if spec.per_view:
             assert shard_reader.plan(store._array(name)) is not None, name
             chunk_views[name] = shard_reader.plan(store._array(name)).chunk[1]
-    # q1pct codes keep a row per chunk only in stores of <= 2 views (`schema.COMPACT_ROW_CHUNK_VIEWS`)
+    # large parts are chunked per view whatever their precision (q1pct codes included)
     assert chunk_views["relations"] == 1
     assert chunk_views["student_pixels"] == 1 and chunk_views["views"] == 3
     rel = store.read_shard(1, ["relations"])["relations"]
@@ -101,10 +101,10 @@ def test_encode_matches_zarr_for_delta_filters_index_first_and_empty_shards(tmp_
         shard_writer.encode(plan, np.zeros((4, 2, 5, 3), np.uint8))
 
 
-@pytest.mark.parametrize("precision,views,chunk_views", [("fp16", 2, 1), ("q1pct", 2, 2), ("q1pct", 3, 1)])
+@pytest.mark.parametrize("precision,views,chunk_views", [("fp16", 2, 1), ("q1pct", 2, 1), ("q1pct", 3, 1)])
 def test_chunks_per_view_rule(tmp_path, precision, views, chunk_views):
-    """Parts of >= VIEW_CHUNK_BYTES per view are chunked per view; q1pct codes only past
-    COMPACT_ROW_CHUNK_VIEWS views (bytes first at few views); small parts keep a row per chunk."""
+    """Parts of >= VIEW_CHUNK_BYTES per view are chunked per view, q1pct codes too (stage two shows
+    one view a row per epoch and decompresses only it); small parts keep a row per chunk."""
     from pipeline.targets.schema import ArraySpec
     from test_store import _attrs, _manifest
 

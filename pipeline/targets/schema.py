@@ -2,8 +2,8 @@
 
 Logical arrays (`ArraySpec`) are indexed [sample, view, *shape_tail] ([sample, *shape_tail] when
 `per_view=False`, e.g. `valid` [N]). Every per-view Zarr array is sharded (S, V, *tail) and chunked
-one view per chunk (1, 1, *tail) when a view holds >= VIEW_CHUNK_BYTES (q1pct parts only past
-COMPACT_ROW_CHUNK_VIEWS views), one sample per chunk (1, V, *tail) otherwise (per-sample arrays:
+one view per chunk (1, 1, *tail) when a view holds >= VIEW_CHUNK_BYTES, one sample per chunk
+(1, V, *tail) otherwise (per-sample arrays:
 chunk = shard = (S, *tail)), so Zarr shard k holds rows [k*S, k*S + count_k) exactly like tar shard k.
 
 Precision (per array; `pipeline.targets.quant` has the formulas and bounds):
@@ -61,13 +61,12 @@ COMPACT_BLOCK_BYTES = 65536
 # row (all views) per chunk. Stage two shows one view of a row per epoch: with a row per chunk it
 # decompressed all V views of every target to keep one (fp16 ViT-B row + pixels read in 0.18 vs
 # 0.20 ms, q1pct 0.36 vs 0.50). The small parts (views, masks) stay a row per chunk: Zarr reads them
-# whole (the discriminative extraction's views and masks), at a cost per chunk. q1pct's codes
-# ("compact": bytes first) stay a row per chunk in stores of up to COMPACT_ROW_CHUNK_VIEWS views:
-# chunks per view made them 0.3% larger (bench_precision, 2 views: 100.1 KB per view, over that
-# precision's 100 KB goal), while at 10 views a row per chunk decompressed all 10 to show one
-# (ViT-B relations: 1.97 against 0.59 ms per row, +0.6% bytes).
+# whole (the discriminative extraction's views and masks), at a cost per chunk. q1pct's codes too,
+# at any view count: a row per chunk kept them 0.3% smaller at 2 views (bench_precision: 99.8 against
+# 100.1 KB per view), but stage two then ran zstd over both views to show one, its largest host cost
+# (ViT-B q1pct MIM + disc rows at 2 views: 0.64 ms per image in Blosc); at 10 views a row per chunk
+# decompressed all 10 (ViT-B relations: 1.97 against 0.59 ms per row, +0.6% bytes).
 VIEW_CHUNK_BYTES = 4096
-COMPACT_ROW_CHUNK_VIEWS = 2
 # The student's pixels (uint8 patches of rendered views, lossless): Blosc zstd level 3, no shuffle.
 # Measured on rendered 224 px views of photos (67 patches, 2 views per row): numcodecs' delta filter
 # before zstd made them 18% smaller (54 vs 66 KB per row) but its decode (a cumulative sum) took
@@ -244,7 +243,7 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
         "views": int(views),
         "arrays": {n: s.to_json() for n, s in arrays.items()},
         "codec": (f"per-view arrays: shards (S, V, ...), chunks (1, 1, ...) for parts of >= {VIEW_CHUNK_BYTES} "
-                  f"bytes per view (q1pct's only past {COMPACT_ROW_CHUNK_VIEWS} views), else (1, V, ...); "
+                  f"bytes per view, else (1, V, ...); "
                   f"per-sample arrays: chunk = shard "
                   f"(S, ...); blosc byte shuffle + lz4 level {LZ4_LEVEL} for fp16/int8 targets, zstd level "
                   f"{COMPACT_ZSTD_LEVEL} with {COMPACT_BLOCK_BYTES // 1024} KiB blocks for q1pct codes, zstd level "
@@ -289,9 +288,8 @@ def create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> 
         dt = np.dtype(dtype)
         chunk_lead = (size,)
         if spec.per_view:
-            compact = spec.precision != quant.LOSSLESS and quant.codec(spec.precision).compression == "compact"
             big = dt.itemsize * int(np.prod(tail, dtype=np.int64)) >= VIEW_CHUNK_BYTES
-            chunk_lead = (1, 1) if big and (not compact or views > COMPACT_ROW_CHUNK_VIEWS) else (1, views)
+            chunk_lead = (1, 1) if big else (1, views)
         arr = group.create_array(
             part_name(name, part), shape=lead + tuple(tail), chunks=chunk_lead + tuple(tail),
             shards=shard_lead + tuple(tail), dtype=dt, **array_codecs(spec, dt),

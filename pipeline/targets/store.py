@@ -44,7 +44,6 @@ from pipeline.targets.schema import (SCHEMA_VERSION, ArraySpec, check_input, che
 from pipeline.urls import atomic_write_bytes, fs_and_path, is_local_fs
 
 _DONE_RE = re.compile(r"^(\d{6})\.json$")
-BLOCK_BYTES = 32 << 20  # read_shard_views: bytes of rows (all their views) read at a time
 
 def _zarr_store(url: str, mode: str):
     """A zarr store object: LocalStore for local paths and file:// URLs, FsspecStore otherwise."""
@@ -334,39 +333,17 @@ class TargetStore:
 
     def read_shard_views(self, k: int, names: Iterable[str], view_of_row: np.ndarray,
                          block: int | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """One view per row of a finished shard, still encoded: {name: {part: [count_k, *tail]}}.
+        """`open_shard_views` as arrays: {name: {part: [count_k, *tail]}}, still encoded."""
+        return {n: {p: np.asarray(v) for p, v in parts.items()}
+                for n, parts in self.open_shard_views(k, names, view_of_row, block).items()}
 
-        `view_of_row` int [count_k] names the view each row keeps. Rows are read `block` at a time
-        (through Zarr a chunk may hold every view of a sample), so memory holds one view per row plus one block of all
-        views, never the whole shard's V views; decode rows with `decode_rows`. Per-view arrays only.
-        block None: as many rows as hold BLOCK_BYTES of all their views, at least 64 (a shard of small
-        rows is one read: Zarr's cost per call made blocks of 64 take 1.5-1.7x as long as one read of 1,024).
-        """
-        names = self._names(names)
-        integrity.verified_marker(self, k, names)
-        first, count = self.shard_rows(k)
-        views = np.asarray(view_of_row, dtype=np.int64).reshape(-1)
-        if views.shape != (count,) or (count and (views.min() < 0 or views.max() >= self.views)):
-            raise StoreError(f"shard {k}: view_of_row must hold {count} view ids in [0, {self.views})")
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for name in names:
-            if not self.arrays[name].per_view:
-                raise StoreError(f"array {name!r} of {self.url} is per sample, not per view")
-            out[name] = {}
-            for p in stored_parts(self.arrays[name]):
-                arr = self._array(part_name(name, p))
-                fast = shard_reader.plan(arr)
-                if fast is not None:  # the whole shard object in one read, no per-chunk Zarr calls
-                    out[name][p] = shard_reader.read_views(self, name, part_name(name, p), fast, k, count, views)
-                    continue
-                pieces = []
-                step = block or max(64, BLOCK_BYTES // (arr.dtype.itemsize * int(np.prod(arr.shape[1:])) or 1))
-                for a in range(0, count, step):
-                    with integrity.reading(self, k, name):
-                        rows = arr[first + a : first + min(count, a + step)]  # [b, V, ...]
-                    pieces.append(rows[np.arange(len(rows)), views[a : a + len(rows)]])
-                out[name][p] = np.concatenate(pieces) if pieces else np.zeros((0,) + arr.shape[2:], arr.dtype)
-        return out
+    def open_shard_views(self, k: int, names: Iterable[str], view_of_row: np.ndarray,
+                         block: int | None = None) -> dict[str, dict[str, shard_reader.RowViews]]:
+        """One view per row of a finished shard, still encoded: {name: {part: rows}}, where `rows`
+        gives row r with `rows[r]` or `rows.decode_into(r, out)`; decode with `decode_rows`.
+        `view_of_row` int [count_k] names the view each row keeps. Per-view arrays only. How they
+        are read and checked: `shard_reader.open_shard_views`."""
+        return shard_reader.open_shard_views(self, k, self._names(names), view_of_row, block)
 
     def decode_rows(self, name: str, parts: Mapping[str, np.ndarray]) -> np.ndarray:
         """float32 (lossy arrays) or stored dtype of encoded `parts` of array `name` (any leading selection)."""

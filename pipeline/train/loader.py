@@ -60,7 +60,7 @@ from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, sources_of, 
 from pipeline.train.row_sources import FreshViews, OnlineViews, RowSource, StoredRows
 from pipeline.train.shard_rows import encoded_arrays, stored_pixels
 from pipeline.train.target_rows import (TARGETS, TOKENS, DeviceWork, EncodedArray, finish_targets, pack,
-                                         place_stored_patches)
+                                         place_stored_patches, stack_rows)
 
 # The loader's public face: the plan's step count and view choice are part of its contract.
 __all__ = ["LoaderConfig", "RunLoader", "EpochLoader", "build_loader", "steps_per_epoch", "choose_view", "plan_epoch"]
@@ -164,8 +164,8 @@ def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...]) -> d
             out.update(pack(key, vals))
         elif isinstance(vals[0], torch.Tensor):
             out[key] = torch.stack(vals)
-        else:
-            out[key] = torch.from_numpy(np.stack(vals))
+        else:  # stored rows decompressed into place, in shared memory in a worker (`stack_rows`)
+            out[key] = stack_rows(vals)
     return out
 
 

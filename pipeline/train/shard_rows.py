@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, StoreError
 from pipeline.train.plan import scheduled_view
 from pipeline.train.resample import token_positions, token_subset
 from pipeline.train.sources import Sources, open_store
-from pipeline.train.target_rows import PATCH_IDS, PATCHES, EncodedArray
+from pipeline.train.target_rows import PATCH_IDS, PATCHES, EncodedArray, StoredRow
 
 PIXELS = "student_pixels"  # the MIM store array of the student's uint8 patches [N, V, K, 3, p, p]
 
@@ -75,12 +75,12 @@ class ShardRows:
         view_names = ["views"] + {"progressive": ["keep_progressive"], "direct": ["keep_direct"]}.get(cfg.masking, [])
         view_names += [PIXELS] if pixels else []
         self.parts = {name: (src.view_store, parts) for name, parts in
-                      open_store(src.view_store).read_shard_views(k, view_names, self.view_of_row).items()}
+                      open_store(src.view_store).open_shard_views(k, view_names, self.view_of_row).items()}
         for array in arrays:
-            got = open_store(array.store).read_shard_views(k, [array.name], self.view_of_row)
+            got = open_store(array.store).open_shard_views(k, [array.name], self.view_of_row)
             self.parts[array.key] = (array.store, got[array.name])
         for name, (_, parts) in self.parts.items():
-            rows = next(iter(parts.values())).shape[0]
+            rows = len(next(iter(parts.values())))
             if rows != count:
                 raise StoreError(f"store shard {k} array {name} has {rows} rows, manifest says {count}")
 
@@ -89,9 +89,10 @@ class ShardRows:
         url, parts = self.parts[name]
         return open_store(url).decode_rows(name, {p: a[local] for p, a in parts.items()})
 
-    def encoded(self, key: str, local: int) -> dict[str, np.ndarray]:
-        """Row `local` of target `key`, still encoded: {part: array}."""
-        return {p: a[local] for p, a in self.parts[key][1].items()}
+    def encoded(self, key: str, local: int) -> dict[str, StoredRow]:
+        """Row `local` of target `key`, still encoded and compressed: {part: StoredRow}, decompressed
+        into the batch by `target_rows.pack`."""
+        return {p: StoredRow(a, local) for p, a in self.parts[key][1].items()}
 
     def stored_keep(self, local: int, index: int, view: int) -> np.ndarray:
         """int64 [n_keep] (or [P] for masking none) sorted kept patch indices of the stored view."""
@@ -109,14 +110,16 @@ class ShardRows:
     def sample(self, local: int, index: int, view: int) -> dict:
         """{"keep_index": int64 [n], "_tok": positions on the stored token axis or None, each
         target's encoded row under its key, and with stored pixels `_patches` uint8 [K, 3, p, p]
-        with their patch ids `_patch_ids` [K]}."""
+        with their patch ids `_patch_ids` [K]}; targets and patches as `StoredRow`s, decompressed when
+        the piece is stacked (`target_rows.stack_rows`)."""
         keep = self.stored_keep(local, index, view)
         out = {}
         if self.pixels:
             # A kept-token store serves masking progressive only (`resolve_sources`): its patches are
             # those of keep_progressive; a store of every token holds all P in raster order.
             where = keep if self.src.tokens == "kept" else np.arange(self.src.num_patches, dtype=np.int64)
-            out[PATCHES] = torch.from_numpy(np.ascontiguousarray(self._row(PIXELS, local)))
+            (stored,) = self.parts[PIXELS][1].values()  # lossless: its one part is the values
+            out[PATCHES] = StoredRow(stored, local)
             out[PATCH_IDS] = torch.from_numpy(where)
         # Token positions inside the stored token axis: a kept-token store is [CLS]+kept already.
         tok = None if self.src.tokens == "kept" else token_positions(keep)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -66,9 +67,45 @@ def finish_batch(batch: dict, work: DeviceWork) -> dict:
     return finish_targets(place_stored_patches(batch, work.grid), work.arrays)
 
 
-def pack(key: str, rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+class StoredRow(NamedTuple):
+    """Row `r` of a shard's stored part (`shard_reader.RowViews`, still compressed): decoded only
+    when its batch is built, straight into its place (`stack_rows`)."""
+
+    rows: Any
+    r: int
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """An empty tensor for a batch; in a loader worker in shared memory, where the DataLoader would
+    otherwise copy it to send it to the training process (what torch's `default_collate` does too)."""
+    from torch.utils.data import get_worker_info
+
+    tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=tdtype)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return torch.empty(0, dtype=tdtype).set_(storage, 0, shape)
+
+
+def stack_rows(values: list) -> torch.Tensor:
+    """[B, ...] of one entry of a piece's rows: `StoredRow`s decompressed into their places (a value
+    is written once between the stored bytes and the batch), arrays and numbers copied."""
+    first = values[0]
+    shape, dtype = ((first.rows.row_shape, first.rows.dtype) if isinstance(first, StoredRow)
+                    else (np.shape(first), np.asarray(first).dtype))
+    out = _batch_tensor((len(values),) + tuple(shape), np.dtype(dtype))
+    dst = out.numpy()
+    for i, v in enumerate(values):
+        if isinstance(v, StoredRow):
+            v.rows.decode_into(v.r, dst[i, ...])  # a view also of 0-d rows
+        else:
+            dst[i, ...] = v
+    return out
+
+
+def pack(key: str, rows: list[dict[str, StoredRow | np.ndarray]]) -> dict[str, torch.Tensor]:
     """Batch entries of one target from the encoded parts of each row: {`_enc.key.part`: [B, ...]}."""
-    return {f"{ENCODED}{key}.{p}": torch.from_numpy(np.stack([r[p] for r in rows])) for p in rows[0]}
+    return {f"{ENCODED}{key}.{p}": stack_rows([r[p] for r in rows]) for p in rows[0]}
 
 
 def _store(url: str):
