@@ -214,3 +214,47 @@ def _take_and_hold(url: str, seconds: float) -> str:
             return "held"
     except LockError:
         return "refused"
+
+
+def test_later_epochs_fetch_only_the_shown_views_of_an_object(s3, tmp_path, monkeypatch):
+    """A store on S3 with chunks per view: a shard object's first open fetches it whole (every chunk
+    checked), later opens fetch its index and the shown views' chunks in ranged GETs, a third of the
+    bytes at 3 views, with the same values as the local store's."""
+    from pipeline import urls
+    from pipeline.targets import schema, shard_reader
+    from pipeline.targets.store import TargetStore
+    from stages.extract import ExtractConfig, extract
+    from stages.shard import ShardConfig, shard
+
+    monkeypatch.setattr(schema, "VIEW_CHUNK_BYTES", 256)  # ViT-B rows are chunked per view; these tiny ones too
+    monkeypatch.setattr(shard_reader, "RANGE_GAP", 0)  # a GET per chunk: the count says which were fetched
+    images = _tree(tmp_path / "images", classes=2, per_class=8)
+    manifest = str(shard(ShardConfig(input=str(images), name="r", out_dir=str(tmp_path / "shards"), shard_size=8,
+                                     manifest=str(tmp_path / "r.json"), progress=False)))
+    local = extract(ExtractConfig(manifest=manifest, teacher="timm:vit_tiny_patch16_224", role="mim",
+                                  random_init=True, model_kwargs={"img_size": 32, "patch_size": 8, "depth": 3},
+                                  out=str(tmp_path / "mim.zarr"), views=3, batch_size=16, device="cpu",
+                                  progress=False))
+    s3["fs"].put(local, "hdpipe/ranged/mim.zarr", recursive=True)
+    remote = TargetStore.open("s3://hdpipe/ranged/mim.zarr")
+    assert shard_reader.plan(remote._array("relations")).chunk[:2] == (1, 1)
+    fetched: list[int] = []
+    fs = urls.fs_and_path(remote.url)[0]  # the reader's filesystem object (s3fs mirrors its methods per instance)
+    cat_ranges = fs.cat_ranges
+
+    def counted(paths, starts, ends, *a, **k):
+        fetched.extend(e - s for s, e in zip(starts, ends))
+        return cat_ranges(paths, starts, ends, *a, **k)
+
+    monkeypatch.setattr(fs, "cat_ranges", counted)
+    count = remote.shard_rows(1)[1]
+    for epoch in range(3):
+        views = np.random.default_rng(epoch).integers(0, 3, count)
+        got = remote.read_shard_views(1, ["relations"], views)["relations"]["q"]
+        want = TargetStore.open(local).read_shard_views(1, ["relations"], views)["relations"]["q"]
+        np.testing.assert_array_equal(got, want)
+        if epoch == 0:
+            assert not fetched  # whole, in one GET
+    obj = next(p for p in s3["fs"].find("hdpipe/ranged/mim.zarr/relations/c") if "/c/1/" in p)
+    assert len(fetched) == 2 * count  # epochs 1 and 2: one chunk per row
+    assert sum(fetched) < 0.8 * s3["fs"].size(obj)

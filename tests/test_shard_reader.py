@@ -166,8 +166,11 @@ def test_open_views_keep_only_the_chosen_views_and_decode_into_place(stores, pre
         assert lazy[name][part].data.nbytes < 0.5 * pathlib.Path(on_disk).stat().st_size, (name, part)
 
 
-def test_a_damaged_view_no_row_shows_still_stops_the_open(stores, tmp_path):
-    """Only the chosen views are kept, but every chunk's crc32c is checked when the shard opens."""
+def test_damage_in_any_view_stops_the_first_open_and_later_the_open_that_shows_it(stores, tmp_path):
+    """A shard file's first open in a process checks every chunk's crc32c, before any row is used;
+    later opens of the same file check (and read) only the chunks of the views they show, so bit rot
+    in a view no row shows passes until an epoch shows it, and then stops that open."""
+    import os
     import shutil
 
     url = str(tmp_path / "mim.zarr")
@@ -178,14 +181,34 @@ def test_a_damaged_view_no_row_shows_still_stops_the_open(stores, tmp_path):
     plan = shard_reader.plan(arr)
     assert plan.chunk[:2] == (1, 1)
     path = _shard_file(url, part, 0, arr.ndim)
-    data = bytearray(path.read_bytes())
+    pristine = path.read_bytes()
     n = plan.shard[0] * plan.shard[1]
-    index = np.frombuffer(bytes(data[len(data) - n * 16 - 4:len(data) - 4]), "<u8").reshape(n, 2)
-    off = int(index[2 * 0 + 1][0])  # row 0's view 1 (chunks in C order over rows, views)
-    data[off + 8] ^= 0x01
-    path.write_bytes(bytes(data))
+    index = np.frombuffer(pristine[len(pristine) - n * 16 - 4:len(pristine) - 4], "<u8").reshape(n, 2)
+    off = int(index[store.views - 1][0])  # row 0, its last view (chunks in C order over rows, views)
+    damaged = bytearray(pristine)
+    damaged[off + 8] ^= 0x01
+    count = store.shard_rows(0)[1]
+    views = np.zeros(count, dtype=np.int64)
+
+    def rot(data: bytes) -> None:  # the same file (inode, size, mtime) with other bytes: silent bit rot
+        st = path.stat()
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    rot(bytes(damaged))
+    with pytest.raises(ShardDamagedError, match="crc32c"):  # first open: every chunk, shown or not
+        TargetStore.open(url).open_shard_views(0, [part], views)
+    rot(pristine)
+    TargetStore.open(url).open_shard_views(0, [part], views)  # now checked whole once
+    rot(bytes(damaged))
+    got = TargetStore.open(url).read_shard_views(0, [part], views)[part]["q"]  # view 0 only: not read
+    assert got.shape[0] == count
+    views[0] = store.views - 1
     with pytest.raises(ShardDamagedError, match="crc32c"):
-        TargetStore.open(url).open_shard_views(0, [part], np.zeros(store.shard_rows(0)[1], dtype=np.int64))
+        TargetStore.open(url).open_shard_views(0, [part], views)
+    from pipeline.targets import integrity
+
+    assert integrity.check_content(TargetStore.open(url), 0) is not None
 
 
 def test_batch_rows_are_decoded_into_shared_memory_in_a_worker(stores, monkeypatch):

@@ -1,16 +1,20 @@
-"""Whole Zarr shard objects read in one request and decoded chunk by chunk, without Zarr's per-chunk
+"""Zarr shard objects read whole (or by range) and decoded chunk by chunk, without Zarr's per-chunk
 machinery: stage two's read path (`TargetStore.open_shard_views`, `read_shard_views`).
 
 Zarr 3 costs ~0.5 ms of CPU per chunk outside the codecs themselves (its async pipeline, selection
 and buffer objects), about as much as decompressing a ViT-B row of fp16 relations; a q1pct target is
-six stored parts, so six chunks per row. A loader reads every row of a shard, so here one shard
-object is read whole (one `open().read()` locally, one GET on an object store) and its inner chunks
-are decoded straight with the codecs the store declared: the shard index (Zarr v3 `sharding_indexed`:
-n x (offset, nbytes) uint64 + crc32c), then per chunk crc32c, Blosc, an optional numcodecs delta
-filter. Only the chunks of the rows asked for are kept, still compressed (`ShardViews`), and each
-is decompressed when its row is used, straight into the row's place in the batch (the loader's
-batches live in shared memory, so the trip to the training process copies nothing): a value is
-written once on the host between the file and the batch.
+six stored parts, so six chunks per row. A loader reads every row of a shard, so here a shard object
+is opened once (a local file mapped, an object fetched in one GET, or by ranges once checked) and
+its inner chunks are decoded straight with the codecs the store declared: the shard index (Zarr v3
+`sharding_indexed`: n x (offset, nbytes) uint64 + crc32c), then per chunk crc32c, Blosc, an optional
+numcodecs delta filter.
+
+Only the chunks holding the views shown are kept, still compressed (`ShardViews`), and each is
+decompressed when its row is used, straight into the row's place in the batch (the loader's batches
+live in shared memory, so the trip to the training process copies nothing): a value is written once
+on the host between the file and the batch. A file's first open in a process checks every chunk's
+crc32c; later opens check and read only the chunks they keep, so with chunks per view an epoch reads
+one view's bytes per row whatever the number of views stored.
 
 Only the codec chains hdpipe writes are decoded here (`plan` says which; anything else is read by
 Zarr itself, so an older or foreign store still reads). Every checksum Zarr would check is checked:
@@ -36,6 +40,11 @@ from pipeline.targets.schema import part_name, stored_parts
 if TYPE_CHECKING:
     from pipeline.targets.store import TargetStore
 
+# Shard files whose every chunk this process checked (local: path, size, mtime, inode; an object:
+# its path): damage anywhere stops the first epoch that opens a shard, and later opens check (and
+# read) only the chunks they use. A rewritten local file is a new version, checked whole again.
+_WHOLE_CHECKED: set[tuple] = set()
+RANGE_GAP = 1 << 20  # ranged GETs of an object's chunks: chunks closer than this are one request
 BLOCK_BYTES = 32 << 20  # parts Zarr reads: bytes of rows (all their views) read at a time
 _EMPTY = 2**64 - 1  # offset and length of a chunk the shard does not hold (read as the fill value)
 
@@ -140,30 +149,114 @@ def read_views(store: "TargetStore", name: str, part_key: str, shard_plan: Shard
 def open_views(store: "TargetStore", name: str, part_key: str, shard_plan: ShardPlan, k: int, count: int,
                views: np.ndarray) -> "ShardViews":
     """Rows 0..count-1 of shard k of one stored part, the view `views[r]` of each, checked and kept
-    compressed (`ShardViews`): every chunk's crc32c is checked here, before any row is used, and
-    only the chunks holding a chosen view are kept. Raises ShardDamagedError on any mismatch."""
+    compressed (`ShardViews`): the crc32c of every chunk holding a chosen view is checked here,
+    before any row is used, and only those chunks are kept (a file's first open in this process
+    checks every chunk: `_WHOLE_CHECKED`). Raises ShardDamagedError on a mismatch.
+
+    A local file is mapped, so only the chunks checked or kept are read. An object is fetched whole
+    at its first open, then (chunks per view) its index and the chosen chunks only, in ranged GETs
+    that merge chunks less than RANGE_GAP apart: at 10 views an epoch reads a tenth of the store."""
     from pipeline import urls
 
     fs, root = urls.fs_and_path(store.url)
+    path = object_path(root, part_key, shard_plan, k)
+    rows = np.arange(count)
+    shown = np.asarray(views[:count], dtype=np.int64)
+    rows_per_chunk, views_per_chunk = shard_plan.chunk[:2]
+    chunk_of_row = (rows // rows_per_chunk) * chunk_grid(shard_plan)[1] + shown // views_per_chunk
+    within = (rows % rows_per_chunk) * views_per_chunk + shown % views_per_chunk
+    chosen, slot = np.unique(chunk_of_row, return_inverse=True)
     try:
-        data = _shard_bytes(fs, object_path(root, part_key, shard_plan, k))
+        if urls.is_local_fs(fs) or (path,) not in _WHOLE_CHECKED or views_per_chunk > 1:
+            data, version = _shard_bytes(fs, path)
+            offsets = _index(store, name, part_key, shard_plan, k, data)
+            if version not in _WHOLE_CHECKED:
+                for off, nbytes in offsets.tolist():
+                    if off != _EMPTY and not _crc_ok(data, off, nbytes):
+                        raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
+                _WHOLE_CHECKED.add(version)
+            bodies = [None if offsets[c][0] == _EMPTY else data[int(offsets[c][0]):int(offsets[c].sum())]
+                      for c in chosen.tolist()]
+        else:
+            offsets, bodies = _fetch_chunks(store, name, part_key, shard_plan, k, fs, path, chosen)
     except FileNotFoundError:
         raise integrity.damaged(store, k, name, f"its file {part_key} is missing") from None
-    return _checked_views(store, name, part_key, shard_plan, k, count, views, data)
+    # The chosen chunks (those holding a row's shown view), each once: crc32c checked, all of them
+    # before any row is used, as Zarr checks each chunk it reads; their bodies copied back to back.
+    spans = np.full((len(chosen), 2), -1, dtype=np.int64)
+    kept, start = [], 0
+    for i, body in enumerate(bodies):
+        if body is None:
+            continue
+        if not _crc_ok(body, 0, len(body)):
+            raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
+        kept.append(body[:-4])
+        spans[i] = (start, len(body) - 4)
+        start += len(body) - 4
+    data = np.concatenate(kept) if kept else np.zeros(0, dtype=np.uint8)
+    return ShardViews(shard_plan, data, spans[slot.reshape(-1)], within)
 
 
-def _shard_bytes(fs, path: str) -> np.ndarray:
-    """The shard object's bytes as read-only uint8: a local file mapped (its chunks are checked in
-    place and the wanted ones copied out, so the whole file is never copied), anything else fetched
-    in one request."""
+def _shard_bytes(fs, path: str) -> tuple[np.ndarray, tuple]:
+    """The shard object's bytes as read-only uint8, and what identifies this version of the file
+    (`_WHOLE_CHECKED`): a local file mapped, anything else fetched in one request."""
     from pipeline import urls
 
     if not urls.is_local_fs(fs):
-        return np.frombuffer(fs.cat_file(path), dtype=np.uint8)
+        return np.frombuffer(fs.cat_file(path), dtype=np.uint8), (path,)
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return np.zeros(0, dtype=np.uint8)
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        st = os.fstat(f.fileno())
+        version = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+        if st.st_size == 0:
+            return np.zeros(0, dtype=np.uint8), version
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8), version
+
+
+def _index_bytes(shard_plan: ShardPlan) -> int:
+    grid = chunk_grid(shard_plan)
+    return grid[0] * grid[1] * 16 + 4
+
+
+def _index(store, name: str, part_key: str, shard_plan: ShardPlan, k: int, data: np.ndarray,
+           whole: bool = True) -> np.ndarray:
+    """uint64 [chunks, 2] (offset, nbytes) of the shard index in `data` (the whole object, or with
+    `whole` False the index's bytes alone), its crc32c checked."""
+    n = _index_bytes(shard_plan)
+    if len(data) < n:
+        raise integrity.damaged(store, k, name, f"its file {part_key} is shorter than its shard index")
+    at = len(data) - n if whole and shard_plan.index_at_end else 0
+    if not _crc_ok(data, at, n):
+        raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
+    return data[at:at + n - 4].view("<u8").reshape(-1, 2)
+
+
+def _fetch_chunks(store, name: str, part_key: str, shard_plan: ShardPlan, k: int, fs, path: str,
+                  chosen: np.ndarray) -> tuple[np.ndarray, list]:
+    """The index and the chosen chunks' bytes of an object already checked whole, in ranged GETs:
+    the index (a suffix or prefix range), then the chunks, merged where less than RANGE_GAP apart."""
+    n = _index_bytes(shard_plan)
+    raw = fs.cat_file(path, start=-n) if shard_plan.index_at_end else fs.cat_file(path, start=0, end=n)
+    offsets = _index(store, name, part_key, shard_plan, k, np.frombuffer(raw, dtype=np.uint8), whole=False)
+    wanted = sorted((int(offsets[c][0]), int(offsets[c].sum())) for c in chosen.tolist()
+                    if offsets[c][0] != _EMPTY)
+    ranges: list[list[int]] = []
+    for lo, hi in wanted:
+        if ranges and lo - ranges[-1][1] < RANGE_GAP:
+            ranges[-1][1] = max(ranges[-1][1], hi)
+        else:
+            ranges.append([lo, hi])
+    fetched = fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]) if ranges else []
+    pieces = [(lo, np.frombuffer(got, dtype=np.uint8)) for (lo, _), got in zip(ranges, fetched)]
+    bodies = []
+    for c in chosen.tolist():
+        off, nbytes = int(offsets[c][0]), int(offsets[c][1])
+        if off == _EMPTY:
+            bodies.append(None)
+            continue
+        lo, piece = next(p for p in reversed(pieces) if p[0] <= off)
+        body = piece[off - lo:off - lo + nbytes]
+        bodies.append(body if len(body) == nbytes else body[:0])  # short: the object shrank, fails its crc
+    return offsets, bodies
 
 
 def chunk_grid(shard_plan: ShardPlan) -> tuple[int, int]:
@@ -177,41 +270,6 @@ def _crc_ok(data: np.ndarray, off: int, nbytes: int) -> bool:
         return False
     stored = int.from_bytes(data[off + nbytes - 4:off + nbytes].tobytes(), "little")
     return google_crc32c.value(data[off:off + nbytes - 4]) == stored
-
-
-def _checked_views(store, name: str, part_key: str, shard_plan: ShardPlan, k: int, count: int, views: np.ndarray,
-                   data: np.ndarray) -> "ShardViews":
-    rows_per_chunk, views_per_chunk = shard_plan.chunk[:2]
-    grid = chunk_grid(shard_plan)
-    n_chunks = grid[0] * grid[1]
-    index_bytes = n_chunks * 16 + 4
-    if len(data) < index_bytes:
-        raise integrity.damaged(store, k, name, f"its file {part_key} is shorter than its shard index")
-    at = len(data) - index_bytes if shard_plan.index_at_end else 0
-    if not _crc_ok(data, at, index_bytes):
-        raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
-    offsets = data[at:at + index_bytes - 4].view("<u8").reshape(n_chunks, 2)
-    # Every chunk's crc32c is checked, also of views this epoch does not show (~9 GB/s, against
-    # ~1 GB/s to decompress): a damaged byte anywhere stops the run as a Zarr read of the row would.
-    for off, nbytes in offsets.tolist():
-        if off != _EMPTY and not _crc_ok(data, off, nbytes):
-            raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
-    rows = np.arange(count)
-    chunk_of_row = (rows // rows_per_chunk) * grid[1] + np.asarray(views[:count], dtype=np.int64) // views_per_chunk
-    within = (rows % rows_per_chunk) * views_per_chunk + np.asarray(views[:count], dtype=np.int64) % views_per_chunk
-    # The chosen chunks' bodies (crc32c off), each once, copied back to back: a row holds one chunk's
-    # compressed bytes, never its shard's other views, and the mapping is released with `data`.
-    chosen, slot = np.unique(chunk_of_row, return_inverse=True)
-    spans = np.full((len(chosen), 2), -1, dtype=np.int64)
-    bodies, start = [], 0
-    for i, c in enumerate(chosen.tolist()):
-        off, nbytes = (int(v) for v in offsets[c])
-        if off != _EMPTY:
-            bodies.append(data[off:off + nbytes - 4])
-            spans[i] = (start, nbytes - 4)
-            start += nbytes - 4
-    kept = np.concatenate(bodies) if bodies else np.zeros(0, dtype=np.uint8)
-    return ShardViews(shard_plan, kept, spans[slot.reshape(-1)], within)
 
 
 class ShardViews:
