@@ -3,9 +3,10 @@
 Two parts:
 
 - `codecs`: lossless Zarr codecs on rendered uint8 views laid out as the store lays them out
-  ([N, V, K, 3, p, p], chunk (1, V, ...), one shard): the other arrays' codec (Blosc zstd 3, no
-  shuffle), Blosc bitshuffle (the best in the Zarr v3 core spec), plain zstd 9, and numcodecs' delta
-  filter before zstd 3 (`schema.PIXEL_CODEC`, the one chosen) or zstd 9. Inputs: crops of the bundled
+  ([N, V, K, 3, p, p], chunk (1, V, ...), one shard): the two codecs stores use
+  (`schema.pixel_compression`: Blosc zstd 3 in q1pct stores, lz4 in fp16/int8 ones, no shuffle),
+  Blosc bitshuffle (the best in the Zarr v3 core spec), plain zstd 9, and numcodecs' delta filter
+  before zstd 3 or 9 (once chosen, dropped for its decode time: `schema.py`). Inputs: crops of the bundled
   sample rendered at the demo teacher's 64 px (8 px patches, 22 of 64 kept) and at 224 px (16 px
   patches, 67 of 196 kept); scikit-image's full photos rendered at 224 px (67 kept, and all 196).
   Kept patches are a random set here (the masks need a teacher; any K patches compress alike).
@@ -46,8 +47,10 @@ def _blosc(level: int, shuffle: str) -> BloscCodec:
 
 
 CODECS = {
-    "blosc zstd3 noshuffle (PIXEL_CODEC)": schema.array_codecs(schema.ArraySpec((1,), "uint8", pixels=True),
-                                                               np.dtype(np.uint8)),
+    "blosc zstd3 noshuffle (q1pct stores)": schema.array_codecs(schema.ArraySpec((1,), "uint8", pixels=True),
+                                                                np.dtype(np.uint8), "q1pct"),
+    "blosc lz4 noshuffle (fp16/int8 stores)": schema.array_codecs(schema.ArraySpec((1,), "uint8", pixels=True),
+                                                                  np.dtype(np.uint8), "fp16"),
     "blosc zstd3 bitshuffle": {"compressors": [_blosc(3, "bitshuffle"), Crc32cCodec()]},
     "zstd9": {"compressors": [ZstdCodec(level=9), Crc32cCodec()]},
     "delta + blosc zstd3": {"filters": [Delta(dtype="uint8")], "compressors": [_blosc(3, "noshuffle"), Crc32cCodec()]},

@@ -113,3 +113,19 @@ def test_chunks_per_view_rule(tmp_path, precision, views, chunk_views):
     store = TargetStore.create(str(tmp_path / "s.zarr"), _attrs(precision), specs, _manifest(8, 4), views)
     assert store._array("relations").chunks[:2] == (1, chunk_views)
     assert store._array("views").chunks[:2] == (1, views)
+
+
+@pytest.mark.parametrize("precision,cname", [("fp16", "lz4"), ("int8", "lz4"), ("q1pct", "zstd")])
+def test_pixels_follow_their_stores_trade(tmp_path, precision, cname):
+    """Student pixels are lz4 in decode-speed-first stores (fp16, int8), zstd in q1pct's bytes-first
+    ones; the store's codec attribute says which, and the shard writer writes the same bytes."""
+    from pipeline.targets.schema import PIXEL_CODECS, ArraySpec
+    from test_store import _attrs, _manifest
+
+    specs = {"student_pixels": ArraySpec((3, 3, 4, 4), "uint8", pixels=True), "views": ArraySpec((5,), "float32"),
+             "valid": ArraySpec((), "bool", per_view=False)}
+    store = TargetStore.create(str(tmp_path / "s.zarr"), _attrs(precision), specs, _manifest(8, 4), 2)
+    blosc = store._array("student_pixels").metadata.codecs[0].codecs[1]
+    assert blosc.cname.value == cname and blosc.shuffle.value == "noshuffle"
+    assert PIXEL_CODECS["fast" if cname == "lz4" else "zstd"] in store.attrs["codec"]
+    assert shard_reader.plan(store._array("student_pixels")).blosc[0] == cname.encode()

@@ -4,7 +4,7 @@ Without them stage two decodes every JPEG, crops, resizes and flips it (`render_
 step. A MIM store made with `--student-pixels` (the default for new stores) holds instead, per
 view, the patches of its stored token set exactly as that render gives them:
 
-    student_pixels  uint8 [N, V, K, 3, p, p]   precision exact, lossless (`schema.PIXEL_CODEC`)
+    student_pixels  uint8 [N, V, K, 3, p, p]   precision exact, lossless (`schema.pixel_compression`)
 
 K: tokens "kept" -> the n_keep patches of `keep_progressive`, in its order (sorted patch ids);
 tokens "all" -> every patch, in raster order. p = img_size / grid, the student's patch side.

@@ -21,8 +21,8 @@ exact arrays, then a crc32c of the compressed bytes, per chunk (Zarr v3 core cod
 With the shard index's own crc32c (Zarr's default) every byte of a shard file is checksummed, and
 Zarr (or stage two's `shard_reader`) checks it on every read; the done marker adds each file's
 length, which catches a missing or truncated file (Zarr would read a missing one as fill values).
-Arrays of image patches (`pixels`: the student's uint8 views) are zstd level 3 without shuffle
-(`PIXEL_CODEC`).
+Arrays of image patches (`pixels`: the student's uint8 views) follow their store's trade, without
+shuffle (`pixel_compression`, `PIXEL_CODECS`): lz4 in fp16/int8 stores, zstd level 3 in q1pct ones.
 
 The `hdpipe` group attribute holds the caller's settings (`REQUIRED_ATTRS` must be present) plus
 what the store adds itself (`STORE_ATTRS`): schema version, manifest digest, counts, each array's
@@ -67,12 +67,15 @@ COMPACT_BLOCK_BYTES = 65536
 # (ViT-B q1pct MIM + disc rows at 2 views: 0.64 ms per image in Blosc); at 10 views a row per chunk
 # decompressed all 10 (ViT-B relations: 1.97 against 0.59 ms per row, +0.6% bytes).
 VIEW_CHUNK_BYTES = 4096
-# The student's pixels (uint8 patches of rendered views, lossless): Blosc zstd level 3, no shuffle.
+# The student's pixels (uint8 patches of rendered views, lossless), no shuffle, by their store's trade.
 # Measured on rendered 224 px views of photos (67 patches, 2 views per row): numcodecs' delta filter
 # before zstd made them 18% smaller (54 vs 66 KB per row) but its decode (a cumulative sum) took
-# 0.32 ms per row against 0.08: stage two reads every row every epoch, so the plain codec; lz4 reads in
-# 0.01 ms but is 17% bigger again (77 KB).
-PIXEL_CODEC = "blosc zstd level 3, no shuffle, crc32c per chunk"
+# 0.32 ms per row against 0.08: stage two reads every row every epoch, so no filter. Per view of
+# bench_host's ViT-B stores (51 KB raw): zstd 3 33.5 KB, encoded in 0.39 ms and decoded in 0.069;
+# lz4 38.4 KB in 0.029 / 0.012 ms. fp16 and int8 stores put decode speed first (their targets are
+# lz4), so their pixels are lz4: 1.5% more bytes per fp16 view for 0.36 ms less extraction host work
+# per view and 0.06 ms less stage-two host work per image; q1pct stores put bytes first: zstd 3.
+PIXEL_CODECS = {"fast": "blosc lz4 level 5, no shuffle", "zstd": "blosc zstd level 3, no shuffle"}
 # lz4 level of fp16 / int8 parts (`codecs`, "fast")
 LZ4_LEVEL = 5
 # Version of the q1pct encoder, and so of its parts: 2 added the token subspace and channel basis
@@ -96,7 +99,7 @@ class ArraySpec:
     precision: str = quant.LOSSLESS  # "exact" or a name in quant.CODECS (float32 arrays only)
     per_view: bool = True  # False: indexed [sample, *shape_tail] (e.g. `valid` [N])
     channel_basis: bool = False  # q1pct: predict rows [.., T, D] from a channel subspace fitted on shard 0, stored once
-    pixels: bool = False  # uint8 image patches (the student's pixels): compressed with PIXEL_CODEC
+    pixels: bool = False  # uint8 image patches (the student's pixels): compressed by `pixel_compression`
 
     def to_json(self) -> dict:
         out = {"shape_tail": [int(s) for s in self.shape_tail], "dtype": str(np.dtype(self.dtype)),
@@ -194,12 +197,18 @@ def codecs(dtype: np.dtype, compression: str = "zstd") -> list:
     return [blosc, Crc32cCodec()]
 
 
-def array_codecs(spec: ArraySpec, dtype: np.dtype) -> dict:
-    """compressors of one stored part (`create_array` keywords)."""
+def pixel_compression(store_precision: str) -> str:
+    """`codecs` compression of a store's pixel arrays: "fast" (lz4) where its targets' codec puts
+    decode speed first (fp16, int8), "zstd" (level 3) where it puts bytes first (q1pct)."""
+    return "fast" if quant.codec(store_precision).compression == "fast" else "zstd"
+
+
+def array_codecs(spec: ArraySpec, dtype: np.dtype, store_precision: str = "q1pct") -> dict:
+    """compressors of one stored part (`create_array` keywords) in a store of `store_precision`."""
     if spec.pixels:
         if dtype != np.uint8:
             raise StoreError(f"pixel arrays are uint8, got {dtype}")
-        return {"compressors": codecs(dtype)}  # PIXEL_CODEC
+        return {"compressors": codecs(dtype, pixel_compression(store_precision))}  # PIXEL_CODECS
     if spec.precision == quant.LOSSLESS:
         return {"compressors": codecs(dtype)}
     return {"compressors": codecs(dtype, quant.codec(spec.precision).compression)}
@@ -249,7 +258,8 @@ def full_attrs(attrs: Mapping[str, Any], arrays: Mapping[str, ArraySpec], manife
                   f"{COMPACT_ZSTD_LEVEL} with {COMPACT_BLOCK_BYTES // 1024} KiB blocks for q1pct codes, zstd level "
                   f"{ZSTD_LEVEL} for exact arrays; crc32c per chunk"
                   # named only where used: stores without pixel arrays keep their attribute as it was
-                  + ("; pixel arrays: " + PIXEL_CODEC if any(s.pixels for s in arrays.values()) else "")),
+                  + (f"; pixel arrays: {PIXEL_CODECS[pixel_compression(precision)]}, crc32c per chunk"
+                     if any(s.pixels for s in arrays.values()) else "")),
         "package_version": __version__,
     }
     given = jsonable(dict(attrs))
@@ -292,7 +302,7 @@ def create_arrays(group: zarr.Group, name: str, spec: ArraySpec, full: dict) -> 
             chunk_lead = (1, 1) if big else (1, views)
         arr = group.create_array(
             part_name(name, part), shape=lead + tuple(tail), chunks=chunk_lead + tuple(tail),
-            shards=shard_lead + tuple(tail), dtype=dt, **array_codecs(spec, dt),
+            shards=shard_lead + tuple(tail), dtype=dt, **array_codecs(spec, dt, full["precision"]),
             fill_value=False if dt == np.bool_ else 0,
         )
         arr.attrs["hdpipe"] = {"array": name, "part": part, "precision": spec.precision}
