@@ -166,9 +166,12 @@ def open_views(store: "TargetStore", name: str, part_key: str, shard_plan: Shard
     chunk_of_row = (rows // rows_per_chunk) * chunk_grid(shard_plan)[1] + shown // views_per_chunk
     within = (rows % rows_per_chunk) * views_per_chunk + shown % views_per_chunk
     chosen, slot = np.unique(chunk_of_row, return_inverse=True)
+    local = urls.is_local_fs(fs)
+    copy = False  # whether the kept chunks are copied out of a fetched whole object (its other views let go)
     try:
-        if urls.is_local_fs(fs) or (path,) not in _WHOLE_CHECKED or views_per_chunk > 1:
+        if local or (path,) not in _WHOLE_CHECKED or views_per_chunk > 1:
             data, version = _shard_bytes(fs, path)
+            copy = not local
             offsets = _index(store, name, part_key, shard_plan, k, data)
             if version not in _WHOLE_CHECKED:
                 for off, nbytes in offsets.tolist():
@@ -182,19 +185,16 @@ def open_views(store: "TargetStore", name: str, part_key: str, shard_plan: Shard
     except FileNotFoundError:
         raise integrity.damaged(store, k, name, f"its file {part_key} is missing") from None
     # The chosen chunks (those holding a row's shown view), each once: crc32c checked, all of them
-    # before any row is used, as Zarr checks each chunk it reads; their bodies copied back to back.
-    spans = np.full((len(chosen), 2), -1, dtype=np.int64)
-    kept, start = [], 0
-    for i, body in enumerate(bodies):
-        if body is None:
-            continue
-        if not _crc_ok(body, 0, len(body)):
+    # before any row is used, as Zarr checks each chunk it reads. A local file's chunks stay where
+    # they are mapped (page cache, nothing copied; hdpipe's writers replace a file, never truncate
+    # it in place, so a mapping stays valid); a fetched object's are copied out of the whole
+    # object (its other views are let go) or kept in their ranged GETs' buffers.
+    kept: list[np.ndarray | None] = []
+    for body in bodies:
+        if body is not None and not _crc_ok(body, 0, len(body)):
             raise integrity.damaged(store, k, name, "a crc32c does not match the bytes on disk")
-        kept.append(body[:-4])
-        spans[i] = (start, len(body) - 4)
-        start += len(body) - 4
-    data = np.concatenate(kept) if kept else np.zeros(0, dtype=np.uint8)
-    return ShardViews(shard_plan, data, spans[slot.reshape(-1)], within)
+        kept.append(None if body is None else (body[:-4].copy() if copy else body[:-4]))
+    return ShardViews(shard_plan, kept, slot.reshape(-1), within)
 
 
 def _shard_bytes(fs, path: str) -> tuple[np.ndarray, tuple]:
@@ -278,35 +278,42 @@ class ShardViews:
     decodes into its shared-memory batch, so no copy of the values is made after the decompression).
     `views[r]` and `np.asarray(views)` give decoded arrays."""
 
-    def __init__(self, shard_plan: ShardPlan, data: np.ndarray, spans: np.ndarray, within: np.ndarray):
-        self.plan, self.data, self.spans, self.within = shard_plan, data, spans, within
+    def __init__(self, shard_plan: ShardPlan, bodies: list, slot: np.ndarray, within: np.ndarray):
+        # bodies: the kept chunks' compressed bytes (None: not stored, read as the fill value); row r's
+        # chunk is bodies[slot[r]], its view at position within[r] of the decompressed chunk
+        self.plan, self.bodies, self.slot, self.within = shard_plan, bodies, slot, within
         self.row_shape = shard_plan.chunk[2:]
         self.dtype = shard_plan.dtype
-        self.shape = (len(spans),) + self.row_shape
+        self.shape = (len(slot),) + self.row_shape
         # A chunk of one row's one view without a filter decompresses into its place in the batch.
         self._direct = shard_plan.chunk[:2] == (1, 1) and shard_plan.delta is None
         self._last: tuple[int, np.ndarray] | None = None  # the last chunk decompressed whole (chunks of views)
 
+    @property
+    def nbytes(self) -> int:
+        """Compressed bytes held."""
+        return sum(len(b) for b in self.bodies if b is not None)
+
     def __len__(self) -> int:
-        return len(self.spans)
+        return len(self.slot)
 
     def decode_into(self, r: int, out: np.ndarray) -> None:
-        start, nbytes = (int(v) for v in self.spans[r])
-        if nbytes < 0:  # a chunk the shard does not hold
+        i = int(self.slot[r])
+        body = self.bodies[i]
+        if body is None:  # a chunk the shard does not hold
             out[...] = self.plan.fill
             return
-        body = self.data[start:start + nbytes]
         if self._direct:
             held = int.from_bytes(body[4:8].tobytes(), "little")  # Blosc header: the uncompressed size
             if held != out.nbytes:
                 raise ValueError(f"a stored chunk decompresses to {held} bytes, its row is {out.nbytes}")
             blosc.decompress(body, out)
             return
-        if self._last is None or self._last[0] != start:
+        if self._last is None or self._last[0] != i:
             raw = blosc.decompress(body)
             if self.plan.delta is not None:
                 raw = self.plan.delta.decode(raw)
-            self._last = (start, np.frombuffer(raw, dtype=self.dtype).reshape(-1, *self.row_shape))
+            self._last = (i, np.frombuffer(raw, dtype=self.dtype).reshape(-1, *self.row_shape))
         out[...] = self._last[1][self.within[r]]
 
     def __getitem__(self, r: int) -> np.ndarray:
