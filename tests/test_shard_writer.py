@@ -117,8 +117,8 @@ def test_chunks_per_view_rule(tmp_path, precision, views, chunk_views):
 
 @pytest.mark.parametrize("precision,cname", [("fp16", "lz4"), ("int8", "lz4"), ("q1pct", "zstd")])
 def test_pixels_follow_their_stores_trade(tmp_path, precision, cname):
-    """Student pixels are lz4 in decode-speed-first stores (fp16, int8), zstd in q1pct's bytes-first
-    ones; the store's codec attribute says which, and the shard writer writes the same bytes."""
+    """Student pixels are compressed as their store's targets: lz4 in decode-speed-first stores
+    (fp16, int8), zstd level 1 in q1pct's bytes-first ones; the store's codec attribute says which."""
     from pipeline.targets.schema import PIXEL_CODECS, ArraySpec
     from test_store import _attrs, _manifest
 
@@ -127,5 +127,6 @@ def test_pixels_follow_their_stores_trade(tmp_path, precision, cname):
     store = TargetStore.create(str(tmp_path / "s.zarr"), _attrs(precision), specs, _manifest(8, 4), 2)
     blosc = store._array("student_pixels").metadata.codecs[0].codecs[1]
     assert blosc.cname.value == cname and blosc.shuffle.value == "noshuffle"
-    assert PIXEL_CODECS["fast" if cname == "lz4" else "zstd"] in store.attrs["codec"]
+    assert blosc.clevel == (schema.COMPACT_ZSTD_LEVEL if cname == "zstd" else schema.LZ4_LEVEL)
+    assert PIXEL_CODECS["fast" if cname == "lz4" else "compact"] in store.attrs["codec"]
     assert shard_reader.plan(store._array("student_pixels")).blosc[0] == cname.encode()

@@ -21,8 +21,9 @@ exact arrays, then a crc32c of the compressed bytes, per chunk (Zarr v3 core cod
 With the shard index's own crc32c (Zarr's default) every byte of a shard file is checksummed, and
 Zarr (or stage two's `shard_reader`) checks it on every read; the done marker adds each file's
 length, which catches a missing or truncated file (Zarr would read a missing one as fill values).
-Arrays of image patches (`pixels`: the student's uint8 views) follow their store's trade, without
-shuffle (`pixel_compression`, `PIXEL_CODECS`): lz4 in fp16/int8 stores, zstd level 3 in q1pct ones.
+Arrays of image patches (`pixels`: the student's uint8 views) are compressed as their store's
+targets, without shuffle (`pixel_compression`, `PIXEL_CODECS`): lz4 in fp16/int8 stores, zstd level
+1 in q1pct ones.
 
 The `hdpipe` group attribute holds the caller's settings (`REQUIRED_ATTRS` must be present) plus
 what the store adds itself (`STORE_ATTRS`): schema version, manifest digest, counts, each array's
@@ -47,7 +48,7 @@ from pipeline.targets import quant
 # Bump when the layout or attribute meaning changes; open() refuses others. 2: crc32c per chunk and
 # file lengths in done markers (version 1 stores cannot be checked, so they are rebuilt).
 SCHEMA_VERSION = 2
-# zstd level of exact chunks and pixels (its default): as small as at 5 within a few %, writes 2-3x faster
+# zstd level of exact chunks (its default): as small as at 5 within a few %, writes 2-3x faster
 ZSTD_LEVEL = 3
 # q1pct codes at zstd level 1 in Blosc blocks of 64 KiB. Measured on ViT-B stores (random-init
 # teachers, 2 views per row; benchmarks/bench_host.py's stores): relations 97.3 KB per row at level 1,
@@ -67,15 +68,16 @@ COMPACT_BLOCK_BYTES = 65536
 # (ViT-B q1pct MIM + disc rows at 2 views: 0.64 ms per image in Blosc); at 10 views a row per chunk
 # decompressed all 10 (ViT-B relations: 1.97 against 0.59 ms per row, +0.6% bytes).
 VIEW_CHUNK_BYTES = 4096
-# The student's pixels (uint8 patches of rendered views, lossless), no shuffle, by their store's trade.
-# Measured on rendered 224 px views of photos (67 patches, 2 views per row): numcodecs' delta filter
-# before zstd made them 18% smaller (54 vs 66 KB per row) but its decode (a cumulative sum) took
-# 0.32 ms per row against 0.08: stage two reads every row every epoch, so no filter. Per view of
-# bench_host's ViT-B stores (51 KB raw): zstd 3 33.5 KB, encoded in 0.39 ms and decoded in 0.069;
-# lz4 38.4 KB in 0.029 / 0.012 ms. fp16 and int8 stores put decode speed first (their targets are
-# lz4), so their pixels are lz4: 1.5% more bytes per fp16 view for 0.36 ms less extraction host work
-# per view and 0.06 ms less stage-two host work per image; q1pct stores put bytes first: zstd 3.
-PIXEL_CODECS = {"fast": "blosc lz4 level 5, no shuffle", "zstd": "blosc zstd level 3, no shuffle"}
+# The student's pixels (uint8 patches of rendered views, lossless), no shuffle, compressed as their
+# store's targets are. Measured on rendered 224 px views of photos (67 patches, 2 views per row):
+# numcodecs' delta filter before zstd made them 18% smaller (54 vs 66 KB per row) but its decode (a
+# cumulative sum) took 0.32 ms per row against 0.08: stage two reads every row every epoch, so no
+# filter. Per view of bench_host's ViT-B stores (51 KB raw): zstd 3 33.5 KB, encoded in 0.39 ms and
+# decoded in 0.069; zstd 1 34.5 KB in 0.116 / 0.055; lz4 38.4 KB in 0.029 / 0.012. zstd 3 had cost
+# a third of the extraction host work per view (issue 19's goal: <= 1 ms): fp16 and int8 stores put
+# decode speed first (lz4, 1.5% more bytes per fp16 view), q1pct stores bytes first (zstd 1, 1% more
+# bytes per q1pct view than zstd 3).
+PIXEL_CODECS = {"fast": "blosc lz4 level 5, no shuffle", "compact": "blosc zstd level 1, no shuffle"}
 # lz4 level of fp16 / int8 parts (`codecs`, "fast")
 LZ4_LEVEL = 5
 # Version of the q1pct encoder, and so of its parts: 2 added the token subspace and channel basis
@@ -181,7 +183,8 @@ def codecs(dtype: np.dtype, compression: str = "zstd") -> list:
     - "compact" (q1pct codes): zstd level 1 and 64 KiB Blosc blocks, each its own zstd frame, so its
       Huffman tables follow the code statistics of a few heads or channels at a time (2x smaller
       than lz4 on these codes).
-    - "zstd": zstd level 3 (small exact arrays: views, masks, valid; student pixels, no shuffle).
+    - "zstd": zstd level 3 (small exact arrays: views, masks, valid). Student pixels take their
+      store's targets' compression, without shuffle (`pixel_compression`).
     Shuffling puts the mostly-zero high bytes of small codes together. The crc32c (4 bytes per
     chunk, ~9 GB/s) makes a flipped byte an error on read instead of a wrong target; it runs first
     when decoding, so damaged bytes never reach Blosc.
@@ -198,9 +201,9 @@ def codecs(dtype: np.dtype, compression: str = "zstd") -> list:
 
 
 def pixel_compression(store_precision: str) -> str:
-    """`codecs` compression of a store's pixel arrays: "fast" (lz4) where its targets' codec puts
-    decode speed first (fp16, int8), "zstd" (level 3) where it puts bytes first (q1pct)."""
-    return "fast" if quant.codec(store_precision).compression == "fast" else "zstd"
+    """`codecs` compression of a store's pixel arrays, its targets': "fast" (lz4) where they put
+    decode speed first (fp16, int8), "compact" (zstd 1) where they put bytes first (q1pct)."""
+    return quant.codec(store_precision).compression
 
 
 def array_codecs(spec: ArraySpec, dtype: np.dtype, store_precision: str = "q1pct") -> dict:
