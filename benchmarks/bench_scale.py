@@ -29,9 +29,9 @@ CPU per image (also after start-up, where a stage says when its work starts), pe
 largest process (`ru_maxrss`) and of its process tree (sampled every 0.1 s). Growth = the large
 run over the small one; the goals of issue 20 are checked at the end. Writes `--out` (JSON) and
 prints a line per stage. The work folder is removed at the end unless `--keep`. A full run needs
-~7 GB of disk and, from the 12,812-image leg (benchmarks/results/scale-preview.json), ~3.5 hours
-on an otherwise idle 2-core machine (MIM extraction ~65 min, disc ~21, distill ~56, and ~56 more
-for distill under `dvc repro`; `--dvc stores` saves those).
+~7 GB of disk (tars 3.4 GB, stores 2.5 GB) and took 50 minutes with `--dvc stores` on this 2-core
+machine (benchmarks/results/scale.json: MIM extraction 24 min, disc 14, distill 4.4, evaluate 0.6,
+writing the tars 2.7); `--dvc all` adds a second distillation and evaluation under `dvc repro`.
 """
 from __future__ import annotations
 
