@@ -263,7 +263,7 @@ def phase_costs(data: dict, precision: str) -> dict:
             samples.append(rec)
             n += 1
         t = time.process_time()
-        batch = L._stack(samples, arrays)
+        batch, _ = L._stack(samples, arrays)
         t = clock.lap("collate", t)
         with torch.no_grad():
             finish_batch(batch, DeviceWork(arrays, src.grid))

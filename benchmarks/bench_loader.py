@@ -174,7 +174,7 @@ def phase_costs(data: dict, batch: int) -> dict:
             n += 1
             if len(samples) == batch:
                 t = time.process_time()
-                out = finish_targets(L._stack(samples, arrays), arrays)
+                out = finish_targets(L._stack(samples, arrays)[0], arrays)
                 t = clock.lap("collate", t)
                 out["image"] = (torch.stack(images).float().div_(255) - mean) / std
                 clock.lap("to tensor", t)

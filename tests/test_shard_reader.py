@@ -211,24 +211,40 @@ def test_damage_in_any_view_stops_the_first_open_and_later_the_open_that_shows_i
     assert integrity.check_content(TargetStore.open(url), 0) is not None
 
 
-def test_batch_rows_are_decoded_into_shared_memory_in_a_worker(stores, monkeypatch):
-    """In a loader worker a piece's stacked rows live in shared memory (the DataLoader sends them to
-    the training process without a copy); in the main process plain memory; same values."""
+def test_batch_rows_are_decoded_into_one_shared_buffer_in_a_worker(stores, monkeypatch):
+    """In a loader worker a piece's stacked rows are views of one shared-memory buffer (the
+    DataLoader sends it to the training process through one file descriptor, without a copy); in
+    the main process plain memory; same values, and `pack`/`unpack` rebuild the same views."""
+    import torch
     import torch.utils.data
 
-    from pipeline.train.target_rows import StoredRow, stack_rows
+    from pipeline.train import pieces
+    from pipeline.train.target_rows import StoredRow, fill_rows, row_spec
 
     store = TargetStore.open(stores["fp16"][0])
     count = store.shard_rows(1)[1]
     rows = store.open_shard_views(1, ["relations"], np.ones(count, np.int64))["relations"]["q"]
     want = np.asarray(rows)[::-1]
-    picked = [StoredRow(rows, r) for r in reversed(range(count))]
-    main = stack_rows(picked)
-    assert not main.is_shared()
-    np.testing.assert_array_equal(main.numpy(), want)
+    entries = {"rel": [StoredRow(rows, r) for r in reversed(range(count))], "index": [np.int64(5), np.int64(6)],
+               "ids": [np.arange(3, dtype=np.int32), np.arange(3, 6, dtype=np.int32)]}
+
+    def stacked():
+        buf, out = pieces.allocate({k: row_spec(v) for k, v in entries.items()})
+        for k, v in entries.items():
+            fill_rows(v, out[k].numpy())
+        return buf, out
+
+    buf, main = stacked()
+    assert not buf.is_shared()
+    np.testing.assert_array_equal(main["rel"].numpy(), want)
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
-    shared = stack_rows(picked)
-    assert shared.is_shared() and shared.dtype == main.dtype
-    np.testing.assert_array_equal(shared.numpy(), want)
-    scalars = stack_rows([np.int64(5), np.int64(6)])  # 0-d rows (indices, views) too
-    assert scalars.is_shared() and scalars.tolist() == [5, 6]
+    buf, shared = stacked()
+    assert buf.is_shared() and all(t.untyped_storage().data_ptr() == buf.data_ptr() for t in shared.values())
+    np.testing.assert_array_equal(shared["rel"].numpy(), want)
+    assert shared["index"].tolist() == [5, 6] and shared["ids"].dtype == torch.int32  # 0-d rows too
+    packed = pieces.pack({**shared, "extra": torch.ones(2)}, buf)
+    assert set(packed) == {"extra", pieces.BUFFER, pieces.LAYOUT}  # one tensor travels for the stacked ones
+    back = pieces.unpack(packed)
+    assert set(back) == {"rel", "index", "ids", "extra"}
+    for k in shared:
+        assert back[k].dtype == shared[k].dtype and torch.equal(back[k], shared[k])

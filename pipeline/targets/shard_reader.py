@@ -108,12 +108,12 @@ def open_shard_views(store: "TargetStore", k: int, names: list[str], view_of_row
     `rows[r]` or `rows.decode_into(r, out)`; decode with `decode_rows`. Per-view arrays only.
 
     `view_of_row` int [count_k] names the view each row keeps. hdpipe's codec chains are read a
-    shard object at a time, checked whole, and keep each row's chosen view compressed; others
+    shard object at a time (`open_views`), keeping each row's chosen view compressed; others
     through Zarr `block` rows at a time (None: as many as hold BLOCK_BYTES of all their views, at
     least 64; Zarr's cost per call made blocks of 64 take 1.5-1.7x as long as one read of 1,024).
     """
     integrity.verified_marker(store, k, names)
-    first, count = store.shard_rows(k)  # names: the store's own (`TargetStore._names`)
+    first, count = store.shard_rows(k)  # names: checked by the caller (`TargetStore._names`)
     views = np.asarray(view_of_row, dtype=np.int64).reshape(-1)
     if views.shape != (count,) or (count and (views.min() < 0 or views.max() >= store.views)):
         raise StoreError(f"shard {k}: view_of_row must hold {count} view ids in [0, {store.views})")
@@ -125,7 +125,7 @@ def open_shard_views(store: "TargetStore", k: int, names: list[str], view_of_row
         for p in stored_parts(store.arrays[name]):
             arr = store._array(part_name(name, p))
             fast = plan(arr)
-            if fast is not None:  # the whole shard object in one read, no per-chunk Zarr calls
+            if fast is not None:  # the shard object opened once, no per-chunk Zarr calls
                 out[name][p] = open_views(store, name, part_name(name, p), fast, k, count, views)
                 continue
             pieces = []

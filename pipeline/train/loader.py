@@ -60,8 +60,9 @@ from pipeline.targets.specs import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.train.plan import EpochPlan, choose_view, plan_epoch, sources_of, steps_per_epoch
 from pipeline.train.row_sources import FreshViews, OnlineViews, RowSource, StoredRows
 from pipeline.train.shard_rows import encoded_arrays, stored_pixels
-from pipeline.train.target_rows import (TARGETS, TOKENS, DeviceWork, EncodedArray, finish_targets, pack,
-                                         place_stored_patches, stack_rows)
+from pipeline.train import pieces
+from pipeline.train.target_rows import (TARGETS, TOKENS, DeviceWork, EncodedArray, encoded_key, fill_rows,
+                                         finish_targets, place_stored_patches, row_spec)
 
 # The loader's public face: the plan's step count and view choice are part of its contract.
 __all__ = ["LoaderConfig", "RunLoader", "EpochLoader", "build_loader", "steps_per_epoch", "choose_view", "plan_epoch"]
@@ -154,20 +155,24 @@ def normalize_image(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return pixels.float().div_(255).sub_(m).div_(s)
 
 
-def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...]) -> dict[str, torch.Tensor]:
-    """One piece's samples as batch tensors; targets stay encoded (`target_rows.pack`)."""
-    out: dict[str, torch.Tensor] = {}
+def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...]
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One piece's samples as batch tensors, targets still encoded (`_enc.<key>.<part>`), every one a
+    view of one buffer (`pieces.allocate`: shared memory in a worker), stored rows decompressed
+    straight into it (`target_rows.fill_rows`); and that buffer."""
+    entries: dict[str, list] = {}
     for key in samples[0]:
         vals = [s[key] for s in samples]
         if key == TOKENS and vals[0] is None:
             continue  # every token stored is shown
         if any(a.key == key for a in arrays):
-            out.update(pack(key, vals))
-        elif isinstance(vals[0], torch.Tensor):
-            out[key] = torch.stack(vals)
-        else:  # stored rows decompressed into place, in shared memory in a worker (`stack_rows`)
-            out[key] = stack_rows(vals)
-    return out
+            entries.update({encoded_key(key, p): [v[p] for v in vals] for p in vals[0]})
+        else:
+            entries[key] = [v.numpy() if isinstance(v, torch.Tensor) else v for v in vals]
+    buf, out = pieces.allocate({key: row_spec(vals) for key, vals in entries.items()})
+    for key, vals in entries.items():
+        fill_rows(vals, out[key].numpy())
+    return out, buf
 
 
 class _PlanStream(IterableDataset):
@@ -240,7 +245,7 @@ class _PlanStream(IterableDataset):
                 rec["index"] = np.int64(index)
                 samples.append(rec)
                 if pos + 1 == e:
-                    out = _stack(samples, rows_of.arrays if isinstance(rows_of, StoredRows) else ())
+                    out, buf = _stack(samples, rows_of.arrays if isinstance(rows_of, StoredRows) else ())
                     # The whole piece at once, here or on the training device (`finish_batch`): uint8
                     # patches travel when the device also normalizes, encoded targets when it decodes.
                     if isinstance(rows_of, StoredRows):
@@ -250,8 +255,8 @@ class _PlanStream(IterableDataset):
                             out = finish_targets(out, rows_of.arrays)
                     if cfg.image_transport == "float":  # the whole piece at once
                         out["image"] = normalize_image(out["image"], cfg.mean, cfg.std)
-                    out["_piece"] = torch.tensor([plan.epoch, w, s, e], dtype=torch.int64)
-                    yield out
+                    out["_piece"] = (plan.epoch, w, s, e)  # plain ints: no tensor, no file descriptor
+                    yield pieces.pack(out, buf)  # one file descriptor for the piece's stacked tensors
                     samples = []
             del images, shards
 
@@ -315,7 +320,7 @@ class RunLoader:
             parts = []
             for w, s, e in segments:
                 while not queues[w]:
-                    item = next(it)
+                    item = pieces.unpack(next(it))
                     queues[int(item["_piece"][1])].append(item)
                 item = queues[w].popleft()
                 got = tuple(int(x) for x in item.pop("_piece"))

@@ -111,7 +111,7 @@ class ShardRows:
         """{"keep_index": int64 [n], "_tok": positions on the stored token axis or None, each
         target's encoded row under its key, and with stored pixels `_patches` uint8 [K, 3, p, p]
         with their patch ids `_patch_ids` [K]}; targets and patches as `StoredRow`s, decompressed when
-        the piece is stacked (`target_rows.stack_rows`)."""
+        the piece is stacked (`target_rows.fill_rows`)."""
         keep = self.stored_keep(local, index, view)
         out = {}
         if self.pixels:

@@ -1,7 +1,7 @@
 """Stage two's targets from encoded store rows: decode, keep the served layers, cut to the shown tokens.
 
-A loader worker reads each row's view still encoded (fp16 / int8 / q1pct parts) and packs a whole
-piece of rows into the batch under `_enc.<key>.<part>` keys, with `_tok` [B, T'] (the positions on
+A loader worker reads each row's view still encoded (fp16 / int8 / q1pct parts) and stacks a whole
+piece of rows into the batch under `_enc.<key>.<part>` keys (`encoded_key`), with `_tok` [B, T'] (the positions on
 the stored token axis the student sees, when a `tokens: all` store is gathered or tokens are
 resampled). `finish_targets` turns those into the float32 targets the loss reads:
 
@@ -69,43 +69,33 @@ def finish_batch(batch: dict, work: DeviceWork) -> dict:
 
 class StoredRow(NamedTuple):
     """Row `r` of a shard's stored part (`shard_reader.RowViews`, still compressed): decoded only
-    when its batch is built, straight into its place (`stack_rows`)."""
+    when its batch is built, straight into its place (`fill_rows`)."""
 
     rows: Any
     r: int
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
-    """An empty tensor for a batch; in a loader worker in shared memory, where the DataLoader would
-    otherwise copy it to send it to the training process (what torch's `default_collate` does too)."""
-    from torch.utils.data import get_worker_info
-
-    tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=tdtype)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-    return torch.empty(0, dtype=tdtype).set_(storage, 0, shape)
-
-
-def stack_rows(values: list) -> torch.Tensor:
-    """[B, ...] of one entry of a piece's rows: `StoredRow`s decompressed into their places (a value
-    is written once between the stored bytes and the batch), arrays and numbers copied."""
+def row_spec(values: list) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, numpy dtype) of the batch entry stacking `values` (`StoredRow`s or arrays)."""
     first = values[0]
-    shape, dtype = ((first.rows.row_shape, first.rows.dtype) if isinstance(first, StoredRow)
-                    else (np.shape(first), np.asarray(first).dtype))
-    out = _batch_tensor((len(values),) + tuple(shape), np.dtype(dtype))
-    dst = out.numpy()
+    if isinstance(first, StoredRow):
+        return (len(values),) + tuple(first.rows.row_shape), np.dtype(first.rows.dtype)
+    return (len(values),) + tuple(np.shape(first)), np.asarray(first).dtype
+
+
+def fill_rows(values: list, out: np.ndarray) -> None:
+    """out[i] = values[i]: `StoredRow`s decompressed straight into their places (a value is written
+    once between the stored bytes and the batch), arrays and numbers copied."""
     for i, v in enumerate(values):
         if isinstance(v, StoredRow):
-            v.rows.decode_into(v.r, dst[i, ...])  # a view also of 0-d rows
+            v.rows.decode_into(v.r, out[i, ...])  # a view also of 0-d rows
         else:
-            dst[i, ...] = v
-    return out
+            out[i, ...] = v
 
 
-def pack(key: str, rows: list[dict[str, StoredRow | np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Batch entries of one target from the encoded parts of each row: {`_enc.key.part`: [B, ...]}."""
-    return {f"{ENCODED}{key}.{p}": stack_rows([r[p] for r in rows]) for p in rows[0]}
+def encoded_key(key: str, part: str) -> str:
+    """Batch key of one encoded part of target `key`."""
+    return f"{ENCODED}{key}.{part}"
 
 
 def _store(url: str):
