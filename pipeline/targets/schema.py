@@ -206,7 +206,7 @@ def pixel_compression(store_precision: str) -> str:
     return quant.codec(store_precision).compression
 
 
-def array_codecs(spec: ArraySpec, dtype: np.dtype, store_precision: str = "q1pct") -> dict:
+def array_codecs(spec: ArraySpec, dtype: np.dtype, store_precision: str) -> dict:
     """compressors of one stored part (`create_array` keywords) in a store of `store_precision`."""
     if spec.pixels:
         if dtype != np.uint8:
