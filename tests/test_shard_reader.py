@@ -229,7 +229,7 @@ def test_batch_rows_are_decoded_into_one_shared_buffer_in_a_worker(stores, monke
                "ids": [np.arange(3, dtype=np.int32), np.arange(3, 6, dtype=np.int32)]}
 
     def stacked():
-        buf, out = pieces.allocate({k: row_spec(v) for k, v in entries.items()})
+        buf, out, _ = pieces.allocate({k: row_spec(v) for k, v in entries.items()})
         for k, v in entries.items():
             fill_rows(v, out[k].numpy())
         return buf, out
@@ -243,7 +243,7 @@ def test_batch_rows_are_decoded_into_one_shared_buffer_in_a_worker(stores, monke
     np.testing.assert_array_equal(shared["rel"].numpy(), want)
     assert shared["index"].tolist() == [5, 6] and shared["ids"].dtype == torch.int32  # 0-d rows too
     packed = pieces.pack({**shared, "extra": torch.ones(2)}, buf)
-    assert set(packed) == {"extra", pieces.BUFFER, pieces.LAYOUT}  # one tensor travels for the stacked ones
+    assert set(packed) == {"extra", pieces.BUFFER, pieces.LAYOUT, pieces.SLOT}  # one tensor for the stacked ones
     back = pieces.unpack(packed)
     assert set(back) == {"rel", "index", "ids", "extra"}
     for k in shared:

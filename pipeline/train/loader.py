@@ -155,11 +155,11 @@ def normalize_image(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return pixels.float().div_(255).sub_(m).div_(s)
 
 
-def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...]
-           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...], ring: pieces.Ring | None = None
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """One piece's samples as batch tensors, targets still encoded (`_enc.<key>.<part>`), every one a
-    view of one buffer (`pieces.allocate`: shared memory in a worker), stored rows decompressed
-    straight into it (`target_rows.fill_rows`); and that buffer."""
+    view of one buffer (`pieces.allocate`: shared memory in a worker, one of `ring`'s when free),
+    stored rows decompressed straight into it (`target_rows.fill_rows`); that buffer and its slot."""
     entries: dict[str, list] = {}
     for key in samples[0]:
         vals = [s[key] for s in samples]
@@ -169,10 +169,10 @@ def _stack(samples: list[dict[str, Any]], arrays: tuple[EncodedArray, ...]
             entries.update({encoded_key(key, p): [v[p] for v in vals] for p in vals[0]})
         else:
             entries[key] = [v.numpy() if isinstance(v, torch.Tensor) else v for v in vals]
-    buf, out = pieces.allocate({key: row_spec(vals) for key, vals in entries.items()})
+    buf, out, slot = pieces.allocate({key: row_spec(vals) for key, vals in entries.items()}, ring)
     for key, vals in entries.items():
         fill_rows(vals, out[key].numpy())
-    return out, buf
+    return out, buf, slot
 
 
 class _PlanStream(IterableDataset):
@@ -180,10 +180,11 @@ class _PlanStream(IterableDataset):
     after epoch: one set of workers serves the whole run (`RunLoader`)."""
 
     def __init__(self, cfg: LoaderConfig, rows: RowSource, epochs: range, rank: int, world_size: int,
-                 skip_batches: int):
+                 skip_batches: int, ring: pieces.Ring | None = None):
         super().__init__()
         self.cfg, self.rows, self.epochs = cfg, rows, epochs
         self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
+        self.ring = ring  # the workers' reusable piece buffers (None: fresh ones)
 
     def plan(self, epoch: int) -> EpochPlan:
         skip = self.skip_batches if epoch == self.epochs.start else 0
@@ -245,7 +246,8 @@ class _PlanStream(IterableDataset):
                 rec["index"] = np.int64(index)
                 samples.append(rec)
                 if pos + 1 == e:
-                    out, buf = _stack(samples, rows_of.arrays if isinstance(rows_of, StoredRows) else ())
+                    out, buf, slot = _stack(samples, rows_of.arrays if isinstance(rows_of, StoredRows) else (),
+                                            self.ring)
                     # The whole piece at once, here or on the training device (`finish_batch`): uint8
                     # patches travel when the device also normalizes, encoded targets when it decodes.
                     if isinstance(rows_of, StoredRows):
@@ -256,7 +258,7 @@ class _PlanStream(IterableDataset):
                     if cfg.image_transport == "float":  # the whole piece at once
                         out["image"] = normalize_image(out["image"], cfg.mean, cfg.std)
                     out["_piece"] = (plan.epoch, w, s, e)  # plain ints: no tensor, no file descriptor
-                    yield pieces.pack(out, buf)  # one file descriptor for the piece's stacked tensors
+                    yield pieces.pack(out, buf, slot)  # one file descriptor for the piece's stacked tensors
                     samples = []
             del images, shards
 
@@ -289,7 +291,11 @@ class RunLoader:
         # targets, place stored patches
         self.device_work = (DeviceWork(self.rows.arrays, self.src.grid) if isinstance(self.rows, StoredRows)
                             and cfg.target_transport == "encoded" else None)
-        self.stream = _PlanStream(cfg, self.rows, range(first_epoch, end_epoch), rank, world_size, skip_batches)
+        # Pieces a worker can have out at once: prefetch_factor queued, one waiting for another
+        # worker's part of its batch, the batch being used and the one after it (`ahead_on_device`).
+        self.ring = pieces.Ring(cfg.num_workers, cfg.prefetch_factor + 3) if cfg.num_workers > 0 else None
+        self.stream = _PlanStream(cfg, self.rows, range(first_epoch, end_epoch), rank, world_size, skip_batches,
+                                  self.ring)
         self.plans = {first_epoch: self.stream.plan(first_epoch)}  # the first is checked now (skip_batches)
         self.pin = cfg.pin_memory and torch.cuda.is_available()
         kwargs: dict[str, Any] = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
@@ -320,8 +326,9 @@ class RunLoader:
             parts = []
             for w, s, e in segments:
                 while not queues[w]:
-                    item = pieces.unpack(next(it))
-                    queues[int(item["_piece"][1])].append(item)
+                    raw = next(it)
+                    by = int(raw["_piece"][1])
+                    queues[by].append(pieces.unpack(raw, self.ring, by))
                 item = queues[w].popleft()
                 got = tuple(int(x) for x in item.pop("_piece"))
                 if got != (plan.epoch, w, s, e):
