@@ -35,7 +35,8 @@ with which `device_copy` places the patches and decodes the targets on the devic
 Memory: a worker holds one window at a time: `mix_shards` shards' encoded images (none with stored
 pixels) and, per row, the chosen view's targets still encoded and compressed (S x one view's stored
 bytes per shard, whatever V is; decompressed into the piece's shared-memory batch when its piece is
-stacked), plus `prefetch_factor` pieces.
+stacked), plus its `prefetch_factor` + 3 piece buffers in shared memory, reused
+(`pipeline.train.pieces.Ring`).
 
 Targets: a store built with `tokens: kept` holds [CLS] + keep_progressive rows already (only
 masking `progressive` can be served); a store built with `tokens: all` serves every masking: the
