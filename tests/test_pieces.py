@@ -79,3 +79,14 @@ def test_a_buffer_grows_to_the_largest_piece(nbytes):
     again, bigger = ring.take(0, nbytes)
     assert again == slot and bigger.numel() >= nbytes
     assert (bigger.data_ptr() == buf.data_ptr()) == (nbytes <= 100)  # reused when it fits
+
+
+def test_a_piece_the_dataloader_pinned_frees_its_buffer_at_once(monkeypatch):
+    """On CUDA the DataLoader's pin thread copies each piece to page-locked memory before the
+    training process sees it: the shared buffer is free as soon as the copy arrives."""
+    ring = pieces.Ring(1, 2)
+    slot, buf = ring.take(0, 64)
+    assert int(ring.busy[0, slot]) == 1
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: True)  # no CUDA here to pin with
+    assert ring.arrived(0, slot, buf) is buf
+    assert int(ring.busy[0, slot]) == 0
