@@ -35,7 +35,7 @@ with which `device_copy` places the patches and decodes the targets on the devic
 Memory: a worker holds one window at a time: `mix_shards` shards' encoded images (none with stored
 pixels) and, per row, the chosen view's targets still encoded and compressed (S x one view's stored
 bytes per shard, whatever V is; decompressed into the piece's shared-memory batch when its piece is
-stacked), plus its `prefetch_factor` + 3 piece buffers in shared memory, reused
+stacked), plus its `prefetch_factor` + 4 piece buffers in shared memory, reused
 (`pipeline.train.pieces.Ring`).
 
 Targets: a store built with `tokens: kept` holds [CLS] + keep_progressive rows already (only
@@ -292,11 +292,8 @@ class RunLoader:
         # targets, place stored patches
         self.device_work = (DeviceWork(self.rows.arrays, self.src.grid) if isinstance(self.rows, StoredRows)
                             and cfg.target_transport == "encoded" else None)
-        # Pieces a worker can have out at once: prefetch_factor queued, one waiting for another
-        # worker's part of its batch, the batch being used and the one after it (`ahead_on_device`).
-        self.ring = pieces.Ring(cfg.num_workers, cfg.prefetch_factor + 3) if cfg.num_workers > 0 else None
-        self.stream = _PlanStream(cfg, self.rows, range(first_epoch, end_epoch), rank, world_size, skip_batches,
-                                  self.ring)
+        self.stream = _PlanStream(cfg, self.rows, range(first_epoch, end_epoch), rank, world_size, skip_batches)
+        self.ring: pieces.Ring | None = None  # the current workers' piece buffers (`epochs`)
         self.plans = {first_epoch: self.stream.plan(first_epoch)}  # the first is checked now (skip_batches)
         self.pin = cfg.pin_memory and torch.cuda.is_available()
         kwargs: dict[str, Any] = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
@@ -314,6 +311,11 @@ class RunLoader:
         the first `next`, so their first windows are read while the caller sets up."""
         first = self.stream.epochs.start
         any_batches = len(self.stream.epochs) > 1 or bool(self.plans.get(first, self.plan(first)).batches)
+        # The new workers' reusable piece buffers. Pieces a worker can have out at once:
+        # prefetch_factor queued, one waiting for another worker's part of its batch, the batch
+        # being used, the one let go since the last `reclaim` and one to spare.
+        self.ring = self.stream.ring = (pieces.Ring(self.cfg.num_workers, self.cfg.prefetch_factor + 4)
+                                        if self.cfg.num_workers > 0 and pieces.Ring.supported() else None)
         it = iter(self._loader) if any_batches else iter(())
         queues: dict[int, deque] = {w: deque() for w in range(max(1, self.cfg.num_workers))}
         for epoch in self.stream.epochs:
@@ -327,9 +329,12 @@ class RunLoader:
             parts = []
             for w, s, e in segments:
                 while not queues[w]:
+                    if self.ring is not None:
+                        self.ring.reclaim()  # buffers of the batches let go since
                     raw = next(it)
                     by = int(raw["_piece"][1])
                     queues[by].append(pieces.unpack(raw, self.ring, by))
+                    del raw  # it holds the buffer too
                 item = queues[w].popleft()
                 got = tuple(int(x) for x in item.pop("_piece"))
                 if got != (plan.epoch, w, s, e):

@@ -12,14 +12,13 @@ it is. Outside a worker the buffer is plain memory and the round trip is the sam
 
 A worker's buffers are reused (`Ring`): fresh shared memory costs the kernel a page fault, a zeroed
 page and a free per 4 KiB, 20.8 ms of CPU per 24 MB batch against 0.7 ms to write a reused one
-(`benchmarks/bench_shm.py`, 0.32 ms per fp16 ViT-B image). The training process says when it has let
-a piece go through a shared flag per buffer; a worker with no free buffer takes a fresh one, so a
-consumer that keeps every batch (a test, an evaluation) only loses the reuse, never waits.
+(`benchmarks/bench_shm.py`, 0.32 ms per fp16 ViT-B image). The training process says when no tensor
+uses a buffer any more through a shared flag per buffer; a worker with no free buffer takes a fresh
+one, so a consumer that keeps every batch (a test, an evaluation) only loses the reuse, never waits.
 """
 from __future__ import annotations
 
 import json
-import weakref
 
 import numpy as np
 import torch
@@ -37,18 +36,36 @@ def _shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes), 0, (nbytes,))
 
 
-class Ring:
-    """Each DataLoader worker's reusable shared-memory buffers, `slots` per worker.
+# Tensors that use a storage, counted by torch (a private call; without it a worker's buffers are
+# not reused, see `Ring.supported`)
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
-    Made in the training process before the workers start (they get a copy); `busy[w, s]` is shared:
-    a worker sets it when it fills buffer s, the training process clears it when the last tensor
-    made from that piece is gone (`arrived`), or at once when the piece arrived already copied
-    (pinned by the DataLoader)."""
+
+class Ring:
+    """Each DataLoader worker's reusable shared-memory buffers, `slots` per worker, for one set of
+    workers (a new set, a new ring: pieces lost with the old set never come back to free theirs).
+
+    Made in the training process before the workers start (they get a copy of the flags only);
+    `busy[w, s]` is shared: a worker sets it when it fills buffer s, the training process clears it
+    once no tensor uses that buffer any more (`reclaim`, before it waits for the next piece), or at
+    once when the piece arrived already copied (pinned by the DataLoader's pin thread). Whatever
+    the consumer makes of a piece (views of any shape, `.numpy()`, sharing with another process)
+    keeps using the same storage, which torch counts."""
 
     def __init__(self, workers: int, slots: int):
         self.busy = torch.zeros(max(1, workers), slots, dtype=torch.uint8).share_memory_()
         self._own: dict[int, torch.Tensor] = {}  # worker side: slot -> its buffer
-        self._held: dict[tuple[int, int], torch.UntypedStorage] = {}  # training side: keeps each mapping alive
+        # training side: each arrived buffer's storage, kept (a buffer sent again is found in torch's
+        # cache of shared storages instead of mapped anew: a page fault per 4 KiB), and those in use
+        self._held: dict[tuple[int, int], torch.UntypedStorage] = {}
+        self._lent: set[tuple[int, int]] = set()
+
+    @staticmethod
+    def supported() -> bool:
+        return _use_count is not None
+
+    def __getstate__(self) -> dict:  # a spawned worker gets the flags, not the training side's buffers
+        return {"busy": self.busy, "_own": {}, "_held": {}, "_lent": set()}
 
     def take(self, worker: int, nbytes: int) -> tuple[int, torch.Tensor]:
         """(slot, buffer of at least `nbytes`) for `worker`; slot -1: a fresh buffer, none was free."""
@@ -63,24 +80,21 @@ class Ring:
         busy[slot] = 1
         return slot, self._own[slot]
 
-    def arrived(self, worker: int, slot: int, buf: torch.Tensor) -> torch.Tensor:
-        """`buf` as the training process may keep it: slot `slot` of `worker` is freed when every
-        tensor made from the returned one is gone."""
+    def arrived(self, worker: int, slot: int, buf: torch.Tensor) -> None:
+        """Slot `slot` of `worker` came in as `buf` (in the training process)."""
         if slot < 0:
-            return buf
+            return
         if buf.is_pinned():  # the DataLoader copied it to page-locked memory: the shared buffer is free now
             self.busy[worker, slot] = 0
-            return buf
-        # Kept mapped: sent again, the same buffer is found in torch's cache of shared storages
-        # instead of mapped anew (a page fault per 4 KiB on first touch).
+            return
         self._held[worker, slot] = buf.untyped_storage()
-        arr = buf.numpy()  # a new array holding `buf`; the tensor below holds the array
-        weakref.finalize(arr, _free, self.busy.numpy(), worker, slot)
-        return torch.from_numpy(arr)
+        self._lent.add((worker, slot))
 
-
-def _free(busy: np.ndarray, worker: int, slot: int) -> None:
-    busy[worker, slot] = 0
+    def reclaim(self) -> None:
+        """Frees every lent buffer that only this ring still holds."""
+        for key in [k for k in self._lent if _use_count(self._held[k]._cdata) == 1]:
+            self._lent.discard(key)
+            self.busy[key] = 0
 
 
 def allocate(specs: dict[str, tuple[tuple[int, ...], np.dtype]], ring: Ring | None = None
@@ -129,13 +143,13 @@ def pack(piece: dict, buf: torch.Tensor, slot: int = -1) -> dict:
 
 def unpack(piece: dict, ring: Ring | None = None, worker: int = 0) -> dict:
     """The piece as `pack` got it: its buffer's tensors rebuilt as views (no copy); a `ring` buffer
-    is freed for `worker` when they are all gone."""
+    is lent to the consumer until no tensor uses it (`Ring.reclaim`)."""
     if BUFFER not in piece:
         return piece
     out = {k: v for k, v in piece.items() if k not in (BUFFER, LAYOUT, SLOT)}
     buf = piece[BUFFER]
     if ring is not None:
-        buf = ring.arrived(worker, int(piece[SLOT]), buf)
+        ring.arrived(worker, int(piece[SLOT]), buf)
     for key, offset, dtype, shape in json.loads(piece[LAYOUT]):
         out[key] = _view(buf, offset, getattr(torch, dtype), tuple(shape))
     return out
