@@ -1,13 +1,13 @@
 """What a loader worker pays for a batch's fresh shared memory (issue 19; not a test).
 
 A DataLoader worker hands each batch to the training process in shared memory (torch's
-`default_collate` allocates it fresh per batch, and so does `pipeline.train.pieces.allocate`): the
-kernel then creates, faults in, zeroes and later frees every page. This times, in CPU ms per batch
+`default_collate` allocates it fresh per batch, and so did `pipeline.train.pieces.allocate` before
+its `Ring`): the kernel then creates, faults in, zeroes and later frees every page. This times, in CPU ms per batch
 of `--mb` MB (24 MB: a batch of 64 ViT-B fp16 target rows with their student patches):
 
-- a fresh shared buffer written once (`UntypedStorage._new_shared`, as the worker does);
+- a fresh shared buffer written once (`UntypedStorage._new_shared`, as a worker does without a free one);
 - the same with its pages populated in one call first (`madvise(MADV_POPULATE_WRITE)`);
-- a buffer reused, written again (what a pool of buffers would cost).
+- a buffer reused, written again (what `pieces.Ring`'s reuse costs).
 
     python benchmarks/bench_shm.py [--mb 24] [--rounds 40] [--out benchmarks/results/shm.json]
 """
